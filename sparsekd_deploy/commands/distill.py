@@ -1,0 +1,89 @@
+"""``sparsekd-deploy distill``: staged SparseKD from flags and/or a YAML recipe."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..cli import handle_errors
+from ..console import RichReporter, print_error, stdout_json
+
+# (flag, config field, click kwargs). `build` reuses the same list so it accepts every distill flag.
+DISTILL_OPTIONS = [
+    ("--teacher", "teacher", dict(help="Local HF model dir (safetensors) or cached Hub id; default: the demo teacher.")),
+    ("--pattern", "pattern", dict(help="2:4 (any n:m), unstructured:S or channels:S. [default: 2:4]")),
+    ("--stages", "stages", dict(type=int, help="Stages from dense to the target. [default: 3]")),
+    ("--kl-budget", "kl_budget", dict(type=float, help="Accept a stage only if held-out KL ≤ this. [default: 0.15]")),
+    ("--steps-per-stage", "steps_per_stage", dict(type=int, help="Distillation steps per stage. [default: 100]")),
+    ("--retries", "retries", dict(type=int, help="Extra attempts (each longer) for a stage over budget. [default: 2]")),
+    ("--importance", "importance", dict(help="magnitude | wanda | taylor. [default: wanda]")),
+    ("--operator", "operator", dict(help="Softening operator: power:T, mix:λ, topk:K. [default: power:1]")),
+    ("--loss", "loss", dict(help="forward-kl | reverse-kl | js | mixed:α. [default: forward-kl]")),
+    ("--teacher-access", "teacher_access", dict(type=click.Choice(["logits", "text"]),
+                                                help="Targets: teacher distributions or teacher samples. [default: logits]")),
+    ("--data", "data", dict(help="Text file or dir of *.txt; default: data-free (sample the teacher).")),
+    ("--seq-len", "seq_len", dict(type=int, help="Tokens per training sequence. [default: 128]")),
+    ("--num-samples", "num_samples", dict(type=int, help="Data-free: teacher samples to distill on. [default: 256]")),
+    ("--batch-size", "batch_size", dict(type=int, help="[default: 8]")),
+    ("--lr", "lr", dict(type=float, help="[default: 5e-4]")),
+    ("--seed", "seed", dict(type=int, help="[default: 0]")),
+    ("--include", "include", dict(multiple=True, help="Glob of layers to prune (repeatable). [default: *]")),
+    ("--exclude", "exclude", dict(multiple=True, help="Glob of layers to keep dense (repeatable); default: embeddings, lm_head.")),
+    ("--precision", "precision", dict(type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+                                      help="Autocast on GPU; CPU runs fp32. [default: auto]")),
+    ("--consistency-temperature", "consistency_temperatures",
+     dict(type=float, multiple=True, help="Temperature(s) for repeat-prompt consistency. [default: 1.0]")),
+]
+
+
+def distill_options(fn):
+    for flag, dest, kwargs in reversed(DISTILL_OPTIONS):
+        fn = click.option(flag, dest, default=None, **kwargs)(fn)
+    fn = click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe; flags override it.")(fn)
+    fn = click.option("--resume", is_flag=True, help="Continue an interrupted run from its last accepted stage.")(fn)
+    fn = click.option("--overwrite", is_flag=True, help="Replace an existing output dir (only once the run succeeds).")(fn)
+    fn = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout (progress stays on stderr).")(fn)
+    return fn
+
+
+def config_from_flags(recipe, out, flags: dict):
+    from ..config import build_config
+
+    overrides = {dest: flags.get(dest) for _, dest, _ in DISTILL_OPTIONS}
+    for dest in ("include", "exclude", "consistency_temperatures"):
+        overrides[dest] = list(overrides[dest]) if overrides[dest] else None  # click gives () when absent
+    overrides["out"] = out
+    cfg = build_config(recipe, overrides)
+    if cfg.out is None:
+        from ..errors import ConfigError
+
+        raise ConfigError(["--out is required (or `out:` in the recipe)"])
+    return cfg
+
+
+@click.command("distill")
+@click.option("--out", help="Run directory: student/, sparsity.json, trajectory.json/png.")
+@distill_options
+@handle_errors
+def distill_cmd(out, recipe, resume, overwrite, as_json, **flags):
+    """Staged sparse knowledge distillation of a teacher into a sparse student.
+
+    Exit code: 0 target reached, 1 stopped early (the last accepted stage is saved), 2 bad input.
+    """
+    from ..core.distill import distill
+
+    cfg = config_from_flags(recipe, out, flags)
+    reporter = RichReporter(quiet=False)
+    result = distill(cfg, resume=resume, overwrite=overwrite, reporter=reporter)
+    if as_json:
+        stdout_json(result.summary)
+    else:
+        reporter.console.print(
+            f"student → [bold]{result.summary['student']}[/bold]  sparsity {result.summary['sparsity']:.1%}  "
+            f"KL {result.summary['kl']:.4f}  top-1 {result.summary['top1']:.3f}"
+        )
+    if not result.reached_target:
+        print_error(f"target not reached: {result.reason}; kept the last accepted stage "
+                    f"({result.summary['final_stage']} of {result.summary['stages']})")
+        sys.exit(1)

@@ -1,0 +1,151 @@
+"""Typed run configuration. YAML recipes load into it; CLI flags override the recipe; every problem is
+reported at once (not one per try)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .models.adapters import DEFAULT_EXCLUDE
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = None  # local HF dir, cached Hub id, or None/"demo" for the built-in demo teacher
+    out: str | None = None
+    pattern: str = "2:4"
+    stages: int = 3
+    kl_budget: float = 0.15
+    steps_per_stage: int = 100
+    retries: int = 2
+    importance: str = "wanda"
+    operator: str = "power:1"
+    loss: str = "forward-kl"
+    teacher_access: str = "logits"  # logits: teacher distributions; text: teacher samples as targets (black box)
+    data: str | None = None  # text file or dir of *.txt; None = data-free (sample the teacher)
+    seq_len: int = 128
+    num_samples: int = 256  # data-free: teacher samples to distill on
+    heldout_samples: int = 32
+    batch_size: int = 8
+    lr: float = 5e-4
+    seed: int = 0
+    calib_batches: int = 4
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on GPU; CPU runs fp32)
+    consistency_prompts: int = 8
+    consistency_samples: int = 8
+    consistency_tokens: int = 16
+    consistency_m: int = 4
+    consistency_temperatures: list[float] = field(default_factory=lambda: [1.0])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
+
+
+def _problems(cfg: DistillConfig) -> list[str]:
+    """Every range/choice problem; spec strings are checked by building them."""
+    from .core.losses import make_loss
+    from .core.operators import make_operator
+    from .core.patterns import make_pattern
+    from .core.importance import IMPORTANCE
+
+    p = []
+    if cfg.stages < 1:
+        p.append(f"stages must be ≥ 1, got {cfg.stages}")
+    if not (cfg.kl_budget > 0 and math.isfinite(cfg.kl_budget)):
+        p.append(f"kl_budget must be a finite number > 0, got {cfg.kl_budget}")
+    for name in ("steps_per_stage", "seq_len", "num_samples", "heldout_samples", "batch_size", "calib_batches",
+                 "consistency_prompts", "consistency_samples", "consistency_tokens", "consistency_m"):
+        if getattr(cfg, name) < 1:
+            p.append(f"{name} must be ≥ 1, got {getattr(cfg, name)}")
+    if cfg.retries < 0:
+        p.append(f"retries must be ≥ 0, got {cfg.retries}")
+    if cfg.seq_len < 2:
+        p.append(f"seq_len must be ≥ 2, got {cfg.seq_len}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        p.append(f"lr must be > 0, got {cfg.lr}")
+    if cfg.teacher_access not in ("logits", "text"):
+        p.append(f"teacher_access must be logits or text, got {cfg.teacher_access!r}")
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        p.append(f"precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
+    if any(t <= 0 for t in cfg.consistency_temperatures) or not cfg.consistency_temperatures:
+        p.append("consistency_temperatures must be a non-empty list of numbers > 0")
+    if cfg.importance not in IMPORTANCE:
+        p.append(f"unknown importance {cfg.importance!r}; available: {', '.join(IMPORTANCE.names())}")
+    for label, build, spec in (("pattern", make_pattern, cfg.pattern), ("operator", make_operator, cfg.operator),
+                               ("loss", make_loss, cfg.loss)):
+        try:
+            build(spec)
+        except ValueError as e:  # ConfigError / UnknownNameError are ValueErrors
+            p.append(f"{label}: {e}")
+    if cfg.data is not None and not Path(cfg.data).exists():
+        p.append(f"data {cfg.data!r} does not exist")
+    return p
+
+
+def _default(name: str) -> Any:
+    f = FIELDS[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _coerce(name: str, value: Any, problems: list[str]) -> Any:
+    """Type-check one recipe value against its field's default type (YAML gives ints, floats, strings, lists)."""
+    default = _default(name)
+    if value is None:
+        return None
+    if isinstance(default, list):
+        return value if isinstance(value, list) else [value]
+    if isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:  # str or optional str
+        ok = isinstance(value, str)
+    if not ok:
+        expected = "text" if default is None or isinstance(default, str) else type(default).__name__
+        problems.append(f"{name}: expected {expected}, got {value!r}")
+        return default
+    return value
+
+
+def build_config(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> DistillConfig:
+    """Recipe (YAML) values, then non-None ``overrides`` on top; raises ConfigError listing all problems."""
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError([f"recipe {str(recipe)!r} does not exist"])
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}"]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"recipe {path} must be a mapping of keys to values"])
+        for key, value in loaded.items():
+            name = str(key).replace("-", "_")
+            if name not in FIELDS:
+                problems.append(f"unknown recipe key {key!r}")
+                continue
+            values[name] = _coerce(name, value, problems)
+        if any(p.startswith("unknown recipe key") for p in problems):
+            problems.append(f"allowed keys: {', '.join(sorted(FIELDS))}")
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    cfg = DistillConfig(**values)
+    problems.extend(_problems(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg

@@ -1,0 +1,72 @@
+"""Terminal output: a live progress bar and a per-stage table (rich), or silence under --json."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+err_console = Console(stderr=True)
+
+
+def fmt(x, spec=".4f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+class RichReporter:
+    """Progress on stderr so stdout stays clean for --json."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.console = Console(stderr=True, quiet=quiet)
+        self.progress: Progress | None = None
+        self.task = None
+
+    def note(self, message: str) -> None:
+        self.console.print(f"[dim]•[/dim] {message}")
+
+    def stage_begin(self, label: str, steps: int) -> None:
+        self.progress = Progress(
+            TextColumn("stage [bold]{task.description}[/bold]"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=self.console, transient=True, disable=self.quiet or not self.console.is_terminal,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(label, total=steps, loss="—")
+
+    def add_steps(self, steps: int) -> None:
+        task = self.progress.tasks[0]
+        self.progress.update(self.task, total=task.total + steps)
+
+    def advance(self, loss: float) -> None:
+        self.progress.update(self.task, advance=1, loss=f"{loss:.4f}")
+
+    def stage_end(self, record: dict) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        table = Table(show_header=record["stage"] == 1, box=None, pad_edge=False)
+        for col, width in (("stage", 10), ("sparsity", 9), ("KL pruned", 10), ("KL", 9), ("top-1", 7),
+                           ("steps", 6), ("verdict", 10), ("entropy s/t", 12)):
+            table.add_column(col, width=width, justify="right" if col != "stage" else "left")
+        ent = ""
+        if "consistency" in record:
+            t = next(iter(record["consistency"]["student"]))
+            ent = (f"{record['consistency']['student'][t]['mean_entropy']:.2f}/"
+                   f"{record['consistency']['teacher'][t]['mean_entropy']:.2f}")
+        verdict = "[green]accepted[/green]" if record["accepted"] else "[red]rejected[/red]"
+        table.add_row(record["label"], f"{record['sparsity']:.1%}", fmt(record["kl_after_prune"]), fmt(record["kl"]),
+                      fmt(record["top1"], ".3f"), str(record["steps"]), verdict, ent)
+        self.console.print(table)
+
+
+def print_error(message: str) -> None:
+    # One line, no traceback: these are user mistakes or verdicts, not bugs.
+    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+
+
+def stdout_json(obj) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")

@@ -1,0 +1,309 @@
+"""Staged Sparse Knowledge Distillation: score → prune → distill → measure → accept | retry | stop.
+
+The teacher's output distribution is the global stability constraint: a stage is accepted only when the
+student's held-out KL(teacher‖student) is within the budget. Otherwise it gets more steps (bounded), and
+if that fails the run stops at the last accepted stage and says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from ..config import DistillConfig
+from ..errors import NonFiniteLossError
+from ..models.adapters import shrink_mlp
+from ..models.loading import load_model, load_tokenizer, resolve_teacher
+from . import consistency
+from .evaluate import heldout_metrics
+from .importance import ScoringContext, score
+from .losses import kd_loss, make_loss
+from .operators import make_operator
+from .patterns import NM, Channels, make_pattern
+from .pruner import Pruner, apply_masks, check_integrity, sparsity_report
+from .rundir import STATE, RunDir
+from .schedule import plan
+
+
+class NullReporter:
+    """Receives progress events; the CLI's rich reporter draws bars and tables from them."""
+
+    def stage_begin(self, label: str, steps: int) -> None: ...
+    def advance(self, loss: float) -> None: ...
+    def add_steps(self, steps: int) -> None: ...
+    def stage_end(self, record: dict) -> None: ...
+    def note(self, message: str) -> None: ...
+
+
+@dataclass
+class Result:
+    status: str  # "complete" | "stopped"
+    reason: str
+    out: Path
+    trajectory: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def reached_target(self) -> bool:
+        return self.status == "complete"
+
+
+def make_accelerator(precision: str):
+    from accelerate import Accelerator
+
+    if not torch.cuda.is_available():
+        return Accelerator(cpu=True, mixed_precision="no")  # CPU runs fp32: bf16 autocast is slower there
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return Accelerator(mixed_precision="no" if precision == "fp32" else precision)
+
+
+class StagedDistiller:
+    def __init__(self, cfg: DistillConfig, reporter=None):
+        self.cfg = cfg
+        self.reporter = reporter or NullReporter()
+        self.pattern = make_pattern(cfg.pattern)
+        self.operator = make_operator(cfg.operator)
+        self.loss_fn = make_loss(cfg.loss)
+        self.teacher_dir = resolve_teacher(cfg.teacher)
+        self.teacher = load_model(self.teacher_dir)
+        self.tokenizer = load_tokenizer(self.teacher_dir)
+        # The pruner is built on a throw-away view first so a pattern that fits nothing fails before any I/O.
+        Pruner(self.teacher, self.pattern, cfg.include, cfg.exclude)
+        self.tokens_per_second = 0.0
+
+    # -- one optimizer step --------------------------------------------------------------------------------
+    def loss_on(self, ids: torch.Tensor) -> torch.Tensor:
+        with self.accelerator.autocast():
+            s_logits = self.student(input_ids=ids).logits
+            if self.cfg.teacher_access == "text":
+                # Black-box teacher: its sampled tokens are the targets (sequence-level KD).
+                return F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=ids).logits
+        return kd_loss(t_logits, s_logits, self.operator, self.loss_fn)
+
+    def train_steps(self, n: int, seed: int, stage_label: str) -> None:
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(seed * 1009 + self.accelerator.process_index)
+        self.student.train()
+        start = time.perf_counter()
+        for i in range(n):
+            ids = self.train[torch.randint(len(self.train), (cfg.batch_size,), generator=gen)].to(self.device)
+            loss = self.loss_on(ids)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at stage {stage_label}, step {i + 1}")
+            self.accelerator.backward(loss)
+            self.accelerator.clip_grad_norm_(self.student.parameters(), 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            # Masks are enforced after every step: pruned weights stay exactly zero.
+            apply_masks(self.raw, self.masks)
+            self.reporter.advance(loss.item())
+        elapsed = time.perf_counter() - start
+        self.tokens_per_second = n * cfg.batch_size * cfg.seq_len / max(elapsed, 1e-9)
+
+    # -- measurements ----------------------------------------------------------------------------------
+    def measure(self) -> dict:
+        return heldout_metrics(self.teacher, self.raw, self.heldout, self.cfg.batch_size, self.device)
+
+    def consistency_of(self, model) -> dict:
+        cfg = self.cfg
+        return {
+            f"{t:g}": consistency.measure(model, self.prompts, cfg.consistency_samples, cfg.consistency_tokens, t,
+                                          cfg.consistency_m, seed=cfg.seed)
+            for t in cfg.consistency_temperatures
+        }
+
+    def sparsity(self) -> float:
+        return sparsity_report(self.pruner, self.raw)["overall_sparsity"]
+
+    # -- state -----------------------------------------------------------------------------------------
+    def restore(self, stage: int) -> None:
+        """Load the weights and masks of an accepted stage (0 = the dense teacher)."""
+        if stage == 0:
+            state = self.teacher.state_dict()
+            self.masks = {}
+        else:
+            ckpt = self.run.checkpoint_dir(stage)
+            state = {}
+            for f in sorted(ckpt.glob("*.safetensors")):
+                if f.name != "masks.safetensors":
+                    state.update(load_file(str(f)))
+            self.masks = self.run.load_masks(stage)
+        # strict=False: save_pretrained drops tied weights (lm_head ↔ embeddings); they are shared anyway.
+        self.raw.load_state_dict(state, strict=False)
+        apply_masks(self.raw, self.masks)
+
+    def save_state(self, accepted: int, status: str = "running") -> None:
+        self.run.write_json(STATE, {
+            "config": self.cfg.to_dict(), "accepted": accepted, "status": status,
+            "trajectory": self.trajectory, "teacher_consistency": self.teacher_consistency,
+        })
+
+    # -- the run ---------------------------------------------------------------------------------------
+    def run_all(self, resume: bool = False, overwrite: bool = False) -> Result:
+        cfg = self.cfg
+        self.run = RunDir(cfg.out)
+        resuming = self.run.prepare(resume, overwrite)
+        try:
+            return self._run(resuming)
+        except BaseException:
+            # Nothing worth resuming yet: do not leave an empty work dir that blocks the next run.
+            if not (self.run.partial / STATE).exists():
+                import shutil
+
+                shutil.rmtree(self.run.partial, ignore_errors=True)
+            raise
+
+    def _setup(self, resuming: bool) -> int:
+        cfg = self.cfg
+        self.accelerator = make_accelerator(cfg.precision)
+        self.device = self.accelerator.device
+        torch.manual_seed(cfg.seed)
+        self.teacher.to(self.device)
+        student = copy.deepcopy(self.teacher)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
+        self.raw = self.accelerator.unwrap_model(self.student)
+        self.pruner = Pruner(self.raw, self.pattern, cfg.include, cfg.exclude)
+        self.masks: dict[str, torch.Tensor] = {}
+        if resuming:
+            state = self.run.read_state()
+            data = self.run.load_tensors("data.safetensors")
+            self.train, self.heldout = data["train"], data["heldout"]
+            self.trajectory = state["trajectory"]
+            self.teacher_consistency = state["teacher_consistency"]
+            accepted = int(state["accepted"])
+            self.restore(accepted)
+            self.reporter.note(f"resuming after accepted stage {accepted}")
+        else:
+            self.reporter.note("building the distillation set" + (" (sampling the teacher)" if cfg.data is None else ""))
+            from .teacher import build_data
+
+            self.train, self.heldout = build_data(cfg, self.teacher.cpu(), self.tokenizer)
+            self.teacher.to(self.device)
+            self.run.save_tensors("data.safetensors", {"train": self.train, "heldout": self.heldout})
+            accepted = 0
+        prompt_len = max(1, min(16, cfg.seq_len // 2))
+        self.prompts = self.heldout[: cfg.consistency_prompts, :prompt_len]
+        if not resuming:
+            self.teacher_consistency = self.consistency_of(self.teacher)
+            self.trajectory = [{
+                "stage": 0, "label": "dense", "fraction": 0.0, "sparsity": 0.0, "kl": 0.0, "kl_after_prune": 0.0,
+                "top1": 1.0, "steps": 0, "attempts": 0, "accepted": True,
+                "consistency": {"student": self.teacher_consistency, "teacher": self.teacher_consistency},
+            }]
+            self.save_state(0)
+        return accepted
+
+    def _run(self, resuming: bool) -> Result:
+        cfg = self.cfg
+        accepted = self._setup(resuming)
+        calib = list(self.train[: cfg.calib_batches * cfg.batch_size].split(cfg.batch_size))
+        status, reason = "complete", f"reached {self.pattern.spec} in {cfg.stages} stage(s)"
+        for stage in plan(self.pattern, cfg.stages)[accepted:]:
+            ctx = ScoringContext(self.raw, self.pruner.layers, calib, masks=self.masks,
+                                 kd_loss=lambda ids: self.loss_on(ids.to(self.device)))
+            self.masks = self.pruner.stage_masks(score(cfg.importance, ctx), stage.fraction)
+            apply_masks(self.raw, self.masks)
+            self.optimizer.state.clear()  # momentum from the previous stage points at a different model
+            kl_after_prune = self.measure()["kl"]
+            steps, accepted_now, metrics = 0, False, {}
+            self.reporter.stage_begin(stage.label, cfg.steps_per_stage)
+            try:
+                for attempt in range(cfg.retries + 1):
+                    n = cfg.steps_per_stage * (attempt + 1)  # each retry trains longer than the last
+                    if attempt:
+                        self.reporter.add_steps(n)
+                    self.train_steps(n, cfg.seed + 100 * stage.index + attempt, stage.label)
+                    steps += n
+                    metrics = self.measure()
+                    if metrics["kl"] <= cfg.kl_budget:
+                        accepted_now = True
+                        break
+                    if attempt < cfg.retries:
+                        self.reporter.note(f"stage {stage.label}: held-out KL {metrics['kl']:.4f} > budget "
+                                           f"{cfg.kl_budget}; retry {attempt + 1}/{cfg.retries} with more steps")
+            except NonFiniteLossError as e:
+                status, reason = "stopped", str(e)
+            record = {
+                "stage": stage.index, "label": stage.label, "fraction": stage.fraction, "sparsity": self.sparsity(),
+                "kl": metrics.get("kl"), "kl_after_prune": kl_after_prune, "top1": metrics.get("top1"),
+                "steps": steps, "attempts": attempt + 1, "accepted": accepted_now,
+                "tokens_per_second": round(self.tokens_per_second, 1),
+            }
+            if accepted_now:
+                record["consistency"] = {"student": self.consistency_of(self.raw), "teacher": self.teacher_consistency}
+                self.trajectory.append(record)
+                self.run.save_checkpoint(stage.index, self.raw, self.masks)
+                accepted = stage.index
+                self.save_state(accepted)
+                self.reporter.stage_end(record)
+                continue
+            self.trajectory.append(record)
+            self.reporter.stage_end(record)
+            if status == "complete":
+                status = "stopped"
+                reason = (f"stage {stage.label} stayed above the KL budget ({metrics['kl']:.4f} > {cfg.kl_budget}) "
+                          f"after {cfg.retries} retries")
+            self.restore(accepted)
+            break
+        return self._finish(status, reason, accepted)
+
+    def _finish(self, status: str, reason: str, accepted: int) -> Result:
+        cfg = self.cfg
+        out = self.run.partial
+        zeros = check_integrity(self.raw, self.masks)
+        report = sparsity_report(self.pruner, self.raw)
+        report.update({"final_stage": accepted, "stages": cfg.stages, "reached_target": status == "complete",
+                       "pruned_weights_verified_zero": zeros})
+        if isinstance(self.pattern, NM) and status == "complete":
+            lost = [n for n, e in report["layers"].items() if not e.get("pattern_holds", True)]
+            if lost:
+                from ..errors import IntegrityError
+
+                raise IntegrityError(f"{self.pattern.spec} does not hold in {len(lost)} layer(s): {', '.join(lost[:3])}")
+        params_before = sum(p.numel() for p in self.teacher.parameters())
+        if isinstance(self.pattern, Channels) and self.masks:
+            report["intermediate_size"] = shrink_mlp(self.raw, self.pruner.channel_keeps(self.masks))
+        report["parameters"] = {"teacher": params_before, "student": sum(p.numel() for p in self.raw.parameters())}
+        student_dir = out / "student"
+        self.raw.to("cpu").save_pretrained(student_dir, safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(student_dir)
+        self.run.write_json("sparsity.json", report)
+        self.run.write_json("trajectory.json", {"budget": cfg.kl_budget, "pattern": self.pattern.spec,
+                                                 "status": status, "reason": reason, "stages": self.trajectory})
+        from .trajectory_plot import plot_trajectory
+
+        plot_trajectory(self.trajectory, cfg.kl_budget, out / "trajectory.png")
+        last = next(r for r in reversed(self.trajectory) if r["accepted"])
+        summary = {
+            "status": status, "reason": reason, "reached_target": status == "complete", "final_stage": accepted,
+            "stages": cfg.stages, "pattern": self.pattern.spec, "kl": last["kl"], "top1": last["top1"],
+            "sparsity": report["overall_sparsity"], "parameters": report["parameters"],
+            "teacher": str(self.teacher_dir), "out": str(self.run.final),
+            "student": str(self.run.final / "student"), "train_tokens_per_second": round(self.tokens_per_second, 1),
+        }
+        self.save_state(accepted, status)
+        self.run.write_json("summary.json", summary)
+        final = self.run.finish()
+        return Result(status, reason, final, self.trajectory, summary)
+
+
+def distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = False, reporter=None) -> Result:
+    """Library entry point (the CLI is a thin layer over this)."""
+    if resume:
+        run = RunDir(cfg.out)
+        if (run.partial / STATE).is_file():
+            saved = DistillConfig(**run.read_state()["config"])
+            saved.out = cfg.out
+            cfg = saved  # a resumed run continues with the settings it started with
+    return StagedDistiller(cfg, reporter).run_all(resume=resume, overwrite=overwrite)

@@ -1,0 +1,129 @@
+"""Probability-domain softening operators F.
+
+Each operator maps a teacher distribution P and a student distribution Q onto the same (softened) outcome
+space; the KD loss compares the two there. Working in the probability domain (log-probs in, log-probs out)
+means a teacher that only exposes probabilities, or top-k probabilities, works the same as one with logits.
+
+Axioms (tested with hypothesis): identity at T=1 / λ=0 / K=V, ranking preserved, entropy non-decreasing in
+T / λ, uniform in the limit. Top-k is a coarse-graining, not a softening: it keeps the K most likely teacher
+outcomes and merges the rest into one tail bucket; KL on buckets is a lower bound of the full KL.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from ..registry import Registry, split_spec
+
+# exp(-100) is far below fp32 resolution of any probability we care about; flooring there keeps
+# 0·log 0 terms finite in both the loss and its gradient.
+LOG_FLOOR = -100.0
+
+OPERATORS: Registry[type[Operator]] = Registry("softening operator")
+
+
+class Operator:
+    """Base class. ``pair`` maps (teacher, student) log-probs to softened log-probs in one outcome space."""
+
+    spec: str = ""
+
+    def apply(self, logp: torch.Tensor) -> torch.Tensor:
+        """Soften one distribution (log-probs over the last dim)."""
+        raise NotImplementedError
+
+    def pair(self, logp_teacher: torch.Tensor, logq_student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.apply(logp_teacher), self.apply(logq_student)
+
+    @property
+    def loss_scale(self) -> float:
+        """Multiplier on the loss; T² for the power operator keeps gradient size independent of T (Hinton)."""
+        return 1.0
+
+
+@OPERATORS.register("power")
+@dataclass
+class Power(Operator):
+    """F(p) = p^(1/T) / Z, i.e. softmax(z / T) for logits z."""
+
+    T: float = 1.0
+
+    def __post_init__(self):
+        if not (self.T > 0 and math.isfinite(self.T)):
+            raise ConfigError([f"power:T needs a finite T > 0, got {self.T}"])
+        self.spec = f"power:{self.T:g}"
+
+    def apply(self, logp):
+        return torch.log_softmax(logp / self.T, dim=-1).clamp_min(LOG_FLOOR)
+
+    @property
+    def loss_scale(self):
+        return self.T**2
+
+
+@OPERATORS.register("mix")
+@dataclass
+class Mix(Operator):
+    """F(p) = (1-λ) p + λ / V: mixing with the uniform distribution."""
+
+    lam: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError([f"mix:λ needs 0 ≤ λ ≤ 1, got {self.lam}"])
+        self.spec = f"mix:{self.lam:g}"
+
+    def apply(self, logp):
+        if self.lam == 0.0:
+            return logp.clamp_min(LOG_FLOOR)
+        V = logp.shape[-1]
+        uniform = torch.full_like(logp, math.log(self.lam / V))
+        if self.lam == 1.0:
+            return uniform
+        return torch.logaddexp(logp + math.log1p(-self.lam), uniform).clamp_min(LOG_FLOOR)
+
+
+@OPERATORS.register("topk")
+@dataclass
+class TopK(Operator):
+    """Keep the teacher's K most likely outcomes and merge the rest into one tail bucket (K+1 outcomes)."""
+
+    K: int = 32
+
+    def __post_init__(self):
+        if self.K < 1:
+            raise ConfigError([f"topk:K needs K ≥ 1, got {self.K}"])
+        self.spec = f"topk:{self.K}"
+
+    @staticmethod
+    def _bucket(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        top = logp.gather(-1, idx)
+        # tail = log(1 - Σ top); clamp keeps it finite when the top-K hold all the mass.
+        head = torch.logsumexp(top, dim=-1, keepdim=True).clamp(max=-1e-7)
+        tail = torch.log(-torch.expm1(head))
+        return torch.cat([top, tail], dim=-1).clamp_min(LOG_FLOOR)
+
+    def apply(self, logp):
+        k = min(self.K, logp.shape[-1])
+        return self._bucket(logp, logp.topk(k, dim=-1).indices)
+
+    def pair(self, logp_teacher, logq_student):
+        k = min(self.K, logp_teacher.shape[-1])
+        idx = logp_teacher.topk(k, dim=-1).indices
+        return self._bucket(logp_teacher, idx), self._bucket(logq_student, idx)
+
+
+def make_operator(spec: str) -> Operator:
+    """'power:2', 'mix:0.1', 'topk:32' -> operator. 'power' alone means T=1."""
+    name, arg = split_spec(spec)
+    cls = OPERATORS.get(name)
+    if arg is None:
+        return cls()
+    try:
+        value = int(arg) if cls is TopK else float(arg)
+    except ValueError:
+        raise ConfigError([f"operator {spec!r}: {arg!r} is not a number"]) from None
+    return cls(value)

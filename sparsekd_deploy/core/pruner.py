@@ -1,0 +1,116 @@
+"""Turns importance scores into keep-masks for a stage, enforces them, and audits the result.
+
+Masks are keyed by parameter name and stored in the parameter's own layout (bool, True = keep), so
+enforcing them after an optimizer step is one multiply per parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import IntegrityError, PatternError
+from ..models.adapters import DEFAULT_EXCLUDE, MLPBlock, PrunableLayer, mlp_blocks, prunable_layers
+from .patterns import Channels, Pattern
+
+Masks = dict[str, torch.Tensor]
+
+
+class Pruner:
+    def __init__(self, model: nn.Module, pattern: Pattern, include=("*",), exclude=DEFAULT_EXCLUDE):
+        self.pattern = pattern
+        self.skipped: dict[str, str] = {}
+        self.blocks: list[MLPBlock] = []
+        if isinstance(pattern, Channels):
+            self.blocks = mlp_blocks(model)
+            if not self.blocks:
+                raise PatternError(f"pattern {pattern.spec} found no MLP block in this model")
+            self.layers = [layer for b in self.blocks for layer in (*b.inputs, b.output)]
+        else:
+            candidates = prunable_layers(model, include, exclude)
+            self.layers = []
+            for layer in candidates:
+                reason = pattern.skip_reason(*layer.shape_oi)
+                if reason:
+                    self.skipped[layer.name] = reason
+                else:
+                    self.layers.append(layer)
+            if not self.layers:
+                detail = "; ".join(f"{n}: {r}" for n, r in list(self.skipped.items())[:3]) or "no Linear/Conv1D layer matched"
+                raise PatternError(f"pattern {pattern.spec} fits no layer of this model ({detail})")
+
+    def stage_masks(self, scores: dict[str, torch.Tensor], fraction: float) -> Masks:
+        """Keep-masks (native layout) for ``fraction`` of the final pattern."""
+        if self.blocks:
+            return self._channel_masks(scores, fraction)
+        return {
+            layer.param_name: layer.to_native(self.pattern.keep_mask(scores[layer.name], fraction))
+            for layer in self.layers
+        }
+
+    def _channel_masks(self, scores, fraction) -> Masks:
+        masks: Masks = {}
+        for block in self.blocks:
+            # A channel's load: its rows in every input projection plus its column in the output projection.
+            ch = sum(scores[layer.name].sum(1) for layer in block.inputs) + scores[block.output.name].sum(0)
+            keep = self.pattern.channel_keep(ch, fraction)
+            for layer in block.inputs:
+                masks[layer.param_name] = layer.to_native(keep[:, None].expand(layer.shape_oi).clone())
+                if getattr(layer.module, "bias", None) is not None:
+                    masks[f"{layer.name}.bias"] = keep.clone()
+            masks[block.output.param_name] = block.output.to_native(keep[None, :].expand(block.output.shape_oi).clone())
+        return masks
+
+    def channel_keeps(self, masks: Masks) -> dict[str, torch.Tensor]:
+        """Per MLP block, which intermediate channels survive (read back from the masks)."""
+        return {b.name: masks[b.output.param_name].any(0 if not b.output.transposed else 1) for b in self.blocks}
+
+
+def _param_index(model: nn.Module) -> dict[str, nn.Parameter]:
+    # remove_duplicate=False: a tied weight (lm_head ↔ embeddings) is reachable under both names.
+    return dict(model.named_parameters(remove_duplicate=False))
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Masks) -> None:
+    params = _param_index(model)
+    for name, keep in masks.items():
+        p = params[name]
+        p.mul_(keep.to(device=p.device, dtype=p.dtype))
+
+
+@torch.no_grad()
+def check_integrity(model: nn.Module, masks: Masks) -> int:
+    """Prove that every pruned weight is exactly zero; returns how many zeros were checked."""
+    params = _param_index(model)
+    checked = 0
+    bad = []
+    for name, keep in masks.items():
+        pruned = params[name].detach().cpu()[~keep.cpu()]
+        checked += pruned.numel()
+        if pruned.numel() and (pruned != 0).any():
+            bad.append(f"{name}: {(pruned != 0).sum().item()} non-zero pruned weights")
+    if bad:
+        raise IntegrityError("mask integrity check failed: " + "; ".join(bad[:5]))
+    return checked
+
+
+def sparsity_report(pruner: Pruner, model: nn.Module) -> dict:
+    """Per layer: pattern, achieved sparsity, whether the final pattern holds; skipped layers and why."""
+    layers = {}
+    total = zeros = 0
+    for layer in pruner.layers:
+        w = layer.weight_oi().detach().cpu()
+        z = int((w == 0).sum())
+        total += w.numel()
+        zeros += z
+        entry = {"pattern": pruner.pattern.spec, "shape_out_in": list(w.shape), "sparsity": round(z / w.numel(), 6)}
+        if not pruner.blocks:
+            entry["pattern_holds"] = pruner.pattern.holds(w)
+        layers[layer.name] = entry
+    return {
+        "pattern": pruner.pattern.spec,
+        "overall_sparsity": round(zeros / total, 6) if total else 0.0,
+        "layers": layers,
+        "skipped": dict(pruner.skipped),
+    }

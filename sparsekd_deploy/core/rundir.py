@@ -1,0 +1,89 @@
+"""The run directory: work happens in ``<out>.partial`` and is renamed into place only when the run ends,
+so a failed or killed run never leaves a half-written ``<out>`` and never destroys a previous one.
+``--resume`` continues from the partial dir's last accepted checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import OutputExistsError
+
+STATE = "state.json"
+
+
+class RunDir:
+    def __init__(self, out: str | Path):
+        self.final = Path(out)
+        self.partial = self.final.with_name(self.final.name + ".partial")
+
+    def prepare(self, resume: bool, overwrite: bool) -> bool:
+        """Create the work dir. Returns True when there is state to resume from."""
+        final_used = self.final.exists() and any(self.final.iterdir()) if self.final.is_dir() else self.final.exists()
+        if resume:
+            if (self.partial / STATE).is_file():
+                return True
+            if final_used:
+                raise OutputExistsError(f"{self.final} holds a finished run; nothing to resume (use --overwrite to redo it)")
+            raise OutputExistsError(f"nothing to resume: no interrupted run at {self.partial}")
+        if final_used and not overwrite:
+            raise OutputExistsError(f"output dir {self.final} exists; pass --overwrite to replace it or choose another --out")
+        if self.partial.exists():
+            if not overwrite:
+                raise OutputExistsError(
+                    f"an interrupted run is in {self.partial}; pass --resume to continue it or --overwrite to start over"
+                )
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True)
+        return False
+
+    # -- state and checkpoints -------------------------------------------------------------------------
+    def write_json(self, name: str, obj) -> Path:
+        path = self.partial / name
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    def read_state(self) -> dict:
+        return json.loads((self.partial / STATE).read_text())
+
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        tmp = self.partial / (name + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, self.partial / name)
+
+    def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.partial / name))
+
+    def checkpoint_dir(self, stage: int) -> Path:
+        return self.partial / "checkpoints" / f"stage-{stage}"
+
+    def save_checkpoint(self, stage: int, model, masks: dict[str, torch.Tensor]) -> Path:
+        final = self.checkpoint_dir(stage)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        save_file({k: v.to(torch.uint8).contiguous() for k, v in masks.items()}, str(tmp / "masks.safetensors"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    def load_masks(self, stage: int) -> dict[str, torch.Tensor]:
+        return {k: v.bool() for k, v in load_file(str(self.checkpoint_dir(stage) / "masks.safetensors")).items()}
+
+    def finish(self) -> Path:
+        """Swap the finished work dir into place; the previous output is removed only after the swap."""
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(self.final.name + f".old-{os.getpid()}")
+            os.replace(self.final, old)
+        os.replace(self.partial, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.final

@@ -1,0 +1,84 @@
+"""Tiny models built from transformers configs with a fixed seed (never downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 256
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def tiny_config(family: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
+    if family == "llama":
+        return tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=64, **common)
+    if family == "qwen2":
+        return tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=64, **common)
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64, **common)
+    if family == "opt":
+        return tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=0, **common)
+    raise KeyError(family)
+
+
+FAMILIES = ["llama", "qwen2", "gpt2", "opt"]
+
+
+def build_tiny(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    # Random init gives near-uniform outputs; sharpen so KL/top-1 measurements mean something.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    return model.eval()
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world"], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Each family saved as a normal HF model dir (safetensors + tokenizer)."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok = tiny_tokenizer()
+    out = {}
+    for fam in FAMILIES:
+        d = root / fam
+        build_tiny(fam).save_pretrained(d, safe_serialization=True)
+        tok.save_pretrained(d)
+        out[fam] = d
+    return out
+
+
+@pytest.fixture
+def fast_cfg(tmp_path):
+    """Config overrides for a run that takes seconds on 2 cores."""
+    return dict(out=str(tmp_path / "run"), stages=2, steps_per_stage=4, retries=0, kl_budget=50.0, seq_len=16,
+                num_samples=16, heldout_samples=4, batch_size=4, calib_batches=1, consistency_prompts=2,
+                consistency_samples=3, consistency_tokens=4, consistency_m=2)

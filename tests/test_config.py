@@ -1,0 +1,51 @@
+import pytest
+
+from sparsekd_deploy.config import DistillConfig, build_config
+from sparsekd_deploy.errors import ConfigError
+
+
+def test_defaults_are_valid():
+    cfg = build_config()
+    assert cfg == DistillConfig()
+
+
+def test_recipe_then_flags_override(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("pattern: unstructured:0.5\nstages: 4\nkl-budget: 0.3\nconsistency_temperatures: 0.7\n")
+    cfg = build_config(r, {"stages": 2, "pattern": None})
+    assert cfg.pattern == "unstructured:0.5" and cfg.stages == 2 and cfg.kl_budget == 0.3
+    assert cfg.consistency_temperatures == [0.7]
+
+
+def test_every_problem_reported_at_once(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("patern: 2:4\nstagez: 3\nkl_budget: -1\nstages: 0\nsteps_per_stage: lots\nloss: hinge\n")
+    with pytest.raises(ConfigError) as e:
+        build_config(r)
+    msg = str(e.value)
+    for needle in ("unknown recipe key 'patern'", "unknown recipe key 'stagez'", "allowed keys:",
+                   "steps_per_stage: expected int", "kl_budget must be a finite number > 0", "stages must be ≥ 1",
+                   "unknown loss 'hinge'"):
+        assert needle in msg
+    assert len(e.value.problems) >= 7
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"kl_budget": 0.0}, "kl_budget"), ({"stages": 0}, "stages"), ({"pattern": "3:3"}, "pattern"),
+    ({"importance": "random"}, "importance"), ({"data": "/nope.txt"}, "does not exist"),
+])
+def test_bad_values(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        build_config(None, overrides)
+
+
+def test_bad_recipe_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        build_config(bad)
+    bad.write_text("a: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config(bad)

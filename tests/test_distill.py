@@ -1,0 +1,162 @@
+"""End-to-end staged SparseKD on tiny models of four families."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import FAMILIES
+from sparsekd_deploy.config import build_config
+from sparsekd_deploy.core import distill as distill_mod
+from sparsekd_deploy.core.distill import distill
+from sparsekd_deploy.core.patterns import NM
+from sparsekd_deploy.errors import OutputExistsError, PatternError, TeacherNotFoundError
+
+
+def _cfg(fast_cfg, teacher, **kw):
+    return build_config(None, {**fast_cfg, "teacher": str(teacher), **kw})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_24_end_to_end_every_family(family, tiny_dirs, fast_cfg):
+    res = distill(_cfg(fast_cfg, tiny_dirs[family]))
+    assert res.status == "complete" and res.reached_target
+    out = res.out
+    student = AutoModelForCausalLM.from_pretrained(out / "student")
+    sp = json.loads((out / "sparsity.json").read_text())
+    assert sp["overall_sparsity"] == pytest.approx(0.5)
+    assert sp["pruned_weights_verified_zero"] > 0
+    # every pruned layer of the reloaded student really is 2:4 on its input-features axis
+    from sparsekd_deploy.models.adapters import prunable_layers
+
+    layers = {ly.name: ly for ly in prunable_layers(student)}
+    for name, entry in sp["layers"].items():
+        assert entry["pattern_holds"]
+        assert NM(2, 4).holds(layers[name].weight_oi().detach())
+    traj = json.loads((out / "trajectory.json").read_text())
+    assert [s["label"] for s in traj["stages"]] == ["dense", "3:4", "2:4"]
+    assert [s["sparsity"] for s in traj["stages"]] == pytest.approx([0.0, 0.25, 0.5])
+    for s in traj["stages"][1:]:
+        assert s["accepted"] and s["kl"] >= 0 and 0 <= s["top1"] <= 1
+        assert set(s["consistency"]["student"]["1"]) == {"pairwise_agreement@2", "modal_share@2", "distinct_2", "mean_entropy"}
+    assert (out / "trajectory.png").stat().st_size > 10_000
+    assert not (out.parent / "run.partial").exists()
+
+
+def test_unstructured_and_structured(tiny_dirs, fast_cfg, tmp_path):
+    res = distill(_cfg(fast_cfg, tiny_dirs["llama"], pattern="unstructured:0.5", importance="taylor"))
+    assert res.summary["sparsity"] == pytest.approx(0.5, abs=0.01)
+    res = distill(_cfg(fast_cfg, tiny_dirs["gpt2"], pattern="channels:0.25", out=str(tmp_path / "ch")))
+    student = AutoModelForCausalLM.from_pretrained(res.out / "student")
+    assert student.config.n_inner == 48
+    assert res.summary["parameters"]["student"] < res.summary["parameters"]["teacher"]
+
+
+def test_masks_enforced_after_every_step(tiny_dirs, fast_cfg, monkeypatch):
+    seen = []
+    orig = distill_mod.StagedDistiller.train_steps
+
+    def spy(self, n, seed, label):
+        orig(self, n, seed, label)
+        params = dict(self.raw.named_parameters())
+        seen.append(all((params[k][~m] == 0).all() for k, m in self.masks.items()))
+
+    monkeypatch.setattr(distill_mod.StagedDistiller, "train_steps", spy)
+    distill(_cfg(fast_cfg, tiny_dirs["llama"], lr=0.05))
+    assert seen == [True, True]
+
+
+def test_stage_over_budget_stops_at_last_accepted(tiny_dirs, fast_cfg):
+    res = distill(_cfg(fast_cfg, tiny_dirs["llama"], kl_budget=1e-9, retries=1))
+    assert res.status == "stopped" and not res.reached_target
+    assert "above the KL budget" in res.reason
+    traj = res.trajectory
+    assert traj[-1]["accepted"] is False and traj[-1]["attempts"] == 2 and traj[-1]["steps"] == 4 + 8
+    # nothing accepted beyond dense: the saved student is the dense teacher
+    s = load_file(str(res.out / "student" / "model.safetensors"))
+    t = load_file(str(tiny_dirs["llama"] / "model.safetensors"))
+    assert all(torch.equal(s[k], t[k]) for k in t)
+    assert res.summary["final_stage"] == 0
+
+
+def test_non_finite_loss_stops_and_keeps_last_stage(tiny_dirs, fast_cfg, monkeypatch):
+    calls = {"n": 0}
+    orig = distill_mod.StagedDistiller.loss_on
+
+    def poisoned(self, ids):
+        calls["n"] += 1
+        loss = orig(self, ids)
+        return loss * float("nan") if calls["n"] > 6 else loss  # stage 1 trains fine, stage 2 blows up
+
+    monkeypatch.setattr(distill_mod.StagedDistiller, "loss_on", poisoned)
+    res = distill(_cfg(fast_cfg, tiny_dirs["llama"], importance="magnitude"))
+    assert res.status == "stopped" and "non-finite loss" in res.reason
+    assert res.summary["final_stage"] == 1
+    assert json.loads((res.out / "sparsity.json").read_text())["overall_sparsity"] == pytest.approx(0.25)
+
+
+def test_resume_continues_from_last_accepted(tiny_dirs, fast_cfg, monkeypatch):
+    cfg = _cfg(fast_cfg, tiny_dirs["llama"], stages=3)
+    orig = distill_mod.StagedDistiller.train_steps
+    state = {"stage_calls": 0}
+
+    def killed_in_stage_3(self, n, seed, label):
+        state["stage_calls"] += 1
+        if state["stage_calls"] == 3:
+            raise KeyboardInterrupt
+        orig(self, n, seed, label)
+
+    monkeypatch.setattr(distill_mod.StagedDistiller, "train_steps", killed_in_stage_3)
+    with pytest.raises(KeyboardInterrupt):
+        distill(cfg)
+    from sparsekd_deploy.core.rundir import RunDir
+
+    rd = RunDir(cfg.out)
+    assert rd.partial.is_dir() and not rd.final.exists()
+    assert json.loads((rd.partial / "state.json").read_text())["accepted"] == 2
+    with pytest.raises(OutputExistsError, match="--resume"):
+        distill(cfg)
+    monkeypatch.setattr(distill_mod.StagedDistiller, "train_steps", orig)
+    res = distill(cfg, resume=True)
+    assert res.reached_target and [s["stage"] for s in res.trajectory] == [0, 1, 2, 3]
+    assert res.summary["sparsity"] == pytest.approx(0.5)
+
+
+def test_output_dir_rules(tiny_dirs, fast_cfg):
+    cfg = _cfg(fast_cfg, tiny_dirs["opt"])
+    distill(cfg)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        distill(cfg)
+    marker = (cfg.out + "/student/config.json")
+    before = open(marker).read()
+    res = distill(cfg, overwrite=True)
+    assert res.reached_target and open(marker).read() == before
+
+
+def test_bad_inputs(tiny_dirs, fast_cfg, tmp_path):
+    with pytest.raises(TeacherNotFoundError, match="does not exist"):
+        distill(_cfg(fast_cfg, tmp_path / "nope"))
+    with pytest.raises(TeacherNotFoundError, match="Hub id"):
+        distill(_cfg(fast_cfg, "meta-llama/Llama-3-8B"))
+    with pytest.raises(PatternError, match="fits no layer"):
+        distill(_cfg(fast_cfg, tiny_dirs["llama"], pattern="2:3"))
+    from sparsekd_deploy.errors import DataError
+
+    short = tmp_path / "short.txt"
+    short.write_text("hello")
+    with pytest.raises(DataError, match="need at least"):
+        distill(_cfg(fast_cfg, tiny_dirs["llama"], data=str(short)))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        distill(_cfg(fast_cfg, tiny_dirs["llama"], data=str(empty)))
+    assert not (tmp_path / "run.partial").exists() and not (tmp_path / "run").exists()
+
+
+def test_text_data_and_text_access(tiny_dirs, fast_cfg, tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("hello world " * 400)
+    res = distill(_cfg(fast_cfg, tiny_dirs["qwen2"], data=str(data), teacher_access="text"))
+    assert res.reached_target
