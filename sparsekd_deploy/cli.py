@@ -37,9 +37,14 @@ def main():
 
 
 def _register():
+    from .commands.build import build_cmd
     from .commands.distill import distill_cmd
+    from .commands.export import export_cmd
+    from .commands.inspect import inspect_cmd
+    from .commands.validate import validate_cmd
 
-    main.add_command(distill_cmd)
+    for cmd in (distill_cmd, build_cmd, export_cmd, validate_cmd, inspect_cmd):
+        main.add_command(cmd)
 
 
 _register()

@@ -8,6 +8,7 @@ if that fails the run stops at the last accepted stage and says so.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,10 @@ class StagedDistiller:
         self.student.train()
         start = time.perf_counter()
         for i in range(n):
+            # Cosine decay to 10% within each stage: high lr repairs the fresh damage, low lr settles the noise.
+            lr = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * i / n)))
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             ids = self.train[torch.randint(len(self.train), (cfg.batch_size,), generator=gen)].to(self.device)
             loss = self.loss_on(ids)
             if not torch.isfinite(loss):

@@ -1,0 +1,30 @@
+"""Gate flags shared by ``build`` and ``validate``."""
+
+from __future__ import annotations
+
+import click
+
+GATE_OPTIONS = [
+    ("--max-kl", "max_kl", float, "Fail if kl_topk exceeds this. [default: 0.25]"),
+    ("--min-top1", "min_top1", float, "Fail if top-1 agreement is below this. [default: 0.7]"),
+    ("--min-greedy-match", "min_greedy_match", float, "Fail if fewer prompts match the teacher's greedy text. [default: 0.1]"),
+    ("--max-ppl-ratio", "max_ppl_ratio", float, "Fail if student/teacher perplexity exceeds this. [default: 1.5]"),
+    ("--min-consistency-ratio", "min_consistency_ratio", float,
+     "Fail if teacher/student sampling entropy falls below this. [default: 0.8]"),
+]
+
+
+def gate_options(fn):
+    for flag, dest, typ, help_ in reversed(GATE_OPTIONS):
+        fn = click.option(flag, dest, type=typ, default=None, help=help_)(fn)
+    return fn
+
+
+def gates_from(kwargs: dict):
+    from ..validate.gate import Gates
+
+    g = Gates(**{dest: kwargs.pop(dest) for _, dest, _, _ in GATE_OPTIONS if kwargs.get(dest) is not None})
+    for _, dest, _, _ in GATE_OPTIONS:
+        kwargs.pop(dest, None)
+    g.check_ranges()
+    return g

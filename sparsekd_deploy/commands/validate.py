@@ -1,0 +1,35 @@
+"""``sparsekd-deploy validate BUNDLE``: re-check a bundle on a runtime; the exit code is the verdict."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..cli import handle_errors
+from ..console import err_console, stdout_json
+from .gates import gate_options, gates_from
+
+
+@click.command("validate")
+@click.argument("bundle", type=click.Path())
+@click.option("--runtime", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--model", help="Which graph in the bundle (default: the manifest's model.onnx).")
+@click.option("--json", "as_json", is_flag=True, help="Print validation.json on stdout.")
+@gate_options
+@handle_errors
+def validate_cmd(bundle, runtime, provider, model, as_json, **kw):
+    """Validate BUNDLE against its stored teacher references. Exit 0 pass, 1 fail, 2 usage/bundle error."""
+    from ..bundle import Bundle
+    from ..validate.report import print_table
+    from ..validate.validator import validate_bundle
+
+    gates = gates_from(kw)
+    b = Bundle.open(bundle)
+    report = validate_bundle(b, runtime, provider, gates, model=model)
+    if as_json:
+        stdout_json(report)
+    else:
+        print_table(report, err_console)
+    sys.exit(0 if report["passed"] else 1)

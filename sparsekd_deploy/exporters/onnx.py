@@ -1,0 +1,135 @@
+"""ONNX export of decoder LMs, with KV cache (past/present key-values) or without.
+
+optimum-onnx's exporter is the ecosystem's convention (per-architecture KV-cache handling, dynamic
+batch/sequence/past axes); ``torch.onnx.export`` is the fallback for architectures it has no config for
+(logits only, no KV cache). The result says which one ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import SparseKDError
+
+# Models over 2 GB must keep weights outside the protobuf (its hard limit).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+class ExportError(SparseKDError):
+    pass
+
+
+@dataclass
+class ExportInfo:
+    path: str
+    exporter: str  # "optimum" | "torch.onnx"
+    opset: int
+    with_past: bool
+    external_data: bool
+    precision: str = "fp32"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quiet():
+    # The exporters trace the model and print pages of TracerWarnings that mean nothing to a user.
+    warnings.filterwarnings("ignore", category=Warning, module=r"(torch|transformers|optimum)\..*")
+    for name in ("optimum", "transformers", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def export_onnx(model_dir: str | Path, out: str | Path, *, opset: int | None = None, with_past: bool = True,
+                exporter: str = "auto") -> ExportInfo:
+    """Export a HF causal-LM dir to ``out`` (a .onnx file; ``out``'s external data lands beside it)."""
+    model_dir, out = Path(model_dir), Path(out)
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"{model_dir} is not a Hugging Face model dir (no config.json)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _quiet()
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp = Path(tmp)
+        used = None
+        if exporter in ("auto", "optimum"):
+            try:
+                used = _optimum(model_dir, tmp, opset, with_past)
+            except (KeyError, ValueError, NotImplementedError) as e:
+                if exporter == "optimum":
+                    raise ExportError(f"optimum could not export {model_dir}: {e}") from None
+        if used is None:
+            used = _torch_onnx(model_dir, tmp / "model.onnx", opset or 18)
+            with_past = False
+        return _finalize(tmp / "model.onnx", out, used, with_past)
+
+
+def _optimum(model_dir: Path, tmp: Path, opset, with_past) -> str:
+    from optimum.exporters.onnx import main_export
+
+    task = "text-generation-with-past" if with_past else "text-generation"
+    main_export(str(model_dir), tmp, task=task, opset=opset, local_files_only=True, do_validation=False,
+                library_name="transformers")
+    return "optimum"
+
+
+def _torch_onnx(model_dir: Path, path: Path, opset: int) -> str:
+    import torch
+
+    from ..models.loading import load_model
+
+    model = load_model(model_dir)
+    model.config.use_cache = False
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    ids = torch.ones(1, 8, dtype=torch.long)
+    torch.onnx.export(
+        LogitsOnly(model), (ids, torch.ones_like(ids)), str(path), opset_version=opset, dynamo=False,
+        input_names=["input_ids", "attention_mask"], output_names=["logits"],
+        dynamic_axes={"input_ids": {0: "batch_size", 1: "sequence_length"},
+                      "attention_mask": {0: "batch_size", 1: "sequence_length"},
+                      "logits": {0: "batch_size", 1: "sequence_length"}},
+    )
+    return "torch.onnx"
+
+
+def _finalize(src: Path, out: Path, exporter: str, with_past: bool) -> ExportInfo:
+    import onnx
+
+    model = onnx.load(str(src))  # loads external data too
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    size = sum(init.ByteSize() for init in model.graph.initializer)
+    external = size > EXTERNAL_DATA_BYTES
+    save_onnx(model, out, external)
+    return ExportInfo(str(out), exporter, opset, with_past, external)
+
+
+def save_onnx(model, out: Path, external: bool) -> None:
+    """Write next to ``out`` under a temp name, then rename: a crash never leaves a half-written model."""
+    import onnx
+
+    tmp = out.with_name(out.name + ".tmp")
+    data_name = out.name + ".data"
+    if external:
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        shutil.move(str(tmp.parent / data_name), str(out.parent / data_name))
+    else:
+        onnx.save_model(model, str(tmp))
+    tmp.replace(out)
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """The model file and its external-data file, if any."""
+    data = path.with_name(path.name + ".data")
+    return [path] + ([data] if data.exists() else [])

@@ -1,0 +1,124 @@
+"""One interface for every runtime: ``logits`` and ``generate``. Template methods: the public methods check
+shapes and dtypes and the model's position limit, subclasses fill in ``_logits`` and ``_step``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import SparseKDError
+from ..registry import Registry
+
+
+class TargetError(SparseKDError):
+    pass
+
+
+TARGETS: Registry[type[Target]] = Registry("target")
+
+
+@dataclass
+class Generation:
+    tokens: np.ndarray  # [B, new_tokens] int64
+    entropies: np.ndarray  # [B, new_tokens] nats of each step's sampling distribution (0 for greedy)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(-1, keepdims=True)
+
+
+def next_token_distribution(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """[B, V] logits -> [B, V] probabilities after temperature, top-k and nucleus (top-p) filtering."""
+    z = logits.astype(np.float64) / temperature
+    if top_k and top_k < z.shape[-1]:
+        kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = _softmax(z)
+    if top_p < 1.0:
+        order = np.argsort(-p, axis=-1)
+        sorted_p = np.take_along_axis(p, order, -1)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop_sorted = np.cumsum(sorted_p, -1) - sorted_p >= top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, -1)
+        p = np.where(drop, 0.0, p)
+        p /= p.sum(-1, keepdims=True)
+    return p
+
+
+class Target:
+    """A runtime that can run a bundle's model."""
+
+    name = "?"
+    max_positions: int | None = None
+    vocab_size: int | None = None
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = self._check_ids(input_ids)
+        out = self._logits(ids)
+        if out.shape[:2] != ids.shape:
+            raise TargetError(f"{self.name} returned logits of shape {out.shape} for input {ids.shape}")
+        return out
+
+    def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seeds: list[int] | None = None) -> Generation:
+        """Greedy (temperature 0) or seeded sampling, one seed per row (row i always draws from seeds[i])."""
+        ids = self._check_ids(prompt_ids)
+        if self.max_positions and ids.shape[1] + max_new_tokens > self.max_positions:
+            raise TargetError(f"prompt ({ids.shape[1]}) + {max_new_tokens} new tokens exceeds the model's "
+                              f"{self.max_positions} positions")
+        B = ids.shape[0]
+        rngs = [np.random.default_rng(s) for s in (seeds if seeds is not None else range(B))]
+        if len(rngs) != B:
+            raise TargetError(f"{len(rngs)} seeds for {B} prompts")
+        state = self._start(ids)
+        toks = np.zeros((B, max_new_tokens), dtype=np.int64)
+        ents = np.zeros((B, max_new_tokens), dtype=np.float64)
+        for t in range(max_new_tokens):
+            last = state.last_logits
+            if temperature <= 0:
+                nxt = last.argmax(-1)
+            else:
+                p = next_token_distribution(last, temperature, top_k, top_p)
+                ents[:, t] = -(p * np.log(np.clip(p, 1e-300, None))).sum(-1)
+                nxt = np.array([rng.choice(p.shape[-1], p=p[i]) for i, rng in enumerate(rngs)])
+            toks[:, t] = nxt
+            if t + 1 < max_new_tokens:
+                state = self._step(state, nxt[:, None].astype(np.int64))
+        return Generation(toks, ents)
+
+    def _check_ids(self, ids) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise TargetError(f"input_ids must be [batch, sequence] with sequence ≥ 1, got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TargetError(f"input_ids must be integers, got {ids.dtype}")
+        if self.max_positions and ids.shape[1] > self.max_positions:
+            raise TargetError(f"prompt of {ids.shape[1]} tokens exceeds the model's {self.max_positions} positions")
+        if self.vocab_size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise TargetError(f"token ids must lie in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
+        return ids.astype(np.int64)
+
+    # -- for subclasses ---------------------------------------------------------------------------------
+    def _logits(self, ids: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _start(self, ids: np.ndarray):
+        """Run the prompt; return a state with ``last_logits`` [B, V]."""
+        raise NotImplementedError
+
+    def _step(self, state, next_ids: np.ndarray):
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"runtime": self.name}
+
+
+def make_target(name: str, model_path, **options) -> Target:
+    # Import the plug-ins lazily: each pulls in its own runtime (onnxruntime, tensorrt, torch CUDA).
+    if name == "onnxruntime":
+        from . import onnxruntime  # noqa: F401
+    return TARGETS.get(name)(model_path, **options)

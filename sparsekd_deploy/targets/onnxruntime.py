@@ -1,0 +1,120 @@
+"""ONNX Runtime target: CPU, CUDA or TensorRT execution provider, with the KV cache when the graph has one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .base import TARGETS, Target, TargetError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32}
+
+
+def provider_config(provider: str, fp16: bool = False, cache_dir: str | None = None) -> list:
+    """The provider list for a session, or a clear error when this onnxruntime build lacks it."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise TargetError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+    name = PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if name not in available:
+        hint = {"cuda": "install onnxruntime-gpu (and CUDA)", "tensorrt": "install onnxruntime-gpu built with TensorRT"}
+        raise TargetError(f"provider {provider} ({name}) is not available in onnxruntime {ort.__version__} "
+                          f"(available: {', '.join(available)}); {hint.get(provider, '')}".rstrip("; "))
+    if provider == "tensorrt":
+        opts = {"trt_sparsity_enable": True, "trt_fp16_enable": fp16, "trt_engine_cache_enable": cache_dir is not None}
+        if cache_dir:
+            opts["trt_engine_cache_path"] = cache_dir
+        return [(name, opts), "CUDAExecutionProvider", "CPUExecutionProvider"]
+    if provider == "cuda":
+        return [name, "CPUExecutionProvider"]
+    return [name]
+
+
+@dataclass
+class _State:
+    last_logits: np.ndarray
+    past: dict[str, np.ndarray] | None
+    ids: np.ndarray  # everything seen so far (needed without a KV cache)
+
+
+@TARGETS.register("onnxruntime")
+class OnnxRuntimeTarget(Target):
+    name = "onnxruntime"
+
+    def __init__(self, model_path: str | Path, provider: str = "cpu", fp16: bool = False, threads: int | None = None,
+                 max_positions: int | None = None, cache_dir: str | None = None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(model_path), so, providers=provider_config(provider, fp16, cache_dir))
+        except TargetError:
+            raise
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
+            raise TargetError(f"onnxruntime cannot load {model_path}: {str(e).splitlines()[0]}") from None
+        self.provider = provider
+        self.max_positions = max_positions
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.present_for = {n: n.replace("past_key_values.", "present.") for n in self.past_names}
+        logits_out = next(o for o in self.session.get_outputs() if o.name == "logits")
+        self.vocab_size = logits_out.shape[-1] if isinstance(logits_out.shape[-1], int) else None
+
+    @property
+    def has_kv_cache(self) -> bool:
+        return bool(self.past_names)
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        return {"runtime": "onnxruntime", "version": ort.__version__, "provider": self.provider,
+                "providers": self.session.get_providers(), "kv_cache": self.has_kv_cache}
+
+    def _feed(self, ids: np.ndarray, past: dict | None, past_len: int) -> dict:
+        B, L = ids.shape
+        feed = {"input_ids": ids}
+        if "attention_mask" in self.inputs:
+            feed["attention_mask"] = np.ones((B, past_len + L), dtype=np.int64)
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + L, dtype=np.int64), (B, L)).copy()
+        for name in self.past_names:
+            if past is None:
+                meta = self.inputs[name]
+                heads, dim = meta.shape[1], meta.shape[3]
+                feed[name] = np.zeros((B, heads, 0, dim), dtype=ORT_TYPES[meta.type])
+            else:
+                feed[name] = past[name]
+        return feed
+
+    def _run(self, ids, past, past_len):
+        outs = self.session.run(None, self._feed(ids, past, past_len))
+        named = dict(zip([o.name for o in self.session.get_outputs()], outs, strict=True))
+        new_past = {p: named[self.present_for[p]] for p in self.past_names} if self.past_names else None
+        return named["logits"], new_past
+
+    def _logits(self, ids):
+        logits, _ = self._run(ids, None, 0)
+        return logits.astype(np.float32)
+
+    def _start(self, ids):
+        logits, past = self._run(ids, None, 0)
+        return _State(logits[:, -1].astype(np.float32), past, ids)
+
+    def _step(self, state, next_ids):
+        ids = np.concatenate([state.ids, next_ids], 1)
+        if self.max_positions and ids.shape[1] > self.max_positions:
+            raise TargetError(f"generation reached the model's {self.max_positions} positions")
+        if self.has_kv_cache:
+            logits, past = self._run(next_ids, state.past, state.ids.shape[1])
+        else:
+            logits, past = self._run(ids, None, 0)
+        return _State(logits[:, -1].astype(np.float32), past, ids)

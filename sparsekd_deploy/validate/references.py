@@ -1,0 +1,83 @@
+"""Teacher references, recorded at build time so a device that cannot run the teacher can still validate.
+
+Stored in the bundle under ``references/``:
+- ``references.safetensors``: prompts (token ids), the teacher's top-k log-probs + tail log-mass per position,
+  its NLL of each next token, and its greedy continuations;
+- ``references.json``: k, lengths, temperature, seeds, and the teacher's repeat-prompt consistency statistics.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from ..core import consistency
+from ..core.sampling import sample
+from ..errors import SparseKDError
+
+TENSORS = "references/references.safetensors"
+META = "references/references.json"
+
+
+class ReferenceError(SparseKDError):
+    pass
+
+
+@dataclass
+class RefSettings:
+    prompts: int = 8
+    length: int = 64  # tokens per prompt scored for KL / top-1 / ppl
+    prefix: int = 16  # prompt prefix for generation (greedy + consistency)
+    top_k: int = 32
+    greedy_tokens: int = 16
+    samples: int = 16
+    sample_tokens: int = 16
+    # τ=0.7, m=2: at τ=1 a small teacher's first 4 tokens almost never repeat, which measures nothing.
+    temperature: float = 0.7
+    m: int = 2
+
+
+@torch.no_grad()
+def record(teacher, heldout: torch.Tensor, out_dir: Path, s: RefSettings = RefSettings()) -> dict:
+    """Run the teacher on held-out prompts and write the references into ``out_dir/references``."""
+    teacher.eval()
+    ids = heldout[: s.prompts, : s.length].clone()
+    if len(ids) == 0:
+        raise ReferenceError("no held-out sequences to record teacher references from")
+    logp = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+    top = logp.topk(min(s.top_k, logp.shape[-1]), -1)
+    head = torch.logsumexp(top.values, -1).clamp(max=-1e-7)
+    tail = torch.log(-torch.expm1(head))
+    nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    prefix = ids[:, : s.prefix]
+    greedy, _ = sample(teacher, prefix, s.greedy_tokens, temperature=0.0)
+    seeds = list(range(s.samples))
+    stats = consistency.measure(teacher, prefix, s.samples, s.sample_tokens, s.temperature, s.m, seed=0)
+    ref_dir = out_dir / "references"
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    save_file({
+        "input_ids": ids.numpy(), "topk_idx": top.indices.numpy().astype(np.int64),
+        "topk_logp": top.values.numpy(), "tail_logp": tail.numpy(), "nll": nll.numpy(),
+        "greedy": greedy.numpy().astype(np.int64),
+    }, str(out_dir / TENSORS))
+    meta = {**s.__dict__, "seeds": seeds, "teacher_consistency": stats,
+            "teacher_ppl": float(torch.exp(nll.mean())), "teacher_top1_self": 1.0}
+    (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+@dataclass
+class References:
+    tensors: dict[str, np.ndarray]
+    meta: dict
+
+    @classmethod
+    def load(cls, bundle) -> References:
+        if not (bundle.has(TENSORS) and bundle.has(META)):
+            raise ReferenceError(f"bundle {bundle.path} has no teacher references ({TENSORS}); rebuild it with `build`")
+        return cls(load_file(str(bundle.file(TENSORS))), json.loads(bundle.file(META).read_text()))
