@@ -24,7 +24,7 @@ from sparsekd_deploy.core.distill import StagedDistiller, distill
 from sparsekd_deploy.core.evaluate import heldout_metrics
 from sparsekd_deploy.core.importance import ScoringContext, score
 from sparsekd_deploy.core.losses import kd_loss
-from sparsekd_deploy.core.pruner import Pruner, apply_masks
+from sparsekd_deploy.core.pruner import apply_masks
 from sparsekd_deploy.core.rundir import RunDir
 
 TEMPS = [1.0, 0.7]

@@ -54,10 +54,10 @@ FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
 
 def _problems(cfg: DistillConfig) -> list[str]:
     """Every range/choice problem; spec strings are checked by building them."""
+    from .core.importance import IMPORTANCE
     from .core.losses import make_loss
     from .core.operators import make_operator
     from .core.patterns import make_pattern
-    from .core.importance import IMPORTANCE
 
     p = []
     if cfg.stages < 1:

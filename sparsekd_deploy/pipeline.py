@@ -33,7 +33,6 @@ def weights_digest(model_dir: Path) -> str:
 
 
 def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions, reporter, gates=None) -> dict:
-    import torch
 
     from .core.distill import distill
     from .exporters.audit import audit_onnx, audit_report, pruned_weights, require_pattern

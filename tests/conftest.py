@@ -82,3 +82,41 @@ def fast_cfg(tmp_path):
     return dict(out=str(tmp_path / "run"), stages=2, steps_per_stage=4, retries=0, kl_budget=50.0, seq_len=16,
                 num_samples=16, heldout_samples=4, batch_size=4, calib_batches=1, consistency_prompts=2,
                 consistency_samples=3, consistency_tokens=4, consistency_m=2)
+
+
+@pytest.fixture(scope="session")
+def pruned_dirs(tiny_dirs, tmp_path_factory):
+    """Tiny students pruned to 2:4 (magnitude, no training) with their sparsity.json, as a run would leave them."""
+    import json
+
+    from sparsekd_deploy.core.patterns import NM
+    from sparsekd_deploy.core.pruner import Pruner, apply_masks, sparsity_report
+    from sparsekd_deploy.models.loading import load_model
+
+    root = tmp_path_factory.mktemp("pruned")
+    out = {}
+    for fam in ("llama", "gpt2"):
+        model = load_model(tiny_dirs[fam])
+        pruner = Pruner(model, NM(2, 4))
+        masks = pruner.stage_masks({ly.name: ly.weight_oi().detach().abs() for ly in pruner.layers}, 1.0)
+        apply_masks(model, masks)
+        d = root / fam / "student"
+        model.save_pretrained(d)
+        (root / fam / "sparsity.json").write_text(json.dumps(sparsity_report(pruner, model)))
+        out[fam] = d
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(pruned_dirs, tmp_path_factory):
+    """(model, onnx path) per family, exported once with KV cache."""
+    from sparsekd_deploy.exporters.onnx import export_onnx
+    from sparsekd_deploy.models.loading import load_model
+
+    root = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for fam, d in pruned_dirs.items():
+        path = root / f"{fam}.onnx"
+        export_onnx(d, path)
+        out[fam] = (load_model(d), path)
+    return out

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from conftest import FAMILIES, build_tiny
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from conftest import FAMILIES, build_tiny
 from sparsekd_deploy.core.patterns import NM, Channels
 from sparsekd_deploy.core.pruner import Pruner, apply_masks
 from sparsekd_deploy.models.adapters import mlp_blocks, prunable_layers, shrink_mlp

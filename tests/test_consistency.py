@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import build_tiny
+
 from sparsekd_deploy.core import consistency
 from sparsekd_deploy.core.sampling import sample
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import FAMILIES
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES
 from sparsekd_deploy.config import build_config
 from sparsekd_deploy.core import distill as distill_mod
 from sparsekd_deploy.core.distill import distill

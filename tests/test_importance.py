@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import build_tiny
+
 from sparsekd_deploy.core.importance import IMPORTANCE, ScoringContext, score
 from sparsekd_deploy.core.losses import kd_loss, make_loss
 from sparsekd_deploy.core.operators import Power

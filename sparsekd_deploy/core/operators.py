@@ -80,7 +80,7 @@ class Mix(Operator):
         if self.lam == 0.0:
             return logp.clamp_min(LOG_FLOOR)
         V = logp.shape[-1]
-        uniform = torch.full_like(logp, math.log(self.lam / V))
+        uniform = torch.full_like(logp, math.log(self.lam) - math.log(V))
         if self.lam == 1.0:
             return uniform
         return torch.logaddexp(logp + math.log1p(-self.lam), uniform).clamp_min(LOG_FLOOR)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import IntegrityError, PatternError
-from ..models.adapters import DEFAULT_EXCLUDE, MLPBlock, PrunableLayer, mlp_blocks, prunable_layers
+from ..models.adapters import DEFAULT_EXCLUDE, MLPBlock, mlp_blocks, prunable_layers
 from .patterns import Channels, Pattern
 
 Masks = dict[str, torch.Tensor]

@@ -78,10 +78,11 @@ def _optimum(model_dir: Path, tmp: Path, opset, with_past) -> str:
 
 def _torch_onnx(model_dir: Path, path: Path, opset: int) -> str:
     import torch
+    from transformers import AutoModelForCausalLM
 
-    from ..models.loading import load_model
-
-    model = load_model(model_dir)
+    # eager attention: the SDPA/mask fast paths do not trace with the TorchScript exporter.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, local_files_only=True,
+                                                 attn_implementation="eager").eval()
     model.config.use_cache = False
 
     class LogitsOnly(torch.nn.Module):
@@ -94,7 +95,7 @@ def _torch_onnx(model_dir: Path, path: Path, opset: int) -> str:
 
     ids = torch.ones(1, 8, dtype=torch.long)
     torch.onnx.export(
-        LogitsOnly(model), (ids, torch.ones_like(ids)), str(path), opset_version=opset, dynamo=False,
+        LogitsOnly(model), (ids, torch.ones_like(ids)), str(path), opset_version=opset, dynamo=True,
         input_names=["input_ids", "attention_mask"], output_names=["logits"],
         dynamic_axes={"input_ids": {0: "batch_size", 1: "sequence_length"},
                       "attention_mask": {0: "batch_size", 1: "sequence_length"},

@@ -43,8 +43,9 @@ class RefSettings:
 
 
 @torch.no_grad()
-def record(teacher, heldout: torch.Tensor, out_dir: Path, s: RefSettings = RefSettings()) -> dict:
+def record(teacher, heldout: torch.Tensor, out_dir: Path, s: RefSettings | None = None) -> dict:
     """Run the teacher on held-out prompts and write the references into ``out_dir/references``."""
+    s = s or RefSettings()
     teacher.eval()
     ids = heldout[: s.prompts, : s.length].clone()
     if len(ids) == 0:

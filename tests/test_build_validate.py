@@ -1,0 +1,106 @@
+"""build → validate → inspect on a tiny Llama, through the CLI, as a user runs it."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from sparsekd_deploy.cli import main
+
+FAST = ["--stages", "2", "--steps-per-stage", "4", "--retries", "0", "--kl-budget", "50", "--seq-len", "32",
+        "--num-samples", "16", "--batch-size", "4"]
+LOOSE = ["--max-kl", "5", "--min-top1", "0", "--min-greedy-match", "0", "--max-ppl-ratio", "100",
+         "--min-consistency-ratio", "0"]
+
+
+def run(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("build")
+    r = run(["build", "--target", "onnxruntime", "--teacher", str(tiny_dirs["llama"]), "--out", str(root / "b"),
+             "--run-dir", str(root / "run"), "--fp16", "--json", *FAST, *LOOSE])
+    assert r.exit_code == 0, r.output
+    return root / "b", json.loads(r.stdout[r.stdout.index("{"):])
+
+
+def test_bundle_layout_and_manifest(bundle):
+    path, res = bundle
+    m = json.loads((path / "manifest.json").read_text())
+    for f in ("model.onnx", "model.fp16.onnx", "references/references.safetensors", "references/references.json",
+              "sparsity.json", "trajectory.json", "trajectory.png", "audit.json", "parity.json", "config.json"):
+        assert f in m["files"], f
+    assert m["model"]["with_past"] and m["model"]["exporter"] == "optimum"
+    audit = json.loads((path / "audit.json").read_text())
+    for graph in ("model.onnx", "model.fp16.onnx"):
+        assert audit[graph]["holding"] == audit[graph]["checked"] > 0
+    assert m["parity"]["fp32"]["max_abs_logit_diff"] <= 1e-4
+    v = res["validation"]
+    assert v["passed"] and {g["gate"] for g in v["gates"]} >= {"kl_topk", "top1_agreement", "consistency_ratio"}
+    assert 0 <= v["metrics"]["top1_agreement"] <= 1 and v["metrics"]["deterministic"]
+    assert (path / "validation" / "kl_per_prompt.png").is_file() and (path / "validation" / "consistency.png").is_file()
+
+
+def test_validate_exit_codes(bundle, tmp_path):
+    path, _ = bundle
+    assert run(["validate", str(path), *LOOSE]).exit_code == 0
+    r = run(["validate", str(path), "--max-kl", "1e-9", "--json"])
+    assert r.exit_code == 1
+    report = json.loads(r.stdout[r.stdout.index("{"):])
+    assert not report["passed"] and not next(g for g in report["gates"] if g["gate"] == "kl_topk")["passed"]
+    r = run(["validate", str(path), "--min-top1", "1.5"])
+    assert r.exit_code == 2 and "--min-top1 must lie in [0, 1]" in r.output
+    r = run(["validate", str(path), "--provider", "tensorrt"])
+    assert r.exit_code == 2 and "not available" in r.output
+
+
+def test_inspect(bundle):
+    path, _ = bundle
+    r = run(["inspect", str(path)])
+    assert r.exit_code == 0 and "2:4" in r.output and "last validation" in r.output
+    r = run(["inspect", str(path), "--json"])
+    assert json.loads(r.stdout)["manifest"]["pattern"] == "2:4"
+
+
+def test_bad_bundles_exit_2_and_nothing_overwritten(bundle, tmp_path):
+    path, _ = bundle
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    data = (broken / "model.onnx").read_bytes()
+    (broken / "model.onnx").write_bytes(data[: len(data) // 2])
+    before = (broken / "validation.json").read_bytes()
+    r = run(["validate", str(broken)])
+    assert r.exit_code == 2 and "truncated" in r.output and "Traceback" not in r.output
+    assert (broken / "validation.json").read_bytes() == before
+    (broken / "model.onnx").write_bytes(data)
+    (broken / "references" / "references.json").unlink()
+    r = run(["validate", str(broken)])
+    assert r.exit_code == 2 and "references/references.json is missing" in r.output
+    m = json.loads((broken / "manifest.json").read_text())
+    m["schema_version"] = 7
+    (broken / "manifest.json").write_text(json.dumps(m))
+    r = run(["inspect", str(broken)])
+    assert r.exit_code == 2 and "schema version 7" in r.output
+    r = run(["validate", str(tmp_path)])
+    assert r.exit_code == 2 and "not a bundle" in r.output
+
+
+def test_export_command(pruned_dirs, tmp_path):
+    out = tmp_path / "m.onnx"
+    r = run(["export", str(pruned_dirs["gpt2"]), "--format", "onnx", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout[r.stdout.index("{"):])
+    assert res["export"]["exporter"] == "optimum" and res["audit:m.onnx"]["holding"] == res["audit:m.onnx"]["checked"]
+    r = run(["export", str(pruned_dirs["gpt2"]), "--out", str(out)])
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    r = run(["export", str(tmp_path), "--out", str(tmp_path / "x.onnx")])
+    assert r.exit_code == 2 and "no config.json" in r.output
+
+
+def test_build_refuses_existing_bundle(bundle, tiny_dirs):
+    path, _ = bundle
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(path), *FAST])
+    assert r.exit_code == 2 and "--overwrite" in r.output

@@ -1,0 +1,116 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from sparsekd_deploy.exporters.audit import SparsityLostError, audit_onnx, pruned_weights, require_pattern
+from sparsekd_deploy.exporters.fp16 import convert_fp16
+from sparsekd_deploy.exporters.onnx import export_onnx
+from sparsekd_deploy.exporters.parity import ParityError, check_parity
+
+
+def _sparsity(student_dir):
+    return json.loads((student_dir.parent / "sparsity.json").read_text())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_every_pruned_initializer_keeps_2of4(family, pruned_dirs, exported):
+    model, path = exported[family]
+    weights = pruned_weights(pruned_dirs[family], _sparsity(pruned_dirs[family]))
+    results = audit_onnx(path, weights)
+    assert len(results) == len(weights) > 0
+    assert all(r.holds and r.initializer for r in results), [r for r in results if not r.holds]
+    require_pattern(results, "model.onnx")
+    # optimum lays nn.Linear out as MatMul [K, N]: the reduction axis is 0 there
+    assert {r.reduction_axis for r in results} == {0}
+
+
+def test_parity_fp32_on_real_prompts(exported):
+    model, path = exported["llama"]
+    res = check_parity(model, path, torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
+    assert res["max_abs_logit_diff"] <= 1e-4 and res["kl"] <= 1e-6
+
+
+def test_parity_error_carries_numbers(exported):
+    model, path = exported["llama"]
+    with pytest.raises(ParityError, match=r"max \|Δlogit\| .* \(allowed 1e-12\)"):
+        check_parity(model, path, torch.randint(0, 256, (1, 8)), tolerance=(1e-12, 1e-12))
+
+
+def test_fp16_copy_keeps_pattern_and_parity(pruned_dirs, exported, tmp_path):
+    model, path = exported["llama"]
+    half = convert_fp16(path, tmp_path / "m.fp16.onnx")
+    types = {i.data_type for i in onnx.load(str(half)).graph.initializer if len(i.dims) == 2}
+    assert TensorProto.FLOAT16 in types
+    weights = pruned_weights(pruned_dirs["llama"], _sparsity(pruned_dirs["llama"]))
+    assert all(r.holds for r in audit_onnx(half, weights))
+    res = check_parity(model, half, torch.randint(0, 256, (2, 16)), "fp16")
+    assert res["max_abs_logit_diff"] > 0  # really ran in half precision
+
+
+def test_audit_fails_loudly_when_pattern_is_lost(pruned_dirs, exported, tmp_path):
+    _, path = exported["llama"]
+    weights = pruned_weights(pruned_dirs["llama"], _sparsity(pruned_dirs["llama"]))
+    m = onnx.load(str(path))
+    name, w = next(iter(weights.items()))
+    for init in m.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.shape == w.T.shape and np.allclose(arr, w.T):
+            arr = arr.copy()
+            arr[arr == 0] = 0.5  # densify this layer
+            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(m, str(broken))
+    results = audit_onnx(broken, weights)
+    assert sum(not r.holds for r in results) == 1
+    with pytest.raises(SparsityLostError, match="2:4 pattern lost in broken.onnx: 1 of"):
+        require_pattern(results, "broken.onnx")
+
+
+def _graph(op, w, attrs=None, transpose=None):
+    nodes, b = [], "W"
+    if transpose is not None:
+        nodes.append(helper.make_node("Transpose", ["W"], ["Wt"], perm=transpose))
+        b = "Wt"
+    nodes.append(helper.make_node(op, ["X", b], ["Y"], **(attrs or {})))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, None])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, None])],
+                          [numpy_helper.from_array(w, "W")])
+    return helper.make_model(g)
+
+
+@pytest.mark.parametrize("layout", ["matmul_kn", "gemm_transb", "transpose_then_matmul"])
+def test_reduction_axis_per_layout(layout, tmp_path):
+    rng = np.random.default_rng(0)
+    w_oi = rng.normal(size=(8, 16)).astype(np.float32)  # [out, in]
+    w_oi.reshape(-1, 4)[:, :2] = 0  # 2:4 along in
+    if layout == "matmul_kn":
+        model, expect_axis = _graph("MatMul", w_oi.T.copy()), 0
+    elif layout == "gemm_transb":
+        model, expect_axis = _graph("Gemm", w_oi, {"transB": 1}), 1
+    else:
+        model, expect_axis = _graph("MatMul", w_oi, transpose=[1, 0]), 1
+    p = tmp_path / f"{layout}.onnx"
+    onnx.save(model, str(p))
+    (r,) = audit_onnx(p, {"layer.weight": w_oi})
+    assert r.reduction_axis == expect_axis and r.holds
+
+
+def test_torch_onnx_fallback_without_kv_cache(pruned_dirs, tmp_path):
+    info = export_onnx(pruned_dirs["gpt2"], tmp_path / "m.onnx", exporter="torch")
+    assert info.exporter == "torch.onnx" and not info.with_past
+    from sparsekd_deploy.models.loading import load_model
+    from sparsekd_deploy.targets.onnxruntime import OnnxRuntimeTarget
+
+    model = load_model(pruned_dirs["gpt2"])
+    res = check_parity(model, tmp_path / "m.onnx", torch.randint(0, 256, (2, 10)))
+    assert res["max_abs_logit_diff"] <= 1e-4
+    t = OnnxRuntimeTarget(tmp_path / "m.onnx")
+    assert not t.has_kv_cache
+    ids = np.random.default_rng(1).integers(0, 256, (2, 5))
+    hf = model.generate(torch.from_numpy(ids), attention_mask=torch.ones(2, 5, dtype=torch.long), max_new_tokens=5,
+                        do_sample=False, pad_token_id=0)[:, 5:].numpy()
+    np.testing.assert_array_equal(t.generate(ids, 5).tokens, hf)
