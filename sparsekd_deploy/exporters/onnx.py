@@ -40,8 +40,10 @@ class ExportInfo:
 def _quiet():
     # The exporters trace the model and print pages of TracerWarnings that mean nothing to a user.
     warnings.filterwarnings("ignore", category=Warning, module=r"(torch|transformers|optimum)\..*")
-    for name in ("optimum", "transformers", "torch.onnx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # optimum sets levels on its child loggers, so quieting the parent is not enough.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("optimum", "transformers", "torch.onnx")):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def export_onnx(model_dir: str | Path, out: str | Path, *, opset: int | None = None, with_past: bool = True,
@@ -70,6 +72,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, opset: int | None = N
 def _optimum(model_dir: Path, tmp: Path, opset, with_past) -> str:
     from optimum.exporters.onnx import main_export
 
+    _quiet()  # after the import: optimum's loggers exist only now
     task = "text-generation-with-past" if with_past else "text-generation"
     main_export(str(model_dir), tmp, task=task, opset=opset, local_files_only=True, do_validation=False,
                 library_name="transformers")
