@@ -1,0 +1,100 @@
+"""Parsing real TensorRT output (recorded in ../shared/data/tensorrt-logs); skips cleanly where that is absent."""
+
+import pytest
+
+from conftest import SHARED
+from sparsekd_deploy.exporters import trt_logs as T
+
+LOGS = SHARED / "data" / "tensorrt-logs"
+pytestmark = pytest.mark.skipif(not LOGS.is_dir(), reason=f"recorded TensorRT logs not found at {LOGS}")
+
+
+def read(prefix):
+    return next(LOGS.glob(prefix + "*")).read_text()
+
+
+def test_trt84_eligible_none_picked():
+    log = T.parse_sparsity(read("01-"))
+    assert log.wording == "8.x" and len(log.eligible) == 20 and log.chosen == []
+    assert log.eligible[0] == "(Unnamed Layer* 0) [Convolution]"
+
+
+def test_trt1016_verbose_found_and_chose_zero():
+    log = T.parse_sparsity(read("02-"))
+    # once inside the Myelin (foreignNode) block, once for the whole engine
+    assert log.wording == "10.x" and log.chosen == []
+    assert log.eligible == ["node_linear", "node_conv2d + node_relu", "node_conv2d_1 + node_relu_1"]
+    assert log.reported_counts == [(1, 0), (2, 0)]
+
+
+def test_trtexec_both_lists_empty():
+    log = T.parse_sparsity(read("03-"))
+    assert log.seen and log.eligible == [] and log.chosen == []
+
+
+def test_terminal_wrapped_eligible_list_is_rejoined():
+    log = T.parse_sparsity(read("04-"))
+    assert "MatMul_139" in log.eligible and "MatMul_317" in log.eligible and "Gemm_725" in log.eligible
+    assert not any(x in ("Mat", "Mul_139") for x in log.eligible)
+    assert log.eligible[0] == "Conv_22" and all(x.startswith(("MatMul_", "Conv_", "Gemm_")) for x in log.eligible)
+
+
+def test_trt80_python_logger_prefix_and_perf():
+    text = read("05-")
+    log = T.parse_sparsity(text)
+    assert log.eligible == ["Conv_0"] and log.chosen == []
+    assert T.parse_trtexec_performance(text)["throughput_qps"] == pytest.approx(498.367)
+
+
+def test_inspector_84_no_sparse_weights():
+    rep = T.parse_inspector(read("06-"))
+    assert rep["detailed"] and rep["schema"] == "8.x"
+    assert rep["sparse_tactics"] == [] and rep["with_sparse_weights"] == []
+
+
+def test_inspector_10x_schema_and_layers():
+    rep = T.parse_inspector(read("07-"))
+    assert rep["schema"] == "10.x" and len(rep["layers"]) == 2 and not rep["detailed"]
+
+
+def test_has_sparse_weights_alone_is_not_a_sparse_tactic():
+    text = read("08-")
+    # fragments, not JSON: check the rule line by line as the parser applies it
+    tactics = [line.split('"TacticName": "')[1].rstrip('",') for line in text.splitlines() if '"TacticName"' in line]
+    sparse = [t for t in tactics if "sparse" in t.lower()]
+    assert text.count('"HasSparseWeights": 1') == 2 and len(sparse) == 1 and len(tactics) == 2
+
+
+def test_inspector_11x_io_tensors():
+    rep = T.parse_inspector(read("10-"))
+    assert rep["schema"].startswith("11.x") and rep["io_tensors"] == ["input_0"]
+
+
+def test_parser_errors_are_summarised():
+    assert "plugin not found (name, version or namespace)" in T.parse_parser_errors(read("11-"))
+    assert "failed at node 1 (UnknownNode1)" in T.parse_parser_errors(read("11-"))
+    errs = T.parse_parser_errors(read("12-"))
+    assert "unsupported ONNX op grid_sampler" in errs and "no plugin grid_sampler (version 1)" in errs
+
+
+@pytest.mark.parametrize("prefix,expected", [
+    ("13-", {"runtime": "8.0.0", "engine": "8.0.1", "kind": "library version"}),
+    ("14-", {"runtime": "213", "engine": "232", "kind": "serialization tag"}),
+    ("15-", {"runtime": "237", "engine": "239", "kind": "serialization tag"}),
+])
+def test_version_mismatch_messages(prefix, expected):
+    assert T.parse_deserialize_error(read(prefix)) == expected
+
+
+def test_trtexec_performance_summary():
+    perf = T.parse_trtexec_performance(read("16-"))
+    assert perf["throughput_qps"] == pytest.approx(15374.3)
+    assert perf["latency_mean_ms"] == pytest.approx(0.0441053)
+    assert perf["tensorrt_version_code"] == 101601
+
+
+def test_report_combines_log_and_inspector():
+    log = T.parse_sparsity(read("02-"))
+    rep = T.sparsity_report(log, T.parse_inspector(read("06-")))
+    assert rep["summary"] == "3 layer(s) eligible, 0 picked a sparse tactic"
+    assert "below VERBOSE" in T.sparsity_report(T.parse_sparsity("nothing here"), None)["summary"]
