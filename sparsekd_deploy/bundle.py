@@ -141,6 +141,16 @@ class Bundle:
     def model_path(self) -> Path:
         return self.file(self.manifest["model"]["onnx"])
 
+    def add_files(self, files: dict[str, Path], manifest_updates: dict) -> None:
+        """Move new files into the bundle and rewrite the manifest with their checksums (atomically)."""
+        for rel, src in files.items():
+            dst = self.path / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+        self.manifest.update(manifest_updates)
+        self.manifest["files"] = file_table(self.path)
+        write_json_atomic(self.path / MANIFEST, self.manifest)
+
     def write_validation(self, report: dict) -> Path:
         path = self.path / "validation.json"
         write_json_atomic(path, report)

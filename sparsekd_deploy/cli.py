@@ -39,11 +39,12 @@ def main():
 def _register():
     from .commands.build import build_cmd
     from .commands.distill import distill_cmd
+    from .commands.engine import engine_group
     from .commands.export import export_cmd
     from .commands.inspect import inspect_cmd
     from .commands.validate import validate_cmd
 
-    for cmd in (distill_cmd, build_cmd, export_cmd, validate_cmd, inspect_cmd):
+    for cmd in (distill_cmd, build_cmd, export_cmd, validate_cmd, inspect_cmd, engine_group):
         main.add_command(cmd)
 
 

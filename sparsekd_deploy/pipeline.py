@@ -22,6 +22,8 @@ class BuildOptions:
     run_dir: str | None = None
     overwrite: bool = False
     resume: bool = False
+    profile: object = None  # trt_profiles.Profile for --target tensorrt
+    workspace_mib: int = 4096
     extra_manifest: dict = field(default_factory=dict)
 
 
@@ -67,7 +69,7 @@ def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions, reporter, gat
         student = load_model(student_dir)
         parity = {"fp32": check_parity(student, writer.dir / "model.onnx", prompts, "fp32")}
         audits = {}
-        is_nm = isinstance(pattern, NM) and sparsity["layers"] and result.summary["final_stage"] > 0
+        is_nm = bool(isinstance(pattern, NM) and sparsity["layers"] and result.summary["final_stage"] > 0)
         weights = pruned_weights(student_dir, sparsity) if is_nm else {}
         if is_nm:
             audits["model.onnx"] = audit_onnx(writer.dir / "model.onnx", weights, pattern.n, pattern.m)
@@ -90,6 +92,16 @@ def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions, reporter, gat
             shutil.copy2(result.out / name, writer.dir / name)
         (writer.dir / "audit.json").write_text(json.dumps({k: audit_report(v) for k, v in audits.items()}, indent=2))
         (writer.dir / "parity.json").write_text(json.dumps(parity, indent=2))
+        if opts.target == "torch":
+            shutil.copytree(student_dir, writer.dir / "student")
+        if opts.target == "tensorrt":
+            from .exporters.engine_step import write_device_step
+            from .exporters.trt_profiles import Profile
+
+            max_pos_ = getattr(student.config, "max_position_embeddings", None) or getattr(student.config, "n_positions", None)
+            profile = opts.profile or Profile.from_cli(None, None, None, max_pos_)
+            profile.check(max_pos_)
+            device_step = write_device_step(writer.dir, profile, fp16=True, sparse=is_nm, workspace_mib=opts.workspace_mib)
 
         reporter.note("recording teacher references")
         teacher_dir = resolve_teacher(cfg.teacher)
@@ -108,7 +120,7 @@ def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions, reporter, gat
                                                             "stages", "kl", "top1")},
             "trajectory": [{k: r.get(k) for k in ("label", "sparsity", "kl", "top1", "accepted")}
                            for r in result.trajectory],
-            "target": {"runtime": opts.target, "requires": {"onnxruntime": ">=1.20"}},
+            "target": {"runtime": opts.target, "requires": REQUIRES[opts.target]},
             "parity": parity,
             **opts.extra_manifest,
         }
@@ -118,8 +130,44 @@ def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions, reporter, gat
     except BaseException:
         writer.abort()
         raise
-    reporter.note(f"bundle written to {out}; validating on {opts.target}")
-    if opts.target != "onnxruntime":
-        return {"bundle": str(out), "distillation": result.summary, "validation": None}
-    report = validate_bundle(Bundle.open(out), "onnxruntime", opts.provider, gates)
-    return {"bundle": str(out), "distillation": result.summary, "validation": report}
+    return _validate_on_target(out, opts, gates, reporter, result.summary)
+
+
+REQUIRES = {"onnxruntime": {"onnxruntime": ">=1.20"},
+            "tensorrt": {"tensorrt": ">=10.0", "compute_capability": ">=8.0 for sparse tactics"},
+            "torch": {"torch": ">=2.4", "cuda": "compute capability >=8.0 for 2:4 kernels"}}
+
+
+def _validate_on_target(out: Path, opts: BuildOptions, gates, reporter, distillation: dict) -> dict:
+    """Validate where the target runs; where it cannot run here, validate the ONNX on CPU and say so."""
+    from .exporters.trt_compat import this_machine
+    from .validate.validator import validate_bundle
+
+    res = {"bundle": str(out), "distillation": distillation, "validation": None, "engine": None}
+    runtime, provider = "onnxruntime", opts.provider
+    here = this_machine()
+    if opts.target == "tensorrt":
+        step = json.loads((out / "engine_build.json").read_text())
+        if here["tensorrt_version"] and here["compute_capability"]:
+            from .bundle import Bundle as _B
+            from .commands.engine import build_into_bundle
+
+            built = build_into_bundle(_B.open(out), opts.profile, fp16=True, sparse=True,
+                                      workspace_mib=opts.workspace_mib)
+            res["engine"] = {**built.engine, "sparsity": built.sparsity["summary"]}
+            runtime = "tensorrt"
+        else:
+            res["engine"] = {"status": "to be built on the device", **step}
+            reporter.note("TensorRT/GPU not available here: the engine will be built on the device. There run\n"
+                          f"    {step['python_builder_line'].replace('<BUNDLE>', str(out))}\n  or with trtexec (TensorRT 10.x):\n"
+                          f"    {step['trtexec_tensorrt10_line']}\n  Validating the ONNX graph on onnxruntime (CPU) meanwhile.")
+            provider = "cpu"
+    elif opts.target == "torch":
+        if here["compute_capability"]:
+            runtime, provider = "torch", "cuda"
+        else:
+            reporter.note("no CUDA GPU here: validating on onnxruntime (CPU); run `validate --runtime torch` on the GPU")
+            provider = "cpu"
+    reporter.note(f"bundle written to {out}; validating on {runtime} ({provider})")
+    res["validation"] = validate_bundle(Bundle.open(out), runtime, provider, gates)
+    return res

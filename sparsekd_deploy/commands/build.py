@@ -13,18 +13,23 @@ from .gates import gate_options, gates_from
 
 
 @click.command("build")
-@click.option("--target", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True,
-              help="Runtime the bundle is built and validated for.")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime",
+              show_default=True, help="Runtime the bundle is built and validated for.")
 @click.option("--out", required=True, help="Bundle dir to write.")
 @click.option("--run-dir", help="Where the distillation run goes. [default: runs/<bundle name>]")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="onnxruntime execution provider for validation.")
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's choice).")
-@click.option("--fp16", is_flag=True, help="Also write an FP16 copy of the graph (model.fp16.onnx).")
+@click.option("--fp16", is_flag=True, help="Also write an FP16 copy of the graph (always for tensorrt).")
+@click.option("--batch", help="tensorrt: batch profile MIN,OPT,MAX. [default: 1,1,4]")
+@click.option("--seq", help="tensorrt: sequence profile MIN,OPT,MAX. [default: 1,128,512, capped by the model]")
+@click.option("--past", help="tensorrt: past-length profile MIN,OPT,MAX. [default: 0,128,512, capped by the model]")
+@click.option("--workspace", type=int, default=4096, show_default=True, help="tensorrt: workspace limit (MiB).")
 @gate_options
 @distill_options
 @handle_errors
-def build_cmd(target, out, run_dir, provider, opset, fp16, recipe, resume, overwrite, as_json, **flags):
+def build_cmd(target, out, run_dir, provider, opset, fp16, batch, seq, past, workspace, recipe, resume, overwrite,
+              as_json, **flags):
     """Distill → export ONNX → audit → bundle → validate. Accepts every `distill` flag.
 
     Exit code: 0 validation passed (and target sparsity reached), 1 failed, 2 bad input.
@@ -32,11 +37,16 @@ def build_cmd(target, out, run_dir, provider, opset, fp16, recipe, resume, overw
     from ..pipeline import BuildOptions, build
     from ..validate.report import print_table
 
+    from ..exporters.trt_profiles import Profile
+
     gates = gates_from(flags)
     cfg = config_from_flags(recipe, "placeholder", flags)
+    # Check profile shapes before hours of distillation (the model's position limit is checked again later).
+    profile = Profile.from_cli(batch, seq, past, None) if (batch or seq or past) else None
     reporter = RichReporter()
     res = build(cfg, out, BuildOptions(target=target, provider=provider, opset=opset, fp16=fp16, run_dir=run_dir,
-                                       overwrite=overwrite, resume=resume), reporter, gates)
+                                       overwrite=overwrite, resume=resume, profile=profile, workspace_mib=workspace),
+                reporter, gates)
     report = res["validation"]
     if as_json:
         stdout_json(res)

@@ -13,7 +13,8 @@ from .gates import gate_options, gates_from
 
 @click.command("validate")
 @click.argument("bundle", type=click.Path())
-@click.option("--runtime", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True)
+@click.option("--runtime", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime",
+              show_default=True)
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
 @click.option("--model", help="Which graph in the bundle (default: the manifest's model.onnx).")
 @click.option("--json", "as_json", is_flag=True, help="Print validation.json on stdout.")

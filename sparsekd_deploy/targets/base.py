@@ -119,6 +119,9 @@ class Target:
 
 def make_target(name: str, model_path, **options) -> Target:
     # Import the plug-ins lazily: each pulls in its own runtime (onnxruntime, tensorrt, torch CUDA).
-    if name == "onnxruntime":
-        from . import onnxruntime  # noqa: F401
+    import importlib
+
+    module = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch_cuda"}.get(name)
+    if module:
+        importlib.import_module(f"{__package__}.{module}")
     return TARGETS.get(name)(model_path, **options)

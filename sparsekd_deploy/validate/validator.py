@@ -12,14 +12,32 @@ from .gate import Gates, evaluate
 from .references import References
 
 
+def _model_for(bundle: Bundle, runtime: str, model: str | None) -> tuple[str, dict]:
+    """Which file of the bundle a runtime runs, and its options."""
+    from ..bundle import BundleError
+
+    if model:
+        return model, {}
+    if runtime == "tensorrt":
+        if "engine" not in bundle.manifest:
+            raise BundleError(f"bundle {bundle.path} has no engine yet; build it on the device with "
+                              f"`sparsekd-deploy engine build {bundle.path}`")
+        return bundle.manifest["engine"]["plan"], {"engine": bundle.manifest["engine"]}
+    if runtime == "torch":
+        if not bundle.has("student/config.json"):
+            raise BundleError(f"bundle {bundle.path} has no student weights; build it with --target torch")
+        return "student/config.json", {"dir_of_file": True}
+    return bundle.manifest["model"]["onnx"], {}
+
+
 def validate_bundle(bundle: Bundle, runtime: str = "onnxruntime", provider: str = "cpu", gates: Gates | None = None,
                     model: str | None = None) -> dict:
     gates = gates or Gates()
     gates.check_ranges()
     refs = References.load(bundle)
-    rel = model or bundle.manifest["model"]["onnx"]
+    rel, options = _model_for(bundle, runtime, model)
     target = make_target(runtime, bundle.file(rel), provider=provider,
-                         max_positions=bundle.manifest["model"].get("max_positions"))
+                         max_positions=bundle.manifest["model"].get("max_positions"), **options)
     metrics = M.run_all(target, refs)
     rows = evaluate(metrics, gates)
     report = {

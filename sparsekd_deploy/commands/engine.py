@@ -1,0 +1,58 @@
+"""``sparsekd-deploy engine build BUNDLE``: build the TensorRT engine on this device and add it to the bundle."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+from ..cli import handle_errors
+from ..console import err_console, stdout_json
+
+
+def build_into_bundle(b, profile, *, fp16: bool, sparse: bool, workspace_mib: int):
+    """Build engine.plan for this GPU and add it (with its reports) to the bundle's manifest."""
+    from ..exporters.tensorrt import build_engine
+    from ..exporters.trt_profiles import Profile
+
+    profile = profile or Profile.from_cli(None, None, None, b.manifest["model"].get("max_positions"))
+    fp16_rel = b.manifest["model"].get("onnx_fp16")
+    with tempfile.TemporaryDirectory(dir=b.path) as tmp:
+        res = build_engine(b.model_path, b.file(fp16_rel) if fp16_rel else None, Path(tmp), profile,
+                           fp16=fp16, sparse=sparse, workspace_mib=workspace_mib, cache_dir=b.path.parent)
+        names = ("engine.plan", "engine.layers.json", "engine.sparsity.json", "engine.build.log")
+        b.add_files({n: Path(tmp) / n for n in names}, {"engine": res.engine})
+    return res
+
+
+@click.group("engine")
+def engine_group():
+    """TensorRT engines (built on the device that runs them)."""
+
+
+@engine_group.command("build")
+@click.argument("bundle", type=click.Path())
+@click.option("--batch", help="Batch profile MIN,OPT,MAX. [default: 1,1,4]")
+@click.option("--seq", help="Sequence profile MIN,OPT,MAX. [default: 1,128,512, capped by the model]")
+@click.option("--past", help="Past-length profile MIN,OPT,MAX. [default: 0,128,512, capped by the model]")
+@click.option("--workspace", type=int, default=4096, show_default=True, help="Workspace limit in MiB.")
+@click.option("--fp32", is_flag=True, help="Build FP32 instead of FP16.")
+@click.option("--dense", is_flag=True, help="Do not enable SPARSE_WEIGHTS.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def engine_build_cmd(bundle, batch, seq, past, workspace, fp32, dense, as_json):
+    """Build engine.plan for this GPU, with a sparsity report (eligible vs sparse-tactic layers)."""
+    from ..bundle import Bundle
+    from ..exporters.trt_profiles import Profile
+
+    b = Bundle.open(bundle)
+    profile = Profile.from_cli(batch, seq, past, b.manifest["model"].get("max_positions"))
+    res = build_into_bundle(b, profile, fp16=not fp32, sparse=not dense, workspace_mib=workspace)
+    for w in res.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {w}")
+    if as_json:
+        stdout_json({"engine": res.engine, "sparsity": res.sparsity})
+    else:
+        err_console.print(f"engine.plan built with TensorRT {res.engine['tensorrt_version']} for "
+                          f"{res.engine['device_name']} (sm {res.engine['compute_capability']}): {res.sparsity['summary']}")

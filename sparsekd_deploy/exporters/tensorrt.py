@@ -1,0 +1,149 @@
+"""TensorRT engine builder on TensorRT's Python API (10.x and 11.x, detected at run time).
+
+- FP16: TensorRT 10.x sets ``BuilderFlag.FP16`` on the FP32 graph (the flag is deprecated since 10.12 but still
+  honoured); TensorRT 11 removed the precision flags — networks are strongly typed, so it parses the FP16 graph.
+- ``BuilderFlag.SPARSE_WEIGHTS`` lets TensorRT *time* sparse tactics; it keeps them only where they are faster.
+  Compute capability < 8.0 has no sparse tensor cores: warn, build dense, say so.
+- The log is captured at VERBOSE (10.x prints its sparsity lines only there) and the engine inspector runs at
+  DETAILED profiling verbosity, so the sparsity report can say which layers really picked a sparse tactic.
+- A timing cache keyed by device (name + compute capability + TensorRT version) makes rebuilds fast.
+
+Everything that needs no GPU (log parsing, profiles, command lines, compatibility) lives in the sibling
+modules and is tested on CPU; this module runs where TensorRT and a GPU exist (tests marked ``tensorrt``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import SparseKDError
+from .trt_compat import sparse_tensor_cores, this_machine
+from .trt_logs import parse_inspector, parse_parser_errors, parse_sparsity, sparsity_report
+from .trt_profiles import Profile
+
+
+class TensorRTUnavailableError(SparseKDError):
+    pass
+
+
+class EngineBuildError(SparseKDError):
+    exit_code = 1
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise TensorRTUnavailableError(
+            "TensorRT is not installed here (pip install tensorrt, or use the JetPack one on Jetson); "
+            "the engine is built on the device: copy the bundle there and run `sparsekd-deploy engine build BUNDLE`"
+        ) from None
+    return trt
+
+
+def trt_major(trt) -> int:
+    return int(trt.__version__.split(".")[0])
+
+
+@dataclass
+class EngineBuildResult:
+    plan: Path
+    engine: dict  # manifest record: versions, device, flags, profile
+    sparsity: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+def _timing_cache_name(device: dict) -> str:
+    key = f"{device.get('device_name')}-sm{device.get('compute_capability')}-trt{device.get('tensorrt_version')}"
+    return "timing-" + re.sub(r"[^A-Za-z0-9.]+", "_", key) + ".cache"
+
+
+def build_engine(onnx_fp32: Path, onnx_fp16: Path | None, out_dir: Path, profile: Profile, *, fp16: bool = True,
+                 sparse: bool = True, workspace_mib: int = 4096, cache_dir: Path | None = None) -> EngineBuildResult:
+    trt = import_tensorrt()
+    device = this_machine()
+    if not device["compute_capability"]:
+        raise TensorRTUnavailableError("no CUDA GPU visible: a TensorRT engine can only be built on the GPU it runs on")
+    warnings = []
+    if sparse and not sparse_tensor_cores(device["compute_capability"]):
+        warnings.append(f"compute capability {device['compute_capability']} has no sparse tensor cores "
+                        "(needs ≥ 8.0, Ampere): building a dense engine")
+        sparse = False
+    major = trt_major(trt)
+    lines: list[str] = []
+
+    class CaptureLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            tag = {trt.ILogger.VERBOSE: "V", trt.ILogger.INFO: "I", trt.ILogger.WARNING: "W"}.get(severity, "E")
+            lines.append(f"[TRT] [{tag}] {msg}")
+
+    logger = CaptureLogger()
+    builder = trt.Builder(logger)
+    if major >= 11:
+        # Strongly typed: the graph's dtypes are the precision. FP16 needs the FP16 graph.
+        onnx_path = onnx_fp16 if fp16 else onnx_fp32
+        if fp16 and onnx_path is None:
+            raise EngineBuildError("TensorRT 11 builds FP16 only from an FP16 ONNX graph; the bundle has none")
+        network = builder.create_network(0)
+    else:
+        onnx_path = onnx_fp32
+        network = builder.create_network(0)  # explicit batch is the only mode since 10.0
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        summary = parse_parser_errors("\n".join(lines + errors)) or errors[:3]
+        raise EngineBuildError(f"TensorRT cannot parse {onnx_path.name}: " + "; ".join(summary))
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if sparse:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    if fp16 and major < 11:
+        config.set_flag(trt.BuilderFlag.FP16)
+    inputs = {network.get_input(i).name: list(network.get_input(i).shape) for i in range(network.num_inputs)}
+    opt = builder.create_optimization_profile()
+    for name, (mn, op, mx) in profile.shapes(inputs).items():
+        opt.set_shape(name, mn, op, mx)
+    config.add_optimization_profile(opt)
+
+    cache_dir = cache_dir or out_dir
+    cache_file = Path(cache_dir) / _timing_cache_name(device)
+    cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        tail = [ln for ln in lines if "[E]" in ln][-3:]
+        raise EngineBuildError("TensorRT failed to build the engine: " + (" | ".join(tail) or "see the build log"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan_path = out_dir / "engine.plan"
+    tmp = plan_path.with_name("engine.plan.tmp")
+    tmp.write_bytes(bytes(plan))
+    tmp.replace(plan_path)
+    cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))
+    (out_dir / "engine.build.log").write_text("\n".join(lines) + "\n")
+
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(bytes(plan))
+    inspector = engine.create_engine_inspector()
+    layer_json = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+    (out_dir / "engine.layers.json").write_text(layer_json)
+    report = sparsity_report(parse_sparsity("\n".join(lines)), parse_inspector(layer_json))
+    report["sparse_weights_flag"] = sparse
+    (out_dir / "engine.sparsity.json").write_text(json.dumps(report, indent=2))
+    record = {
+        "plan": "engine.plan", "tensorrt_version": trt.__version__, "compute_capability": device["compute_capability"],
+        "device_name": device["device_name"], "cuda_version": device["cuda_version"],
+        "hardware_compatibility": "none", "version_compatible": False,
+        "precision": "fp16" if fp16 else "fp32", "strongly_typed": major >= 11, "sparse_weights": sparse,
+        "onnx": onnx_path.name, "profile": profile.to_dict(), "workspace_mib": workspace_mib,
+        "sparsity_summary": report["summary"], "warnings": warnings,
+    }
+    return EngineBuildResult(plan_path, record, report, warnings)

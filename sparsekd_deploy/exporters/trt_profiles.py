@@ -1,0 +1,114 @@
+"""Optimization profiles for decoder graphs (batch / sequence / past length) and the on-device build step.
+
+The KV-cache graph's inputs: input_ids, position_ids [batch, seq]; attention_mask [batch, past + seq];
+past_key_values.N.{key,value} [batch, heads, past, head_dim]. One (min, opt, max) per axis fixes all of them.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict, dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Range:
+    min: int
+    opt: int
+    max: int
+
+    @classmethod
+    def parse(cls, name: str, text: str) -> Range:
+        try:
+            parts = [int(x) for x in str(text).split(",")]
+        except ValueError:
+            raise ConfigError([f"profile {name}: {text!r} is not MIN,OPT,MAX (whole numbers)"]) from None
+        if len(parts) == 1:
+            parts = parts * 3
+        if len(parts) != 3:
+            raise ConfigError([f"profile {name}: give MIN,OPT,MAX (or one number), got {text!r}"])
+        return cls(*parts)
+
+    def problems(self, name: str, lowest: int) -> list[str]:
+        p = []
+        if self.min < lowest:
+            p.append(f"profile {name}: min {self.min} is below {lowest}")
+        if self.min > self.opt:
+            p.append(f"profile {name}: min {self.min} > opt {self.opt} (need min ≤ opt ≤ max)")
+        if self.opt > self.max:
+            p.append(f"profile {name}: opt {self.opt} > max {self.max} (need min ≤ opt ≤ max)")
+        return p
+
+
+@dataclass(frozen=True)
+class Profile:
+    batch: Range = Range(1, 1, 4)
+    seq: Range = Range(1, 128, 512)
+    past: Range = Range(0, 128, 512)
+
+    @classmethod
+    def from_cli(cls, batch: str | None, seq: str | None, past: str | None, max_positions: int | None) -> Profile:
+        d = cls()
+        prof = cls(Range.parse("batch", batch) if batch else d.batch, Range.parse("seq", seq) if seq else d.seq,
+                   Range.parse("past", past) if past else d.past)
+        if max_positions and not (batch or seq or past):
+            # Defaults follow the model: never ask TensorRT for positions the model does not have.
+            s_max = min(prof.seq.max, max_positions)
+            p_max = max(0, max_positions - s_max)
+            prof = cls(prof.batch, Range(1, min(prof.seq.opt, s_max), s_max),
+                       Range(0, min(prof.past.opt, p_max), p_max))
+        prof.check(max_positions)
+        return prof
+
+    def check(self, max_positions: int | None = None) -> None:
+        problems = self.batch.problems("batch", 1) + self.seq.problems("seq", 1) + self.past.problems("past", 0)
+        if max_positions and self.seq.max + self.past.max > max_positions:
+            problems.append(f"profile seq max {self.seq.max} + past max {self.past.max} exceeds the model's "
+                            f"{max_positions} positions")
+        if problems:
+            raise ConfigError(problems)
+
+    def shapes(self, inputs: dict[str, list]) -> dict[str, tuple[tuple, tuple, tuple]]:
+        """(min, opt, max) shape per graph input; ``inputs`` maps input name -> its ONNX dims (ints or names)."""
+        out = {}
+        for name, dims in inputs.items():
+            per = []
+            for which in ("min", "opt", "max"):
+                b, s, p = getattr(self.batch, which), getattr(self.seq, which), getattr(self.past, which)
+                if name.startswith("past_key_values."):
+                    shape = (b, int(dims[1]), p, int(dims[3]))
+                elif name == "attention_mask":
+                    shape = (b, p + s)
+                else:
+                    shape = (b, s)
+                per.append(shape)
+            out[name] = tuple(per)
+        return out
+
+    def to_dict(self) -> dict:
+        return {k: asdict(v) for k, v in (("batch", self.batch), ("seq", self.seq), ("past", self.past))}
+
+
+def trtexec_argv(onnx: str, engine: str, shapes: dict, *, trt_major: int, fp16: bool, sparse: bool,
+                 workspace_mib: int, timing_cache: str, layer_info: str) -> list[str]:
+    """The exact trtexec command for the device (an argv list: it never passes through a shell)."""
+
+    def fmt(i):
+        return ",".join(f"{n}:{'x'.join(str(d) for d in s[i])}" for n, s in shapes.items())
+
+    argv = ["trtexec", f"--onnx={onnx}", f"--saveEngine={engine}", f"--minShapes={fmt(0)}", f"--optShapes={fmt(1)}",
+            f"--maxShapes={fmt(2)}", f"--memPoolSize=workspace:{workspace_mib}M", "--profilingVerbosity=detailed",
+            f"--exportLayerInfo={layer_info}", f"--timingCacheFile={timing_cache}", "--verbose"]
+    if sparse:
+        argv.append("--sparsity=enable")
+    if trt_major >= 11:
+        argv.append("--stronglyTyped")  # TensorRT 11: precision comes from the (FP16) graph itself
+    elif fp16:
+        argv.append("--fp16")
+    return argv
+
+
+def shell_line(argv: list[str]) -> str:
+    """For display / a script file only; quoted so a path with spaces stays one argument."""
+    return " ".join(shlex.quote(a) for a in argv)

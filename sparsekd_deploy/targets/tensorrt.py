@@ -1,0 +1,111 @@
+"""TensorRT target: run an engine plan with the KV cache through I/O tensors; device buffers are torch CUDA
+tensors (present key/values stay on the GPU and feed the next step as past key/values).
+
+Compatibility (TensorRT version, compute capability, the plan header) is checked *before* deserialisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..exporters.tensorrt import import_tensorrt
+from ..exporters.trt_compat import check_compat, check_plan_file, this_machine
+from ..exporters.trt_logs import parse_deserialize_error
+from .base import TARGETS, Target, TargetError
+
+
+@dataclass
+class _State:
+    last_logits: np.ndarray
+    past: dict  # input name -> torch CUDA tensor
+    ids: np.ndarray
+
+
+@TARGETS.register("tensorrt")
+class TensorRTTarget(Target):
+    name = "tensorrt"
+
+    def __init__(self, model_path: str | Path, engine: dict | None = None, max_positions: int | None = None, **_):
+        import torch
+
+        trt = import_tensorrt()
+        plan = Path(model_path)
+        engine = engine or {}
+        check_compat(engine, this_machine())
+        check_plan_file(plan, engine)
+        self.trt, self.torch = trt, torch
+        log: list[str] = []
+
+        class Logger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+
+            def log(self, severity, msg):
+                log.append(msg)
+
+        self._logger = Logger()  # must outlive the engine
+        runtime = trt.Runtime(self._logger)
+        self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+        if self.engine is None:
+            mismatch = parse_deserialize_error("\n".join(log))
+            detail = f" ({mismatch['kind']}: engine {mismatch['engine']}, runtime {mismatch['runtime']})" if mismatch else ""
+            raise TargetError(f"TensorRT could not deserialize {plan.name}{detail}; rebuild it with `sparsekd-deploy engine build`")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.max_positions = max_positions
+        self.engine_record = engine
+
+    def describe(self) -> dict:
+        return {"runtime": "tensorrt", "version": self.trt.__version__, "provider": "tensorrt", **this_machine()}
+
+    def _dtype(self, name):
+        t, trt = self.torch, self.trt
+        return {trt.DataType.FLOAT: t.float32, trt.DataType.HALF: t.float16, trt.DataType.INT64: t.int64,
+                trt.DataType.INT32: t.int32, trt.DataType.BOOL: t.bool}[self.engine.get_tensor_dtype(name)]
+
+    def _run(self, ids: np.ndarray, past: dict | None, past_len: int) -> tuple[np.ndarray, dict]:
+        torch = self.torch
+        B, L = ids.shape
+        host = {"input_ids": ids, "attention_mask": np.ones((B, past_len + L), dtype=np.int64),
+                "position_ids": np.broadcast_to(np.arange(past_len, past_len + L), (B, L)).copy()}
+        keep = []
+        for name in self.inputs:
+            if name in self.past_names:
+                if past is None:
+                    shape = list(self.engine.get_tensor_shape(name))
+                    tensor = torch.zeros((B, shape[1], 0, shape[3]), dtype=self._dtype(name), device="cuda")
+                else:
+                    tensor = past[name]
+            else:
+                tensor = torch.from_numpy(host[name]).to("cuda", self._dtype(name))
+            tensor = tensor.contiguous()
+            keep.append(tensor)
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        outs = {}
+        for name in self.outputs:
+            outs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self._dtype(name), device="cuda")
+            self.context.set_tensor_address(name, outs[name].data_ptr())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise TargetError("TensorRT execution failed")
+        self.stream.synchronize()
+        new_past = {p: outs[p.replace("past_key_values.", "present.")] for p in self.past_names}
+        return outs["logits"].float().cpu().numpy(), new_past
+
+    def _logits(self, ids):
+        return self._run(ids, None, 0)[0]
+
+    def _start(self, ids):
+        logits, past = self._run(ids, None, 0)
+        return _State(logits[:, -1], past, ids)
+
+    def _step(self, state, next_ids):
+        logits, past = self._run(next_ids, state.past, state.ids.shape[1])
+        return _State(logits[:, -1], past, np.concatenate([state.ids, next_ids], 1))

@@ -1,0 +1,105 @@
+"""PyTorch target for CUDA GPUs without TensorRT: 2:4 Linear weights become semi-structured sparse tensors
+(``torch.sparse.to_sparse_semi_structured``: cuSPARSELt / CUTLASS kernels), FP16 or BF16.
+
+On a CPU it runs dense (``sparse=False``): the same Target interface, so the logic is tested everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.patterns import NM
+from .base import TARGETS, Target, TargetError
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def semi_structured_ok(weight: torch.Tensor) -> str | None:
+    """Why a Linear weight cannot use the 2:4 kernels, or None if it can."""
+    out_f, in_f = weight.shape
+    if not NM(2, 4).holds(weight.detach()):
+        return "not 2:4 along in_features"
+    # cuSPARSELt/CUTLASS need tile-aligned shapes; smaller layers stay dense (they would not pay anyway).
+    if out_f % 64 or in_f % 64:
+        return f"shape {out_f}x{in_f} is not a multiple of 64"
+    return None
+
+
+def to_semi_structured(model: nn.Module, skip=("lm_head",)) -> dict[str, str]:
+    """Swap every eligible Linear weight in place; returns {layer: 'sparse' | reason it stayed dense}."""
+    from torch.sparse import to_sparse_semi_structured
+
+    report = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or name.split(".")[-1] in skip:
+            continue
+        reason = semi_structured_ok(mod.weight)
+        if reason:
+            report[name] = reason
+            continue
+        mod.weight = nn.Parameter(to_sparse_semi_structured(mod.weight.detach()), requires_grad=False)
+        report[name] = "sparse"
+    return report
+
+
+@dataclass
+class _State:
+    last_logits: np.ndarray
+    past: object
+    ids: np.ndarray
+
+
+@TARGETS.register("torch")
+class TorchTarget(Target):
+    name = "torch"
+
+    def __init__(self, model_path: str | Path, device: str = "cuda", dtype: str = "fp16", sparse: bool = True,
+                 max_positions: int | None = None, dir_of_file: bool = False, provider: str | None = None, **_):
+        from ..models.loading import load_model
+
+        if dir_of_file:  # the bundle names student/config.json; the model is its directory
+            model_path = Path(model_path).parent
+        if provider in ("cpu", "cuda"):
+            device = provider
+            sparse = sparse and device == "cuda"
+        if device == "cpu" and dtype == "fp16":
+            dtype = "fp32"  # CPU half-precision matmuls are slow and partly unsupported
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise TargetError("the torch target's 2:4 kernels need a CUDA GPU; on a CPU use device='cpu', sparse=False")
+        if sparse and device == "cpu":
+            raise TargetError("semi-structured (2:4) kernels exist only on CUDA GPUs; pass sparse=False on a CPU")
+        if dtype not in DTYPES:
+            raise TargetError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.model = load_model(Path(model_path)).to(device=device, dtype=DTYPES[dtype]).eval()
+        self.device = device
+        self.layers = to_semi_structured(self.model) if sparse else {}
+        cfg = self.model.config
+        self.max_positions = max_positions or getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self.vocab_size = cfg.vocab_size
+        self.dtype = dtype
+
+    def describe(self) -> dict:
+        return {"runtime": "torch", "version": torch.__version__, "provider": self.device, "dtype": self.dtype,
+                "sparse_layers": sum(v == "sparse" for v in self.layers.values())}
+
+    @torch.no_grad()
+    def _forward(self, ids: np.ndarray, past=None):
+        out = self.model(input_ids=torch.from_numpy(ids).to(self.device), past_key_values=past, use_cache=True)
+        return out.logits.float().cpu().numpy(), out.past_key_values
+
+    def _logits(self, ids):
+        return self._forward(ids)[0]
+
+    def _start(self, ids):
+        logits, past = self._forward(ids)
+        return _State(logits[:, -1], past, ids)
+
+    def _step(self, state, next_ids):
+        logits, past = self._forward(next_ids, state.past)
+        return _State(logits[:, -1], past, np.concatenate([state.ids, next_ids], 1))
