@@ -42,9 +42,10 @@ def _register():
     from .commands.engine import engine_group
     from .commands.export import export_cmd
     from .commands.inspect import inspect_cmd
+    from .commands.profile import profile_cmd
     from .commands.validate import validate_cmd
 
-    for cmd in (distill_cmd, build_cmd, export_cmd, validate_cmd, inspect_cmd, engine_group):
+    for cmd in (distill_cmd, build_cmd, export_cmd, validate_cmd, inspect_cmd, engine_group, profile_cmd):
         main.add_command(cmd)
 
 

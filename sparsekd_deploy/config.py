@@ -38,6 +38,7 @@ class DistillConfig:
     calib_batches: int = 4
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    sparsify_only_faster: str | None = None  # profile.json: keep dense the layers where 2:4 does not pay
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on GPU; CPU runs fp32)
     consistency_prompts: int = 8
     consistency_samples: int = 8
@@ -88,6 +89,8 @@ def _problems(cfg: DistillConfig) -> list[str]:
             build(spec)
         except ValueError as e:  # ConfigError / UnknownNameError are ValueErrors
             p.append(f"{label}: {e}")
+    if cfg.sparsify_only_faster is not None and not Path(cfg.sparsify_only_faster).is_file():
+        p.append(f"sparsify_only_faster: profile {cfg.sparsify_only_faster!r} does not exist")
     if cfg.data is not None and not Path(cfg.data).exists():
         p.append(f"data {cfg.data!r} does not exist")
     return p

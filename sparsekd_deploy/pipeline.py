@@ -43,7 +43,6 @@ def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions, reporter, gat
     from .exporters.parity import check_parity
     from .models.loading import load_model, resolve_teacher
     from .validate.references import record
-    from .validate.validator import validate_bundle
 
     out = Path(out)
     run_dir = Path(opts.run_dir) if opts.run_dir else Path("runs") / out.name
@@ -101,7 +100,7 @@ def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions, reporter, gat
             max_pos_ = getattr(student.config, "max_position_embeddings", None) or getattr(student.config, "n_positions", None)
             profile = opts.profile or Profile.from_cli(None, None, None, max_pos_)
             profile.check(max_pos_)
-            device_step = write_device_step(writer.dir, profile, fp16=True, sparse=is_nm, workspace_mib=opts.workspace_mib)
+            write_device_step(writer.dir, profile, fp16=True, sparse=is_nm, workspace_mib=opts.workspace_mib)
 
         reporter.note("recording teacher references")
         teacher_dir = resolve_teacher(cfg.teacher)

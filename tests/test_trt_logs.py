@@ -1,8 +1,8 @@
 """Parsing real TensorRT output (recorded in ../shared/data/tensorrt-logs); skips cleanly where that is absent."""
 
 import pytest
-
 from conftest import SHARED
+
 from sparsekd_deploy.exporters import trt_logs as T
 
 LOGS = SHARED / "data" / "tensorrt-logs"

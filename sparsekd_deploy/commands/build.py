@@ -34,10 +34,9 @@ def build_cmd(target, out, run_dir, provider, opset, fp16, batch, seq, past, wor
 
     Exit code: 0 validation passed (and target sparsity reached), 1 failed, 2 bad input.
     """
+    from ..exporters.trt_profiles import Profile
     from ..pipeline import BuildOptions, build
     from ..validate.report import print_table
-
-    from ..exporters.trt_profiles import Profile
 
     gates = gates_from(flags)
     cfg = config_from_flags(recipe, "placeholder", flags)

@@ -30,6 +30,8 @@ DISTILL_OPTIONS = [
     ("--seed", "seed", dict(type=int, help="[default: 0]")),
     ("--include", "include", dict(multiple=True, help="Glob of layers to prune (repeatable). [default: *]")),
     ("--exclude", "exclude", dict(multiple=True, help="Glob of layers to keep dense (repeatable); default: embeddings, lm_head.")),
+    ("--sparsify-only-faster", "sparsify_only_faster",
+     dict(help="profile.json from `sparsekd-deploy profile`: keep dense the layers where 2:4 is not faster.")),
     ("--precision", "precision", dict(type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
                                       help="Autocast on GPU; CPU runs fp32. [default: auto]")),
     ("--consistency-temperature", "consistency_temperatures",

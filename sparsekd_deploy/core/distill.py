@@ -75,8 +75,13 @@ class StagedDistiller:
         self.teacher_dir = resolve_teacher(cfg.teacher)
         self.teacher = load_model(self.teacher_dir)
         self.tokenizer = load_tokenizer(self.teacher_dir)
+        self.keep_dense = {}
+        if cfg.sparsify_only_faster:
+            from ..speedup import slower_layers
+
+            self.keep_dense = slower_layers(cfg.sparsify_only_faster)
         # The pruner is built on a throw-away view first so a pattern that fits nothing fails before any I/O.
-        Pruner(self.teacher, self.pattern, cfg.include, cfg.exclude)
+        Pruner(self.teacher, self.pattern, cfg.include, cfg.exclude, self.keep_dense)
         self.tokens_per_second = 0.0
 
     # -- one optimizer step --------------------------------------------------------------------------------
@@ -177,7 +182,7 @@ class StagedDistiller:
         optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
         self.raw = self.accelerator.unwrap_model(self.student)
-        self.pruner = Pruner(self.raw, self.pattern, cfg.include, cfg.exclude)
+        self.pruner = Pruner(self.raw, self.pattern, cfg.include, cfg.exclude, self.keep_dense)
         self.masks: dict[str, torch.Tensor] = {}
         if resuming:
             state = self.run.read_state()

@@ -17,9 +17,11 @@ Masks = dict[str, torch.Tensor]
 
 
 class Pruner:
-    def __init__(self, model: nn.Module, pattern: Pattern, include=("*",), exclude=DEFAULT_EXCLUDE):
+    def __init__(self, model: nn.Module, pattern: Pattern, include=("*",), exclude=DEFAULT_EXCLUDE,
+                 keep_dense: dict[str, str] | None = None):
         self.pattern = pattern
         self.skipped: dict[str, str] = {}
+        keep_dense = keep_dense or {}
         self.blocks: list[MLPBlock] = []
         if isinstance(pattern, Channels):
             self.blocks = mlp_blocks(model)
@@ -30,7 +32,7 @@ class Pruner:
             candidates = prunable_layers(model, include, exclude)
             self.layers = []
             for layer in candidates:
-                reason = pattern.skip_reason(*layer.shape_oi)
+                reason = keep_dense.get(layer.name) or pattern.skip_reason(*layer.shape_oi)
                 if reason:
                     self.skipped[layer.name] = reason
                 else:

@@ -1,0 +1,154 @@
+"""Per-layer speedup profile: does 2:4 pay for each layer at the shapes the user deploys, on this GPU?
+
+TensorRT and cuSPARSELt time sparse kernels against dense ones; small GEMMs, small batches and GEMV-bound
+decode often stay dense. ``profile`` measures every eligible layer dense vs 2:4 at batch × sequence tokens and
+predicts the end-to-end gain; ``distill --sparsify-only-faster profile.json`` keeps the losers dense.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .errors import SparseKDError
+
+
+class ProfileError(SparseKDError):
+    pass
+
+
+def eligible_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
+    """Layer name -> (out, in) for every Linear/Conv1D that can carry 2:4 (in multiple of 4)."""
+    from .models.adapters import prunable_layers
+    from .models.loading import load_model
+
+    model = load_model(Path(model_dir))
+    return {ly.name: ly.shape_oi for ly in prunable_layers(model) if ly.shape_oi[1] % 4 == 0}
+
+
+def predict(layers: dict[str, dict], e2e_dense_ms: float) -> dict:
+    """End-to-end prediction: the dense run minus what each layer saves where its sparse kernel is faster."""
+    saved = sum(max(0.0, v["dense_ms"] - v["sparse_ms"]) for v in layers.values())
+    sparse_ms = max(e2e_dense_ms - saved, 1e-9)
+    return {"dense_ms": e2e_dense_ms, "predicted_sparse_ms": sparse_ms, "predicted_speedup": e2e_dense_ms / sparse_ms,
+            "layers_sparse": sum(v["speedup"] > 1.0 for v in layers.values()), "layers_total": len(layers)}
+
+
+def slower_layers(profile_json: str | Path, min_speedup: float = 1.0) -> dict[str, str]:
+    """From a profile.json: layers where 2:4 does not pay, with the reason (for ``--sparsify-only-faster``)."""
+    path = Path(profile_json)
+    if not path.is_file():
+        raise ProfileError(f"profile {path} does not exist; make one with `sparsekd-deploy profile --model DIR`")
+    try:
+        data = json.loads(path.read_text())
+        layers = data["layers"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ProfileError(f"{path} is not a profile.json written by `sparsekd-deploy profile`") from None
+    where = f"{data.get('device', '?')}, {data.get('target', '?')}, {data.get('tokens', '?')} tokens"
+    return {name: f"2:4 not faster than dense ({v['speedup']:.2f}x on {where})"
+            for name, v in layers.items() if v["speedup"] < min_speedup}
+
+
+def _cuda_ms(fn, repeats: int) -> float:
+    import torch
+
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def time_layers_torch(shapes: dict[str, tuple[int, int]], tokens: int, dtype: str = "fp16", repeats: int = 50) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torch.sparse import to_sparse_semi_structured
+
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    by_shape: dict[tuple[int, int], dict] = {}
+    for out_f, in_f in sorted(set(shapes.values())):
+        x = torch.randn(tokens, in_f, dtype=dt, device="cuda")
+        w = torch.randn(out_f, in_f, dtype=dt, device="cuda")
+        w.view(-1, 4)[:, :2] = 0
+        dense = _cuda_ms(lambda x=x, w=w: F.linear(x, w), repeats)
+        try:
+            ws = to_sparse_semi_structured(w)
+            sparse = _cuda_ms(lambda x=x, ws=ws: F.linear(x, ws), repeats)
+        except (RuntimeError, ValueError):  # shape the kernels do not take: it stays dense
+            sparse = float("inf")
+        by_shape[(out_f, in_f)] = {"dense_ms": dense, "sparse_ms": sparse}
+    return {name: {"shape_out_in": list(s), **by_shape[s], "speedup": by_shape[s]["dense_ms"] / by_shape[s]["sparse_ms"]}
+            for name, s in shapes.items()}
+
+
+def time_model_torch(model_dir: Path, batch: int, seq: int, dtype: str = "fp16", repeats: int = 10) -> float:
+    import torch
+
+    from .models.loading import load_model
+
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    model = load_model(Path(model_dir)).to("cuda", dt).eval()
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
+    with torch.no_grad():
+        return _cuda_ms(lambda: model(input_ids=ids, use_cache=False), repeats)
+
+
+def time_layers_tensorrt(shapes: dict[str, tuple[int, int]], tokens: int, repeats: int = 50) -> dict:
+    """One tiny FP16 engine per distinct shape, dense vs SPARSE_WEIGHTS, timed with CUDA events."""
+    import numpy as np
+    import torch
+
+    from .exporters.tensorrt import import_tensorrt
+
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.ERROR)
+
+    def engine_ms(out_f, in_f, sparse):
+        builder = trt.Builder(logger)
+        net = builder.create_network(0)
+        x = net.add_input("x", trt.float16, (tokens, in_f))
+        w = np.random.default_rng(0).standard_normal((in_f, out_f)).astype(np.float16)
+        w.reshape(in_f // 4, 4, out_f)[:, :2, :] = 0  # 2:4 along K, the reduction axis of x @ W
+        const = net.add_constant((in_f, out_f), trt.Weights(w))
+        mm = net.add_matrix_multiply(x, trt.MatrixOperation.NONE, const.get_output(0), trt.MatrixOperation.NONE)
+        net.mark_output(mm.get_output(0))
+        cfg = builder.create_builder_config()
+        if sparse:
+            cfg.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+        plan = builder.build_serialized_network(net, cfg)
+        engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+        ctx = engine.create_execution_context()
+        xi = torch.randn(tokens, in_f, dtype=torch.float16, device="cuda")
+        yo = torch.empty(tokens, out_f, dtype=torch.float16, device="cuda")
+        ctx.set_tensor_address("x", xi.data_ptr())
+        ctx.set_tensor_address(engine.get_tensor_name(1), yo.data_ptr())
+        stream = torch.cuda.current_stream().cuda_stream
+        return _cuda_ms(lambda: ctx.execute_async_v3(stream), repeats)
+
+    by_shape = {s: {"dense_ms": engine_ms(*s, False), "sparse_ms": engine_ms(*s, True)} for s in set(shapes.values())}
+    return {name: {"shape_out_in": list(s), **by_shape[s], "speedup": by_shape[s]["dense_ms"] / by_shape[s]["sparse_ms"]}
+            for name, s in shapes.items()}
+
+
+def profile(model_dir: Path, target: str, batch: int, seq: int, dtype: str = "fp16") -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ProfileError("the speedup profile times kernels on the GPU you deploy to; no CUDA GPU is visible here")
+    shapes = eligible_shapes(model_dir)
+    if not shapes:
+        raise ProfileError(f"{model_dir} has no layer that can carry 2:4")
+    tokens = batch * seq
+    start = time.time()
+    layers = time_layers_torch(shapes, tokens, dtype) if target == "torch" else time_layers_tensorrt(shapes, tokens)
+    e2e = time_model_torch(model_dir, batch, seq, dtype)
+    return {
+        "device": torch.cuda.get_device_name(), "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())),
+        "target": target, "batch": batch, "seq": seq, "tokens": tokens, "dtype": dtype, "layers": layers,
+        "end_to_end": predict(layers, e2e), "seconds": round(time.time() - start, 1),
+    }
