@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import SparseKDError
+from .fsutil import swap_into_place, write_json_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -47,12 +48,6 @@ def file_table(root: Path) -> dict[str, dict]:
     }
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 class BundleWriter:
     """Assemble a bundle in ``<out>.partial``; ``commit`` writes the manifest and renames it into place."""
 
@@ -73,14 +68,7 @@ class BundleWriter:
             "files": file_table(self.dir),
         }
         write_json_atomic(self.dir / MANIFEST, manifest)
-        old = None
-        if self.final.exists():
-            old = self.final.with_name(self.final.name + f".old-{os.getpid()}")
-            os.replace(self.final, old)
-        os.replace(self.dir, self.final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.final
+        return swap_into_place(self.dir, self.final)
 
     def abort(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -132,6 +132,8 @@ def test_build_tensorrt_without_gpu_writes_device_step(tiny_dirs, tmp_path):
     assert "engine will be built on the device" in r.output
     r = run(["validate", str(tmp_path / "b"), "--runtime", "tensorrt"])
     assert r.exit_code == 2 and "no engine yet" in r.output
+    r = run(["inspect", str(tmp_path / "b")])
+    assert r.exit_code == 0 and "built on the device" in r.output
 
 
 def test_build_rejects_bad_profile_before_work(tiny_dirs, tmp_path):

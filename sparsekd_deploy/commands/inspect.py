@@ -41,6 +41,14 @@ def inspect_cmd(bundle, as_json, no_verify):
                         + (", FP16 copy" if m["model"].get("onnx_fp16") else ""))
     for prec, p in m.get("parity", {}).items():
         t.add_row(f"parity {prec}", f"max |Δlogit| {p['max_abs_logit_diff']:.2e}, KL {p['kl']:.2e}")
+    if "engine" in m:
+        e = m["engine"]
+        t.add_row("engine", f"TensorRT {e['tensorrt_version']} on {e['device_name']} (sm {e['compute_capability']}), "
+                            f"{e['precision']}, SPARSE_WEIGHTS {'on' if e['sparse_weights'] else 'off'}: "
+                            f"{e['sparsity_summary']}")
+    elif m["target"]["runtime"] == "tensorrt":
+        t.add_row("engine", "not built yet: it is built on the device (`sparsekd-deploy engine build BUNDLE`; "
+                            "trtexec lines in engine_build.json)")
     t.add_row("files", f"{len(m['files'])} files, {sum(f['bytes'] for f in m['files'].values()) / 1e6:.1f} MB, "
                        f"{'checksums verified' if not no_verify else 'not verified'}")
     if validation:

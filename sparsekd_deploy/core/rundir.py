@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import OutputExistsError
+from ..fsutil import swap_into_place, write_json_atomic
 
 STATE = "state.json"
 
@@ -44,11 +45,8 @@ class RunDir:
 
     # -- state and checkpoints -------------------------------------------------------------------------
     def write_json(self, name: str, obj) -> Path:
-        path = self.partial / name
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        write_json_atomic(self.partial / name, obj)
+        return self.partial / name
 
     def read_state(self) -> dict:
         return json.loads((self.partial / STATE).read_text())
@@ -79,11 +77,4 @@ class RunDir:
 
     def finish(self) -> Path:
         """Swap the finished work dir into place; the previous output is removed only after the swap."""
-        old = None
-        if self.final.exists():
-            old = self.final.with_name(self.final.name + f".old-{os.getpid()}")
-            os.replace(self.final, old)
-        os.replace(self.partial, self.final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.final
+        return swap_into_place(self.partial, self.final)
