@@ -22,6 +22,8 @@ def print_table(report: dict, console: Console) -> None:
     m = next(k for k in c["student"] if k.startswith("pairwise"))
     console.print(f"consistency at τ={c['temperature']}: entropy student {c['student']['mean_entropy']:.3f} / teacher "
                   f"{c['teacher']['mean_entropy']:.3f} nats; {m} {c['student'][m]:.3f} / {c['teacher'][m]:.3f}")
+    if report["metrics"].get("kl_full") is not None:
+        console.print(f"full-vocabulary KL (teacher present): {report['metrics']['kl_full']:.4f}")
     console.print(f"verdict: {'[bold green]PASS[/bold green]' if report['passed'] else '[bold red]FAIL[/bold red]'}")
 
 

@@ -30,6 +30,30 @@ def _model_for(bundle: Bundle, runtime: str, model: str | None) -> tuple[str, di
     return bundle.manifest["model"]["onnx"], {}
 
 
+def _full_kl(bundle: Bundle, target, refs: References) -> float | None:
+    """KL over the whole vocabulary where the teacher itself is present (kl_topk is only a lower bound)."""
+    from pathlib import Path
+
+    teacher = bundle.manifest.get("teacher", {})
+    path = Path(teacher.get("path") or "/nonexistent")
+    if not (path / "config.json").is_file():
+        return None
+    from ..pipeline import weights_digest
+
+    if weights_digest(path) != teacher.get("weights_sha256"):
+        return None  # a different model now sits at that path
+    import numpy as np
+    import torch
+
+    from ..models.loading import load_model
+
+    ids = refs.tensors["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(load_model(path)(input_ids=torch.from_numpy(ids)).logits.double(), -1).numpy()
+    logq = M._log_softmax(target.logits(ids))
+    return float((np.exp(logp) * (logp - logq)).sum(-1).mean())
+
+
 def validate_bundle(bundle: Bundle, runtime: str = "onnxruntime", provider: str = "cpu", gates: Gates | None = None,
                     model: str | None = None) -> dict:
     gates = gates or Gates()
@@ -39,6 +63,7 @@ def validate_bundle(bundle: Bundle, runtime: str = "onnxruntime", provider: str 
     target = make_target(runtime, bundle.file(rel), provider=provider,
                          max_positions=bundle.manifest["model"].get("max_positions"), **options)
     metrics = M.run_all(target, refs)
+    metrics["kl_full"] = _full_kl(bundle, target, refs)
     rows = evaluate(metrics, gates)
     report = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
