@@ -118,13 +118,17 @@ def main() -> int:
         for loss in losses:
             cfg = base(tmp, f"s-{loss}", stages=args.stages, steps_per_stage=steps // args.stages, loss=loss)
             results[f"staged[{loss}]"] = trained(cfg)
+        results["staged[forward-kl, equal split]"] = trained(base(
+            tmp, "s-eq", stages=args.stages, steps_per_stage=steps // args.stages, step_schedule="equal"))
+        results["staged[forward-kl, 2 stages]"] = trained(base(tmp, "s-2", stages=2, steps_per_stage=steps // 2))
         results["throughput"] = throughput(base(tmp, "tp", kl_budget=10.0), 10 if args.quick else 40, 3)
 
     print(f"\n== quality (demo teacher, 2:4, {steps} optimizer steps for every trained method) ==")
-    print(f"{'method':28s} {'held-out KL':>12s} {'top-1':>7s}")
-    for name in ["magnitude_one_shot", "wanda_one_shot", "wanda_one_shot_kd"] + [f"staged[{x}]" for x in losses]:
+    print(f"{'method':34s} {'held-out KL':>12s} {'top-1':>7s}")
+    extra = ["staged[forward-kl, equal split]", "staged[forward-kl, 2 stages]"]
+    for name in ["magnitude_one_shot", "wanda_one_shot", "wanda_one_shot_kd"] + [f"staged[{x}]" for x in losses] + extra:
         r = results[name]
-        print(f"{name:28s} {r['kl']:12.4f} {r['top1']:7.3f}")
+        print(f"{name:34s} {r['kl']:12.4f} {r['top1']:7.3f}")
     staged = results["staged[forward-kl]"]
     ratio = staged["kl"] / results["wanda_one_shot"]["kl"]
     print(f"staged / wanda one-shot KL = {ratio:.3f} (bar ≤ 0.25: {'PASS' if ratio <= 0.25 else 'FAIL'})")

@@ -22,7 +22,8 @@ class DistillConfig:
     pattern: str = "2:4"
     stages: int = 3
     kl_budget: float = 0.15
-    steps_per_stage: int = 100
+    steps_per_stage: int = 100  # average: the run's budget is stages × steps_per_stage
+    step_schedule: str = "backloaded"  # equal | backloaded (stage k gets a share ∝ k)
     retries: int = 2
     importance: str = "wanda"
     operator: str = "power:1"
@@ -75,6 +76,8 @@ def _problems(cfg: DistillConfig) -> list[str]:
         p.append(f"seq_len must be ≥ 2, got {cfg.seq_len}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         p.append(f"lr must be > 0, got {cfg.lr}")
+    if cfg.step_schedule not in ("equal", "backloaded"):
+        p.append(f"step_schedule must be equal or backloaded, got {cfg.step_schedule!r}")
     if cfg.teacher_access not in ("logits", "text"):
         p.append(f"teacher_access must be logits or text, got {cfg.teacher_access!r}")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):

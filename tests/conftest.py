@@ -79,7 +79,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def fast_cfg(tmp_path):
     """Config overrides for a run that takes seconds on 2 cores."""
-    return dict(out=str(tmp_path / "run"), stages=2, steps_per_stage=4, retries=0, kl_budget=50.0, seq_len=16,
+    return dict(out=str(tmp_path / "run"), stages=2, steps_per_stage=4, step_schedule="equal", retries=0, kl_budget=50.0, seq_len=16,
                 num_samples=16, heldout_samples=4, batch_size=4, calib_batches=1, consistency_prompts=2,
                 consistency_samples=3, consistency_tokens=4, consistency_m=2)
 

@@ -67,3 +67,13 @@ def test_plan_labels():
     assert [s.label for s in plan(NM(2, 4), 2)] == ["3:4", "2:4"]
     assert [s.fraction for s in plan(Unstructured(0.5), 4)] == [0.25, 0.5, 0.75, 1.0]
     assert len(plan(NM(2, 4), 1)) == 1
+
+
+def test_step_budget():
+    from sparsekd_deploy.core.schedule import step_budget
+
+    assert step_budget(3, 100, "equal") == [100, 100, 100]
+    assert step_budget(3, 100, "backloaded") == [50, 100, 150]
+    assert sum(step_budget(4, 7, "backloaded")) == 28
+    assert step_budget(1, 9, "backloaded") == [9]
+    assert [s.steps for s in plan(NM(2, 4), 2, 90, "backloaded")] == [60, 120]

@@ -16,6 +16,8 @@ DISTILL_OPTIONS = [
     ("--stages", "stages", dict(type=int, help="Stages from dense to the target. [default: 3]")),
     ("--kl-budget", "kl_budget", dict(type=float, help="Accept a stage only if held-out KL ≤ this. [default: 0.15]")),
     ("--steps-per-stage", "steps_per_stage", dict(type=int, help="Distillation steps per stage. [default: 100]")),
+    ("--step-schedule", "step_schedule", dict(type=click.Choice(["equal", "backloaded"]),
+                                              help="Split of the step budget over stages. [default: backloaded]")),
     ("--retries", "retries", dict(type=int, help="Extra attempts (each longer) for a stage over budget. [default: 2]")),
     ("--importance", "importance", dict(help="magnitude | wanda | taylor. [default: wanda]")),
     ("--operator", "operator", dict(help="Softening operator: power:T, mix:λ, topk:K. [default: power:1]")),

@@ -218,7 +218,7 @@ class StagedDistiller:
         accepted = self._setup(resuming)
         calib = list(self.train[: cfg.calib_batches * cfg.batch_size].split(cfg.batch_size))
         status, reason = "complete", f"reached {self.pattern.spec} in {cfg.stages} stage(s)"
-        for stage in plan(self.pattern, cfg.stages)[accepted:]:
+        for stage in plan(self.pattern, cfg.stages, cfg.steps_per_stage, cfg.step_schedule)[accepted:]:
             ctx = ScoringContext(self.raw, self.pruner.layers, calib, masks=self.masks,
                                  kd_loss=lambda ids: self.loss_on(ids.to(self.device)))
             self.masks = self.pruner.stage_masks(score(cfg.importance, ctx), stage.fraction)
@@ -226,10 +226,10 @@ class StagedDistiller:
             self.optimizer.state.clear()  # momentum from the previous stage points at a different model
             kl_after_prune = self.measure()["kl"]
             steps, accepted_now, metrics = 0, False, {}
-            self.reporter.stage_begin(stage.label, cfg.steps_per_stage)
+            self.reporter.stage_begin(stage.label, stage.steps)
             try:
                 for attempt in range(cfg.retries + 1):
-                    n = cfg.steps_per_stage * (attempt + 1)  # each retry trains longer than the last
+                    n = stage.steps * (attempt + 1)  # each retry trains longer than the last
                     if attempt:
                         self.reporter.add_steps(n)
                     self.train_steps(n, cfg.seed + 100 * stage.index + attempt, stage.label)

@@ -12,12 +12,26 @@ class Stage:
     index: int  # 1-based
     fraction: float  # share of the final pattern applied after this stage
     label: str
+    steps: int = 0  # distillation steps of the first attempt
 
 
-def plan(pattern: Pattern, stages: int) -> list[Stage]:
+def step_budget(stages: int, steps_per_stage: int, schedule: str) -> list[int]:
+    """Split the total budget (stages × steps_per_stage). ``backloaded`` gives stage k a share ∝ k: early
+    stages remove little load and need little repair, the last one removes the most and needs the most."""
+    total = stages * steps_per_stage
+    if schedule == "equal" or stages == 1:
+        return [steps_per_stage] * stages
+    weights = list(range(1, stages + 1))
+    steps = [max(1, total * w // sum(weights)) for w in weights]
+    steps[-1] += total - sum(steps)
+    return steps
+
+
+def plan(pattern: Pattern, stages: int, steps_per_stage: int = 0, schedule: str = "equal") -> list[Stage]:
     """Equal steps from dense to the target. For n:m the zeros per group grow evenly, so 2:4 in two stages
     goes 1-of-4 zero → 2-of-4 zero; in three stages the middle steps mix groups with k and k+1 zeros."""
     out = []
+    budget = step_budget(stages, steps_per_stage, schedule) if steps_per_stage else [0] * stages
     for k in range(1, stages + 1):
         f = k / stages
         if isinstance(pattern, NM):
@@ -25,5 +39,5 @@ def plan(pattern: Pattern, stages: int) -> list[Stage]:
             label = f"{pattern.m - zeros:g}:{pattern.m}" if zeros == int(zeros) else f"{pattern.spec}@{f:.0%}"
         else:
             label = f"{pattern.spec}@{f:.0%}"
-        out.append(Stage(k, f, label))
+        out.append(Stage(k, f, label, budget[k - 1]))
     return out
