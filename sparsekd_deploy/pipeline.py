@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import Bundle, BundleWriter
 from .config import DistillConfig
 from .core.patterns import NM, make_pattern
+from .models.loading import max_positions
 
 
 @dataclass
@@ -24,7 +25,6 @@ class BuildOptions:
     resume: bool = False
     profile: object = None  # trt_profiles.Profile for --target tensorrt
     workspace_mib: int = 4096
-    extra_manifest: dict = field(default_factory=dict)
 
 
 def weights_digest(model_dir: Path) -> str:
@@ -35,101 +35,112 @@ def weights_digest(model_dir: Path) -> str:
 
 
 def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions, reporter, gates=None) -> dict:
+    from safetensors.torch import load_file
 
     from .core.distill import distill
-    from .exporters.audit import audit_onnx, audit_report, pruned_weights, require_pattern
-    from .exporters.fp16 import convert_fp16
-    from .exporters.onnx import export_onnx
-    from .exporters.parity import check_parity
-    from .models.loading import load_model, resolve_teacher
-    from .validate.references import record
 
     out = Path(out)
-    run_dir = Path(opts.run_dir) if opts.run_dir else Path("runs") / out.name
-    cfg.out = str(run_dir)
+    cfg.out = str(Path(opts.run_dir) if opts.run_dir else Path("runs") / out.name)
     if out.exists() and any(out.iterdir()) and not opts.overwrite:
         from .bundle import BundleError
 
         raise BundleError(f"bundle dir {out} exists; pass --overwrite to replace it")
 
     result = distill(cfg, resume=opts.resume, overwrite=opts.overwrite, reporter=reporter)
-    student_dir = result.out / "student"
-    sparsity = json.loads((result.out / "sparsity.json").read_text())
-    pattern = make_pattern(cfg.pattern)
-    from safetensors.torch import load_file
-
-    data = load_file(str(result.out / "data.safetensors"))
-    prompts = data["heldout"][:4, :64]
-
+    heldout = load_file(str(result.out / "data.safetensors"))["heldout"]
     writer = BundleWriter(out, overwrite=opts.overwrite)
     try:
-        reporter.note("exporting ONNX with KV cache")
-        info = export_onnx(student_dir, writer.dir / "model.onnx", opset=opts.opset, with_past=True)
-        student = load_model(student_dir)
-        parity = {"fp32": check_parity(student, writer.dir / "model.onnx", prompts, "fp32")}
-        audits = {}
-        is_nm = bool(isinstance(pattern, NM) and sparsity["layers"] and result.summary["final_stage"] > 0)
-        weights = pruned_weights(student_dir, sparsity) if is_nm else {}
-        if is_nm:
-            audits["model.onnx"] = audit_onnx(writer.dir / "model.onnx", weights, pattern.n, pattern.m)
-            require_pattern(audits["model.onnx"], "model.onnx")
-        fp16 = opts.fp16 or opts.target == "tensorrt"
-        if fp16:
-            reporter.note("converting to FP16")
-            convert_fp16(writer.dir / "model.onnx", writer.dir / "model.fp16.onnx")
-            parity["fp16"] = check_parity(student, writer.dir / "model.fp16.onnx", prompts, "fp16")
-            if is_nm:
-                audits["model.fp16.onnx"] = audit_onnx(writer.dir / "model.fp16.onnx", weights, pattern.n, pattern.m)
-                require_pattern(audits["model.fp16.onnx"], "model.fp16.onnx")
-        tok_dir = writer.dir / "tokenizer"
-        for f in student_dir.iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
-                tok_dir.mkdir(exist_ok=True)
-                shutil.copy2(f, tok_dir / f.name)
-        shutil.copy2(student_dir / "config.json", writer.dir / "config.json")
-        for name in ("sparsity.json", "trajectory.json", "trajectory.png"):
-            shutil.copy2(result.out / name, writer.dir / name)
-        (writer.dir / "audit.json").write_text(json.dumps({k: audit_report(v) for k, v in audits.items()}, indent=2))
-        (writer.dir / "parity.json").write_text(json.dumps(parity, indent=2))
-        if opts.target == "torch":
-            shutil.copytree(student_dir, writer.dir / "student")
+        exported = _export_and_audit(result, cfg, opts, heldout[:4, :64], writer.dir, reporter)
+        _copy_run_files(result.out, writer.dir, opts.target)
         if opts.target == "tensorrt":
             from .exporters.engine_step import write_device_step
             from .exporters.trt_profiles import Profile
 
-            max_pos_ = getattr(student.config, "max_position_embeddings", None) or getattr(student.config, "n_positions", None)
-            profile = opts.profile or Profile.from_cli(None, None, None, max_pos_)
-            profile.check(max_pos_)
-            write_device_step(writer.dir, profile, fp16=True, sparse=is_nm, workspace_mib=opts.workspace_mib)
-
+            limit = max_positions(exported["student"].config)
+            profile = opts.profile or Profile.from_cli(None, None, None, limit)
+            profile.check(limit)
+            write_device_step(writer.dir, profile, fp16=True, sparse=exported["is_nm"], workspace_mib=opts.workspace_mib)
         reporter.note("recording teacher references")
+        from .models.loading import load_model, resolve_teacher
+        from .validate.references import record
+
         teacher_dir = resolve_teacher(cfg.teacher)
-        teacher = load_model(teacher_dir)
-        record(teacher, data["heldout"], writer.dir)
-        max_pos = getattr(student.config, "max_position_embeddings", None) or getattr(student.config, "n_positions", None)
-        manifest = {
-            "name": out.name,
-            "model": {"onnx": "model.onnx", "onnx_fp16": "model.fp16.onnx" if fp16 else None,
-                      "architecture": student.config.model_type, "max_positions": max_pos,
-                      "vocab_size": student.config.vocab_size, **info.to_dict(), "path": None},
-            "teacher": {"path": str(teacher_dir), "weights_sha256": weights_digest(teacher_dir)},
-            "student": {"weights_sha256": weights_digest(student_dir), "parameters": sparsity["parameters"]},
-            "pattern": cfg.pattern, "achieved_sparsity": sparsity["overall_sparsity"],
-            "distillation": {k: result.summary[k] for k in ("status", "reason", "reached_target", "final_stage",
-                                                            "stages", "kl", "top1")},
-            "trajectory": [{k: r.get(k) for k in ("label", "sparsity", "kl", "top1", "accepted")}
-                           for r in result.trajectory],
-            "target": {"runtime": opts.target, "requires": REQUIRES[opts.target]},
-            "parity": parity,
-            **opts.extra_manifest,
-        }
-        if gates is not None:
-            manifest["gates"] = gates.to_dict()
-        writer.commit(manifest)
+        record(load_model(teacher_dir), heldout, writer.dir)
+        writer.commit(_manifest(out.name, cfg, opts, gates, result, exported, teacher_dir))
     except BaseException:
         writer.abort()
         raise
     return _validate_on_target(out, opts, gates, reporter, result.summary)
+
+
+def _export_and_audit(result, cfg, opts: BuildOptions, prompts, bundle_dir: Path, reporter) -> dict:
+    """ONNX (+ FP16) export, parity on real prompts, and proof that the n:m pattern survived each step."""
+    from .exporters.audit import audit_onnx, audit_report, pruned_weights, require_pattern
+    from .exporters.fp16 import convert_fp16
+    from .exporters.onnx import export_onnx
+    from .exporters.parity import check_parity
+    from .models.loading import load_model
+
+    student_dir = result.out / "student"
+    sparsity = json.loads((result.out / "sparsity.json").read_text())
+    pattern = make_pattern(cfg.pattern)
+    reporter.note("exporting ONNX with KV cache")
+    info = export_onnx(student_dir, bundle_dir / "model.onnx", opset=opts.opset, with_past=True)
+    student = load_model(student_dir)
+    graphs = ["model.onnx"]
+    if opts.fp16 or opts.target == "tensorrt":
+        reporter.note("converting to FP16")
+        convert_fp16(bundle_dir / "model.onnx", bundle_dir / "model.fp16.onnx")
+        graphs.append("model.fp16.onnx")
+    is_nm = bool(isinstance(pattern, NM) and sparsity["layers"] and result.summary["final_stage"] > 0)
+    weights = pruned_weights(student_dir, sparsity) if is_nm else {}
+    parity, audits = {}, {}
+    for graph in graphs:
+        precision = "fp16" if "fp16" in graph else "fp32"
+        parity[precision] = check_parity(student, bundle_dir / graph, prompts, precision)
+        if is_nm:
+            audits[graph] = audit_onnx(bundle_dir / graph, weights, pattern.n, pattern.m)
+            require_pattern(audits[graph], graph)
+    (bundle_dir / "audit.json").write_text(json.dumps({k: audit_report(v) for k, v in audits.items()}, indent=2))
+    (bundle_dir / "parity.json").write_text(json.dumps(parity, indent=2))
+    return {"info": info, "student": student, "sparsity": sparsity, "parity": parity, "is_nm": is_nm,
+            "fp16": "model.fp16.onnx" in graphs}
+
+
+def _copy_run_files(run_dir: Path, bundle_dir: Path, target: str) -> None:
+    student_dir = run_dir / "student"
+    tok_dir = bundle_dir / "tokenizer"
+    for f in student_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            tok_dir.mkdir(exist_ok=True)
+            shutil.copy2(f, tok_dir / f.name)
+    shutil.copy2(student_dir / "config.json", bundle_dir / "config.json")
+    for name in ("sparsity.json", "trajectory.json", "trajectory.png"):
+        shutil.copy2(run_dir / name, bundle_dir / name)
+    if target == "torch":  # the torch target runs the safetensors weights themselves
+        shutil.copytree(student_dir, bundle_dir / "student")
+
+
+def _manifest(name: str, cfg, opts: BuildOptions, gates, result, exported: dict, teacher_dir: Path) -> dict:
+    student, sparsity, info = exported["student"], exported["sparsity"], exported["info"].to_dict()
+    info.pop("path")
+    manifest = {
+        "name": name,
+        "model": {"onnx": "model.onnx", "onnx_fp16": "model.fp16.onnx" if exported["fp16"] else None,
+                  "architecture": student.config.model_type, "max_positions": max_positions(student.config),
+                  "vocab_size": student.config.vocab_size, **info},
+        "teacher": {"path": str(teacher_dir), "weights_sha256": weights_digest(teacher_dir)},
+        "student": {"weights_sha256": weights_digest(result.out / "student"), "parameters": sparsity["parameters"]},
+        "pattern": cfg.pattern, "achieved_sparsity": sparsity["overall_sparsity"],
+        "distillation": {k: result.summary[k] for k in ("status", "reason", "reached_target", "final_stage",
+                                                        "stages", "kl", "top1")},
+        "trajectory": [{k: r.get(k) for k in ("label", "sparsity", "kl", "top1", "accepted")} for r in result.trajectory],
+        "target": {"runtime": opts.target, "requires": REQUIRES[opts.target]},
+        "parity": exported["parity"],
+    }
+    if gates is not None:
+        manifest["gates"] = gates.to_dict()
+    return manifest
 
 
 REQUIRES = {"onnxruntime": {"onnxruntime": ">=1.20"},

@@ -60,7 +60,9 @@ def sample_teacher_data(teacher, tokenizer, n: int, seq_len: int, seed: int, bat
 
 def build_data(cfg, teacher, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """(train [N, L], held-out [M, L]) token ids. Raises DataError when the data cannot support a run."""
-    max_pos = getattr(teacher.config, "max_position_embeddings", None) or getattr(teacher.config, "n_positions", None)
+    from ..models.loading import max_positions
+
+    max_pos = max_positions(teacher.config)
     if max_pos and cfg.seq_len > max_pos:
         raise DataError(f"seq_len {cfg.seq_len} exceeds the teacher's {max_pos} positions")
     if cfg.data is None:

@@ -77,3 +77,8 @@ def load_tokenizer(path: Path):
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError):
         return None  # a model dir without a tokenizer still distills (data-free, token ids only)
+
+
+def max_positions(config) -> int | None:
+    """How many positions a model has (the name differs between families)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

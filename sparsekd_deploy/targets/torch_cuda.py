@@ -80,7 +80,9 @@ class TorchTarget(Target):
         self.device = device
         self.layers = to_semi_structured(self.model) if sparse else {}
         cfg = self.model.config
-        self.max_positions = max_positions or getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        from ..models.loading import max_positions as positions_of
+
+        self.max_positions = max_positions or positions_of(cfg)
         self.vocab_size = cfg.vocab_size
         self.dtype = dtype
 
