@@ -39,7 +39,7 @@ def build_cmd(target, out, run_dir, provider, opset, fp16, batch, seq, past, wor
     from ..validate.report import print_table
 
     gates = gates_from(flags)
-    cfg = config_from_flags(recipe, "placeholder", flags)
+    cfg = config_from_flags(recipe, None, flags, require_out=False)  # build chooses the run dir
     # Check profile shapes before hours of distillation (the model's position limit is checked again later).
     profile = Profile.from_cli(batch, seq, past, None) if (batch or seq or past) else None
     reporter = RichReporter()

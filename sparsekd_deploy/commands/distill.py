@@ -51,7 +51,7 @@ def distill_options(fn):
     return fn
 
 
-def config_from_flags(recipe, out, flags: dict):
+def config_from_flags(recipe, out, flags: dict, require_out: bool = True):
     from ..config import build_config
 
     overrides = {dest: flags.get(dest) for _, dest, _ in DISTILL_OPTIONS}
@@ -59,7 +59,7 @@ def config_from_flags(recipe, out, flags: dict):
         overrides[dest] = list(overrides[dest]) if overrides[dest] else None  # click gives () when absent
     overrides["out"] = out
     cfg = build_config(recipe, overrides)
-    if cfg.out is None:
+    if require_out and cfg.out is None:
         from ..errors import ConfigError
 
         raise ConfigError(["--out is required (or `out:` in the recipe)"])
