@@ -88,6 +88,8 @@ def distill_cmd(out, recipe, resume, overwrite, as_json, **flags):
             f"KL {result.summary['kl']:.4f}  top-1 {result.summary['top1']:.3f}"
         )
     if not result.reached_target:
-        print_error(f"target not reached: {result.reason}; kept the last accepted stage "
-                    f"({result.summary['final_stage']} of {result.summary['stages']})")
+        kept = result.summary["final_stage"]
+        where = (f"kept stage {kept} of {result.summary['stages']}" if kept
+                 else "no stage was accepted, so the saved student is the dense teacher")
+        print_error(f"target not reached: {result.reason}; {where}")
         sys.exit(1)
