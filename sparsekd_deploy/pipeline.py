@@ -46,7 +46,15 @@ def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions, reporter, gat
 
         raise BundleError(f"bundle dir {out} exists; pass --overwrite to replace it")
 
-    result = distill(cfg, resume=opts.resume, overwrite=opts.overwrite, reporter=reporter)
+    from .core.distill import Result
+    from .core.rundir import STATE, RunDir
+
+    run = RunDir(cfg.out)
+    if opts.resume and (run.final / "summary.json").is_file() and not (run.partial / STATE).is_file():
+        reporter.note(f"reusing the finished distillation run in {run.final}")
+        result = Result.from_dir(run.final)
+    else:
+        result = distill(cfg, resume=opts.resume, overwrite=opts.overwrite, reporter=reporter)
     heldout = load_file(str(result.out / "data.safetensors"))["heldout"]
     writer = BundleWriter(out, overwrite=opts.overwrite)
     try:

@@ -143,3 +143,14 @@ def test_build_rejects_bad_profile_before_work(tiny_dirs, tmp_path):
              "--batch", "4,1,8", *FAST])
     assert r.exit_code == 2 and "min 4 > opt 1" in r.output
     assert not (tmp_path / "b").exists()
+
+
+def test_build_resume_reuses_a_finished_run(bundle, tiny_dirs):
+    path, _ = bundle
+    run_dir = path.parent / "run"
+    before = (run_dir / "student" / "model.safetensors").stat().st_mtime_ns
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(path), "--run-dir", str(run_dir),
+             "--resume", "--overwrite", *FAST, *LOOSE])
+    assert r.exit_code == 0, r.output
+    assert "reusing the finished distillation run" in r.output
+    assert (run_dir / "student" / "model.safetensors").stat().st_mtime_ns == before

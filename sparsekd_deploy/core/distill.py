@@ -54,6 +54,15 @@ class Result:
     def reached_target(self) -> bool:
         return self.status == "complete"
 
+    @classmethod
+    def from_dir(cls, out: Path) -> Result:
+        """A finished run, read back from its directory (``build --resume`` reuses it instead of retraining)."""
+        import json
+
+        summary = json.loads((out / "summary.json").read_text())
+        trajectory = json.loads((out / "trajectory.json").read_text())["stages"]
+        return cls(summary["status"], summary["reason"], out, trajectory, summary)
+
 
 def make_accelerator(precision: str):
     from accelerate import Accelerator
