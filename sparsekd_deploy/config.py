@@ -24,6 +24,7 @@ class DistillConfig:
     kl_budget: float = 0.15
     steps_per_stage: int = 100  # average: the run's budget is stages × steps_per_stage
     step_schedule: str = "backloaded"  # equal | backloaded (stage k gets a share ∝ k)
+    sparsity_schedule: str = "linear"  # linear | cubic (most of the pruning in the early stages)
     retries: int = 2
     importance: str = "wanda"
     operator: str = "power:1"
@@ -76,6 +77,8 @@ def _problems(cfg: DistillConfig) -> list[str]:
         p.append(f"seq_len must be ≥ 2, got {cfg.seq_len}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         p.append(f"lr must be > 0, got {cfg.lr}")
+    if cfg.sparsity_schedule not in ("linear", "cubic"):
+        p.append(f"sparsity_schedule must be linear or cubic, got {cfg.sparsity_schedule!r}")
     if cfg.step_schedule not in ("equal", "backloaded"):
         p.append(f"step_schedule must be equal or backloaded, got {cfg.step_schedule!r}")
     if cfg.teacher_access not in ("logits", "text"):

@@ -77,3 +77,11 @@ def test_step_budget():
     assert sum(step_budget(4, 7, "backloaded")) == 28
     assert step_budget(1, 9, "backloaded") == [9]
     assert [s.steps for s in plan(NM(2, 4), 2, 90, "backloaded")] == [60, 120]
+
+
+def test_cubic_sparsity_schedule():
+    from sparsekd_deploy.core.schedule import fractions
+
+    assert fractions(3, "linear") == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert fractions(3, "cubic") == pytest.approx([1 - (2 / 3) ** 3, 1 - (1 / 3) ** 3, 1.0])
+    assert [s.label for s in plan(NM(2, 4), 2, sparsity_schedule="cubic")] == ["2:4@88%", "2:4"]

@@ -18,6 +18,8 @@ DISTILL_OPTIONS = [
     ("--steps-per-stage", "steps_per_stage", dict(type=int, help="Distillation steps per stage. [default: 100]")),
     ("--step-schedule", "step_schedule", dict(type=click.Choice(["equal", "backloaded"]),
                                               help="Split of the step budget over stages. [default: backloaded]")),
+    ("--sparsity-schedule", "sparsity_schedule", dict(type=click.Choice(["linear", "cubic"]),
+                                                      help="How sparsity grows over stages. [default: linear]")),
     ("--retries", "retries", dict(type=int, help="Extra attempts (each longer) for a stage over budget. [default: 2]")),
     ("--importance", "importance", dict(help="magnitude | wanda | taylor. [default: wanda]")),
     ("--operator", "operator", dict(help="Softening operator: power:T, mix:λ, topk:K. [default: power:1]")),

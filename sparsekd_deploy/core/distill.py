@@ -227,7 +227,7 @@ class StagedDistiller:
         accepted = self._setup(resuming)
         calib = list(self.train[: cfg.calib_batches * cfg.batch_size].split(cfg.batch_size))
         status, reason = "complete", f"reached {self.pattern.spec} in {cfg.stages} stage(s)"
-        for stage in plan(self.pattern, cfg.stages, cfg.steps_per_stage, cfg.step_schedule)[accepted:]:
+        for stage in plan(self.pattern, cfg.stages, cfg.steps_per_stage, cfg.step_schedule, cfg.sparsity_schedule)[accepted:]:
             ctx = ScoringContext(self.raw, self.pruner.layers, calib, masks=self.masks,
                                  kd_loss=lambda ids: self.loss_on(ids.to(self.device)))
             self.masks = self.pruner.stage_masks(score(cfg.importance, ctx), stage.fraction)

@@ -27,13 +27,22 @@ def step_budget(stages: int, steps_per_stage: int, schedule: str) -> list[int]:
     return steps
 
 
-def plan(pattern: Pattern, stages: int, steps_per_stage: int = 0, schedule: str = "equal") -> list[Stage]:
+def fractions(stages: int, sparsity_schedule: str = "linear") -> list[float]:
+    """Share of the final pattern after each stage. ``cubic`` (Zhu & Gupta's gradual-pruning curve,
+    1 - (1 - k/n)^3) removes most weights early, while the model is still close to the teacher, and little at
+    the end, so the last stage has less damage to repair."""
+    if sparsity_schedule == "cubic":
+        return [1 - (1 - k / stages) ** 3 for k in range(1, stages + 1)]
+    return [k / stages for k in range(1, stages + 1)]
+
+
+def plan(pattern: Pattern, stages: int, steps_per_stage: int = 0, schedule: str = "equal",
+         sparsity_schedule: str = "linear") -> list[Stage]:
     """Equal steps from dense to the target. For n:m the zeros per group grow evenly, so 2:4 in two stages
     goes 1-of-4 zero → 2-of-4 zero; in three stages the middle steps mix groups with k and k+1 zeros."""
     out = []
     budget = step_budget(stages, steps_per_stage, schedule) if steps_per_stage else [0] * stages
-    for k in range(1, stages + 1):
-        f = k / stages
+    for k, f in enumerate(fractions(stages, sparsity_schedule), start=1):
         if isinstance(pattern, NM):
             zeros = f * (pattern.m - pattern.n)
             label = f"{pattern.m - zeros:g}:{pattern.m}" if zeros == int(zeros) else f"{pattern.spec}@{f:.0%}"
