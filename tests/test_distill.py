@@ -160,3 +160,34 @@ def test_text_data_and_text_access(tiny_dirs, fast_cfg, tmp_path):
     data.write_text("hello world " * 400)
     res = distill(_cfg(fast_cfg, tiny_dirs["qwen2"], data=str(data), teacher_access="text"))
     assert res.reached_target
+
+
+def test_pickled_weights_refused_and_dir_checks(tmp_path, fast_cfg, tiny_dirs):
+    import shutil
+
+    d = tmp_path / "pickled"
+    d.mkdir()
+    shutil.copy(tiny_dirs["llama"] / "config.json", d / "config.json")
+    (d / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(TeacherNotFoundError, match="pickled .bin/.pt files are refused"):
+        distill(_cfg(fast_cfg, d))
+    (tmp_path / "nocfg").mkdir()
+    with pytest.raises(TeacherNotFoundError, match="no config.json"):
+        distill(_cfg(fast_cfg, tmp_path / "nocfg"))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(TeacherNotFoundError, match="is a file"):
+        distill(_cfg(fast_cfg, tmp_path / "file.txt"))
+
+
+def test_data_dir_of_text_files(tiny_dirs, fast_cfg, tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i in range(3):
+        (d / f"{i}.txt").write_text(f"document {i} says hello world. " * 150)
+    res = distill(_cfg(fast_cfg, tiny_dirs["llama"], data=str(d)))
+    assert res.reached_target
+    (tmp_path / "empty").mkdir()
+    from sparsekd_deploy.errors import DataError
+
+    with pytest.raises(DataError, match="no \\*.txt files"):
+        distill(_cfg(fast_cfg, tiny_dirs["llama"], data=str(tmp_path / "empty"), out=str(tmp_path / "o2")))
