@@ -50,6 +50,12 @@ def slower_layers(profile_json: str | Path, min_speedup: float = 1.0) -> dict[st
             for name, v in layers.items() if v["speedup"] < min_speedup}
 
 
+def _per_layer(shapes: dict[str, tuple[int, int]], by_shape: dict[tuple[int, int], dict]) -> dict:
+    """Spread per-shape timings over the layers of that shape, with the dense/sparse speedup."""
+    return {name: {"shape_out_in": list(s), **by_shape[s], "speedup": by_shape[s]["dense_ms"] / by_shape[s]["sparse_ms"]}
+            for name, s in shapes.items()}
+
+
 def _cuda_ms(fn, repeats: int) -> float:
     import torch
 
@@ -82,8 +88,7 @@ def time_layers_torch(shapes: dict[str, tuple[int, int]], tokens: int, dtype: st
         except (RuntimeError, ValueError):  # shape the kernels do not take: it stays dense
             sparse = float("inf")
         by_shape[(out_f, in_f)] = {"dense_ms": dense, "sparse_ms": sparse}
-    return {name: {"shape_out_in": list(s), **by_shape[s], "speedup": by_shape[s]["dense_ms"] / by_shape[s]["sparse_ms"]}
-            for name, s in shapes.items()}
+    return _per_layer(shapes, by_shape)
 
 
 def time_model_torch(model_dir: Path, batch: int, seq: int, dtype: str = "fp16", repeats: int = 10) -> float:
@@ -131,8 +136,7 @@ def time_layers_tensorrt(shapes: dict[str, tuple[int, int]], tokens: int, repeat
         return _cuda_ms(lambda: ctx.execute_async_v3(stream), repeats)
 
     by_shape = {s: {"dense_ms": engine_ms(*s, False), "sparse_ms": engine_ms(*s, True)} for s in set(shapes.values())}
-    return {name: {"shape_out_in": list(s), **by_shape[s], "speedup": by_shape[s]["dense_ms"] / by_shape[s]["sparse_ms"]}
-            for name, s in shapes.items()}
+    return _per_layer(shapes, by_shape)
 
 
 def profile(model_dir: Path, target: str, batch: int, seq: int, dtype: str = "fp16") -> dict:

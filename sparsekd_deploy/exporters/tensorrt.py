@@ -44,6 +44,20 @@ def import_tensorrt():
     return trt
 
 
+def list_logger(trt, lines: list[str]):
+    """A TensorRT logger that keeps every message (VERBOSE included) in ``lines``, tagged like TensorRT's own."""
+
+    class ListLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            tag = {trt.ILogger.VERBOSE: "V", trt.ILogger.INFO: "I", trt.ILogger.WARNING: "W"}.get(severity, "E")
+            lines.append(f"[TRT] [{tag}] {msg}")
+
+    return ListLogger()
+
+
 def trt_major(trt) -> int:
     return int(trt.__version__.split(".")[0])
 
@@ -74,16 +88,7 @@ def build_engine(onnx_fp32: Path, onnx_fp16: Path | None, out_dir: Path, profile
         sparse = False
     major = trt_major(trt)
     lines: list[str] = []
-
-    class CaptureLogger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-
-        def log(self, severity, msg):
-            tag = {trt.ILogger.VERBOSE: "V", trt.ILogger.INFO: "I", trt.ILogger.WARNING: "W"}.get(severity, "E")
-            lines.append(f"[TRT] [{tag}] {msg}")
-
-    logger = CaptureLogger()
+    logger = list_logger(trt, lines)
     builder = trt.Builder(logger)
     if major >= 11:
         # Strongly typed: the graph's dtypes are the precision. FP16 needs the FP16 graph.

@@ -19,6 +19,20 @@ TARGETS: Registry[type[Target]] = Registry("target")
 
 
 @dataclass
+class DecodeState:
+    last_logits: np.ndarray  # [B, V] logits of the last position
+    past: object  # the runtime's KV cache (None without one)
+    ids: np.ndarray  # every token seen so far
+
+
+def decoder_feed(ids: np.ndarray, past_len: int) -> dict[str, np.ndarray]:
+    """The non-cache inputs of a decoder step: ids, an all-ones attention mask over past + new, positions."""
+    B, L = ids.shape
+    return {"input_ids": ids, "attention_mask": np.ones((B, past_len + L), dtype=np.int64),
+            "position_ids": np.broadcast_to(np.arange(past_len, past_len + L, dtype=np.int64), (B, L)).copy()}
+
+
+@dataclass
 class Generation:
     tokens: np.ndarray  # [B, new_tokens] int64
     entropies: np.ndarray  # [B, new_tokens] nats of each step's sampling distribution (0 for greedy)
@@ -103,15 +117,20 @@ class Target:
         return ids.astype(np.int64)
 
     # -- for subclasses ---------------------------------------------------------------------------------
+    def _forward(self, ids: np.ndarray, past, past_len: int) -> tuple[np.ndarray, object]:
+        """Run ``ids`` after ``past_len`` cached positions; return (float32 logits [B, L, V], new cache)."""
+        raise NotImplementedError
+
     def _logits(self, ids: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        return self._forward(ids, None, 0)[0]
 
-    def _start(self, ids: np.ndarray):
-        """Run the prompt; return a state with ``last_logits`` [B, V]."""
-        raise NotImplementedError
+    def _start(self, ids: np.ndarray) -> DecodeState:
+        logits, past = self._forward(ids, None, 0)
+        return DecodeState(logits[:, -1], past, ids)
 
-    def _step(self, state, next_ids: np.ndarray):
-        raise NotImplementedError
+    def _step(self, state: DecodeState, next_ids: np.ndarray) -> DecodeState:
+        logits, past = self._forward(next_ids, state.past, state.ids.shape[1])
+        return DecodeState(logits[:, -1], past, np.concatenate([state.ids, next_ids], 1))
 
     def describe(self) -> dict:
         return {"runtime": self.name}

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .base import TARGETS, Target, TargetError
+from .base import TARGETS, DecodeState, Target, TargetError, decoder_feed
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -34,13 +33,6 @@ def provider_config(provider: str, fp16: bool = False, cache_dir: str | None = N
     if provider == "cuda":
         return [name, "CPUExecutionProvider"]
     return [name]
-
-
-@dataclass
-class _State:
-    last_logits: np.ndarray
-    past: dict[str, np.ndarray] | None
-    ids: np.ndarray  # everything seen so far (needed without a KV cache)
 
 
 @TARGETS.register("onnxruntime")
@@ -80,12 +72,8 @@ class OnnxRuntimeTarget(Target):
                 "providers": self.session.get_providers(), "kv_cache": self.has_kv_cache}
 
     def _feed(self, ids: np.ndarray, past: dict | None, past_len: int) -> dict:
-        B, L = ids.shape
-        feed = {"input_ids": ids}
-        if "attention_mask" in self.inputs:
-            feed["attention_mask"] = np.ones((B, past_len + L), dtype=np.int64)
-        if "position_ids" in self.inputs:
-            feed["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + L, dtype=np.int64), (B, L)).copy()
+        B = ids.shape[0]
+        feed = {k: v for k, v in decoder_feed(ids, past_len).items() if k in self.inputs}
         for name in self.past_names:
             if past is None:
                 meta = self.inputs[name]
@@ -95,26 +83,14 @@ class OnnxRuntimeTarget(Target):
                 feed[name] = past[name]
         return feed
 
-    def _run(self, ids, past, past_len):
+    def _forward(self, ids, past, past_len):
         outs = self.session.run(None, self._feed(ids, past, past_len))
         named = dict(zip([o.name for o in self.session.get_outputs()], outs, strict=True))
         new_past = {p: named[self.present_for[p]] for p in self.past_names} if self.past_names else None
-        return named["logits"], new_past
-
-    def _logits(self, ids):
-        logits, _ = self._run(ids, None, 0)
-        return logits.astype(np.float32)
-
-    def _start(self, ids):
-        logits, past = self._run(ids, None, 0)
-        return _State(logits[:, -1].astype(np.float32), past, ids)
+        return named["logits"].astype(np.float32), new_past
 
     def _step(self, state, next_ids):
-        ids = np.concatenate([state.ids, next_ids], 1)
-        if self.max_positions and ids.shape[1] > self.max_positions:
-            raise TargetError(f"generation reached the model's {self.max_positions} positions")
         if self.has_kv_cache:
-            logits, past = self._run(next_ids, state.past, state.ids.shape[1])
-        else:
-            logits, past = self._run(ids, None, 0)
-        return _State(logits[:, -1].astype(np.float32), past, ids)
+            return super()._step(state, next_ids)
+        ids = np.concatenate([state.ids, next_ids], 1)  # no cache: rerun the whole sequence
+        return DecodeState(self._forward(ids, None, 0)[0][:, -1], None, ids)

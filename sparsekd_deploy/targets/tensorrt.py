@@ -6,22 +6,14 @@ Compatibility (TensorRT version, compute capability, the plan header) is checked
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..exporters.tensorrt import import_tensorrt
+from ..exporters.tensorrt import import_tensorrt, list_logger
 from ..exporters.trt_compat import check_compat, check_plan_file, this_machine
 from ..exporters.trt_logs import parse_deserialize_error
-from .base import TARGETS, Target, TargetError
-
-
-@dataclass
-class _State:
-    last_logits: np.ndarray
-    past: dict  # input name -> torch CUDA tensor
-    ids: np.ndarray
+from .base import TARGETS, Target, TargetError, decoder_feed
 
 
 @TARGETS.register("tensorrt")
@@ -38,15 +30,7 @@ class TensorRTTarget(Target):
         check_plan_file(plan, engine)
         self.trt, self.torch = trt, torch
         log: list[str] = []
-
-        class Logger(trt.ILogger):
-            def __init__(self):
-                trt.ILogger.__init__(self)
-
-            def log(self, severity, msg):
-                log.append(msg)
-
-        self._logger = Logger()  # must outlive the engine
+        self._logger = list_logger(trt, log)  # must outlive the engine
         runtime = trt.Runtime(self._logger)
         self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
@@ -70,11 +54,10 @@ class TensorRTTarget(Target):
         return {trt.DataType.FLOAT: t.float32, trt.DataType.HALF: t.float16, trt.DataType.INT64: t.int64,
                 trt.DataType.INT32: t.int32, trt.DataType.BOOL: t.bool}[self.engine.get_tensor_dtype(name)]
 
-    def _run(self, ids: np.ndarray, past: dict | None, past_len: int) -> tuple[np.ndarray, dict]:
+    def _forward(self, ids: np.ndarray, past: dict | None, past_len: int) -> tuple[np.ndarray, dict]:
         torch = self.torch
-        B, L = ids.shape
-        host = {"input_ids": ids, "attention_mask": np.ones((B, past_len + L), dtype=np.int64),
-                "position_ids": np.broadcast_to(np.arange(past_len, past_len + L), (B, L)).copy()}
+        B = ids.shape[0]
+        host = decoder_feed(ids, past_len)
         keep = []
         for name in self.inputs:
             if name in self.past_names:
@@ -98,14 +81,3 @@ class TensorRTTarget(Target):
         self.stream.synchronize()
         new_past = {p: outs[p.replace("past_key_values.", "present.")] for p in self.past_names}
         return outs["logits"].float().cpu().numpy(), new_past
-
-    def _logits(self, ids):
-        return self._run(ids, None, 0)[0]
-
-    def _start(self, ids):
-        logits, past = self._run(ids, None, 0)
-        return _State(logits[:, -1], past, ids)
-
-    def _step(self, state, next_ids):
-        logits, past = self._run(next_ids, state.past, state.ids.shape[1])
-        return _State(logits[:, -1], past, np.concatenate([state.ids, next_ids], 1))

@@ -6,7 +6,6 @@ On a CPU it runs dense (``sparse=False``): the same Target interface, so the log
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,13 +46,6 @@ def to_semi_structured(model: nn.Module, skip=("lm_head",)) -> dict[str, str]:
     return report
 
 
-@dataclass
-class _State:
-    last_logits: np.ndarray
-    past: object
-    ids: np.ndarray
-
-
 @TARGETS.register("torch")
 class TorchTarget(Target):
     name = "torch"
@@ -91,17 +83,6 @@ class TorchTarget(Target):
                 "sparse_layers": sum(v == "sparse" for v in self.layers.values())}
 
     @torch.no_grad()
-    def _forward(self, ids: np.ndarray, past=None):
+    def _forward(self, ids: np.ndarray, past, past_len: int):
         out = self.model(input_ids=torch.from_numpy(ids).to(self.device), past_key_values=past, use_cache=True)
         return out.logits.float().cpu().numpy(), out.past_key_values
-
-    def _logits(self, ids):
-        return self._forward(ids)[0]
-
-    def _start(self, ids):
-        logits, past = self._forward(ids)
-        return _State(logits[:, -1], past, ids)
-
-    def _step(self, state, next_ids):
-        logits, past = self._forward(next_ids, state.past)
-        return _State(logits[:, -1], past, np.concatenate([state.ids, next_ids], 1))

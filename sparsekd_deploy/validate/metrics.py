@@ -8,7 +8,7 @@ from ..core import consistency
 from .references import References
 
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
+def log_softmax(z: np.ndarray) -> np.ndarray:
     z = z.astype(np.float64)
     z = z - z.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
@@ -17,7 +17,7 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 def distribution_metrics(logits: np.ndarray, ref: References) -> dict:
     """kl_topk (KL over the teacher's top-k buckets + tail: a lower bound of the full KL), top-1, ppl ratio."""
     t = ref.tensors
-    logq = _log_softmax(logits)
+    logq = log_softmax(logits)
     q_top = np.take_along_axis(logq, t["topk_idx"], -1)
     q_head = np.log(np.clip(np.exp(q_top).sum(-1), None, 1 - 1e-12))
     q_tail = np.log1p(-np.exp(q_head))

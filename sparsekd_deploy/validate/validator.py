@@ -50,7 +50,7 @@ def _full_kl(bundle: Bundle, target, refs: References) -> float | None:
     ids = refs.tensors["input_ids"]
     with torch.no_grad():
         logp = torch.log_softmax(load_model(path)(input_ids=torch.from_numpy(ids)).logits.double(), -1).numpy()
-    logq = M._log_softmax(target.logits(ids))
+    logq = M.log_softmax(target.logits(ids))
     return float((np.exp(logp) * (logp - logq)).sum(-1).mean())
 
 
