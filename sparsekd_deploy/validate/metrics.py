@@ -35,10 +35,10 @@ def distribution_metrics(logits: np.ndarray, ref: References) -> dict:
     }
 
 
-def run_all(target, ref: References) -> dict:
-    """Every metric of DESIGN.md on ``target``."""
+def run_all(target, ref: References, logits: np.ndarray | None = None) -> dict:
+    """Every metric of DESIGN.md on ``target`` (``logits``: the target's on the reference prompts, if already run)."""
     t, meta = ref.tensors, ref.meta
-    out = distribution_metrics(target.logits(t["input_ids"]), ref)
+    out = distribution_metrics(target.logits(t["input_ids"]) if logits is None else logits, ref)
     prefix = t["input_ids"][:, : meta["prefix"]]
     greedy = target.generate(prefix, meta["greedy_tokens"]).tokens
     out["greedy_match"] = float((greedy == t["greedy"]).all(-1).mean())
