@@ -108,14 +108,17 @@ def time_layers_tensorrt(shapes: dict[str, tuple[int, int]], tokens: int, repeat
     import numpy as np
     import torch
 
-    from .exporters.tensorrt import import_tensorrt
+    from .exporters.tensorrt import import_tensorrt, trt_major
 
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.ERROR)
+    # FP16 I/O and weights only mean FP16 math in a strongly typed network: a weakly typed TensorRT 10 network
+    # without BuilderFlag.FP16 may run the GEMM in FP32, where 2:4 has nothing to offer. 11.x is always strongly typed.
+    flags = 0 if trt_major(trt) >= 11 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
     def engine_ms(out_f, in_f, sparse):
         builder = trt.Builder(logger)
-        net = builder.create_network(0)
+        net = builder.create_network(flags)
         x = net.add_input("x", trt.float16, (tokens, in_f))
         w = np.random.default_rng(0).standard_normal((in_f, out_f)).astype(np.float16)
         w.reshape(in_f // 4, 4, out_f)[:, :2, :] = 0  # 2:4 along K, the reduction axis of x @ W
