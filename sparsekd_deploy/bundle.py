@@ -129,15 +129,24 @@ class Bundle:
     def model_path(self) -> Path:
         return self.file(self.manifest["model"]["onnx"])
 
-    def add_files(self, files: dict[str, Path], manifest_updates: dict) -> None:
-        """Move new files into the bundle and rewrite the manifest with their checksums (atomically)."""
+    def add_files(self, files: dict[str, Path], manifest_updates: dict, drop: tuple | list = ()) -> None:
+        """Move new files into the bundle and rewrite the manifest with their checksums (atomically).
+        Only these files are added: strays a tool left in the directory (a trtexec timing cache, a log) are not
+        blessed into the checksum table."""
+        table = dict(self.manifest.get("files", {}))
+        for rel in drop:  # files this update makes stale: unlisted first, deleted once the manifest says so
+            table.pop(rel, None)
         for rel, src in files.items():
             dst = self.path / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dst)
+            table[rel] = {"sha256": sha256_file(dst), "bytes": dst.stat().st_size}
         self.manifest.update(manifest_updates)
-        self.manifest["files"] = file_table(self.path)
+        self.manifest["files"] = dict(sorted(table.items()))
         write_json_atomic(self.path / MANIFEST, self.manifest)
+        for rel in drop:
+            if rel not in files:
+                (self.path / rel).unlink(missing_ok=True)
 
     def write_validation(self, report: dict) -> Path:
         path = self.path / "validation.json"

@@ -25,7 +25,8 @@ class RichReporter:
         self.task = None
 
     def note(self, message: str) -> None:
-        self.console.print(f"[dim]•[/dim] {message}")
+        # soft_wrap: long command lines in notes must survive copy-paste (no hard line breaks inserted).
+        self.console.print(f"[dim]•[/dim] {message}", soft_wrap=True)
 
     def stage_begin(self, label: str, steps: int) -> None:
         self.progress = Progress(

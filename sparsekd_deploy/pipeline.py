@@ -8,9 +8,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.markup import escape
+
 from .bundle import Bundle, BundleWriter
 from .config import DistillConfig
 from .core.patterns import NM, make_pattern
+from .exporters.trt_profiles import shell_line
 from .models.loading import max_positions
 
 
@@ -176,9 +179,16 @@ def _validate_on_target(out: Path, opts: BuildOptions, gates, reporter, distilla
             runtime = "tensorrt"
         else:
             res["engine"] = {"status": "to be built on the device", **step}
-            reporter.note("TensorRT/GPU not available here: the engine will be built on the device. There run\n"
-                          f"    {step['python_builder_line'].replace('<BUNDLE>', str(out))}\n  or with trtexec (TensorRT 10.x):\n"
-                          f"    {step['trtexec_tensorrt10_line']}\n  Validating the ONNX graph on onnxruntime (CPU) meanwhile.")
+            def line(argv, bundle):
+                return shell_line([bundle if a == "<BUNDLE>" else a for a in argv])
+
+            reporter.note(escape(
+                "TensorRT/GPU not available here: the engine will be built on the device. There run\n"
+                f"    {line(step['python_builder'], str(out))}\n"
+                "  or, with trtexec (TensorRT 10.x; the 11.x line is in engine_build.json), in the bundle dir:\n"
+                f"    {step['trtexec_tensorrt10_line']} > trtexec.log 2>&1\n"
+                f"    {line(step['trtexec_register'], '.')}\n"
+                "  Validating the ONNX graph on onnxruntime (CPU) meanwhile."))
             provider = "cpu"
     elif opts.target == "torch":
         if here["compute_capability"]:

@@ -110,7 +110,7 @@ def time_layers_tensorrt(shapes: dict[str, tuple[int, int]], tokens: int, repeat
 
     from .exporters.tensorrt import import_tensorrt, trt_major
 
-    trt = import_tensorrt()
+    trt = import_tensorrt("or time the layers with `--target torch` (PyTorch 2:4 kernels)")
     logger = trt.Logger(trt.Logger.ERROR)
     # FP16 I/O and weights only mean FP16 math in a strongly typed network: a weakly typed TensorRT 10 network
     # without BuilderFlag.FP16 may run the GEMM in FP32, where 2:4 has nothing to offer. 11.x is always strongly typed.

@@ -120,3 +120,29 @@ def exported(pruned_dirs, tmp_path_factory):
         export_onnx(d, path)
         out[fam] = (load_model(d), path)
     return out
+
+
+FAST_BUILD = ["--stages", "2", "--steps-per-stage", "4", "--retries", "0", "--kl-budget", "50", "--seq-len", "32",
+              "--num-samples", "16", "--batch-size", "4", "--max-kl", "5", "--min-top1", "0",
+              "--min-greedy-match", "0", "--max-ppl-ratio", "100", "--min-consistency-ratio", "0"]
+
+
+@pytest.fixture(scope="session")
+def trt_bundle(tiny_dirs, tmp_path_factory):
+    """`build --target tensorrt` on a machine without TensorRT/GPU: (bundle dir, CLI output, JSON summary)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from sparsekd_deploy.cli import main
+    from sparsekd_deploy.exporters.trt_compat import this_machine
+
+    if this_machine()["tensorrt_version"] and this_machine()["compute_capability"]:
+        pytest.skip("TensorRT and a GPU are here: the engine is built for real (tensorrt-marked tests)")
+    root = tmp_path_factory.mktemp("trt")
+    r = CliRunner().invoke(main, ["build", "--target", "tensorrt", "--teacher", str(tiny_dirs["llama"]),
+                                  "--out", str(root / "b"), "--run-dir", str(root / "run"), "--batch", "1,2,4",
+                                  "--seq", "1,16,32", "--past", "0,16,32", "--json", *FAST_BUILD],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return root / "b", r.output, json.loads(r.stdout[r.stdout.index("{"):])

@@ -108,33 +108,29 @@ def test_build_refuses_existing_bundle(bundle, tiny_dirs):
     assert r.exit_code == 2 and "--overwrite" in r.output
 
 
-def test_build_tensorrt_without_gpu_writes_device_step(tiny_dirs, tmp_path):
-    import onnxruntime  # noqa: F401
-
-    from sparsekd_deploy.exporters.trt_compat import this_machine
-
-    if this_machine()["tensorrt_version"] and this_machine()["compute_capability"]:
-        pytest.skip("TensorRT and a GPU are here: the engine is built for real (tensorrt-marked tests)")
-    r = run(["build", "--target", "tensorrt", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"),
-             "--run-dir", str(tmp_path / "run"), "--batch", "1,2,4", "--seq", "1,16,32", "--past", "0,16,32",
-             "--json", *FAST, *LOOSE])
-    assert r.exit_code == 0, r.output
-    res = json.loads(r.stdout[r.stdout.index("{"):])
+def test_build_tensorrt_without_gpu_writes_device_step(trt_bundle):
+    path, output, res = trt_bundle
     assert res["engine"]["status"] == "to be built on the device"
-    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    m = json.loads((path / "manifest.json").read_text())
     assert "engine.plan" not in m["files"] and "engine" not in m  # no engine is faked
     assert "model.fp16.onnx" in m["files"] and "engine_build.json" in m["files"]
-    step = json.loads((tmp_path / "b" / "engine_build.json").read_text())
+    step = json.loads((path / "engine_build.json").read_text())
     assert step["python_builder"][:3] == ["sparsekd-deploy", "engine", "build"]
     assert "--batch" in step["python_builder"] and "1,2,4" in step["python_builder"]
     v10 = step["trtexec_tensorrt10"]
     assert "--sparsity=enable" in v10 and "--fp16" in v10
     assert any(a.startswith("--maxShapes=") and "input_ids:4x32" in a and "attention_mask:4x64" in a for a in v10)
     assert "--stronglyTyped" in step["trtexec_tensorrt11"] and "--onnx=model.fp16.onnx" in step["trtexec_tensorrt11"]
-    assert "engine will be built on the device" in r.output
-    r = run(["validate", str(tmp_path / "b"), "--runtime", "tensorrt"])
+    assert step["trtexec_register"][:3] == ["sparsekd-deploy", "engine", "add"]
+    assert "engine will be built on the device" in output
+    # The printed commands are whole lines (copy-paste safe), with the bundle filled in.
+    assert any(line.strip().startswith("sparsekd-deploy engine build ") and str(path) in line and "--past 0,16,32" in line
+               for line in output.splitlines())
+    assert any(line.strip().startswith("trtexec --onnx=model.onnx") and line.rstrip().endswith("> trtexec.log 2>&1")
+               for line in output.splitlines())
+    r = run(["validate", str(path), "--runtime", "tensorrt"])
     assert r.exit_code == 2 and "no engine yet" in r.output
-    r = run(["inspect", str(tmp_path / "b")])
+    r = run(["inspect", str(path)])
     assert r.exit_code == 0 and "built on the device" in r.output
 
 

@@ -26,8 +26,19 @@ def test_profile_from_cli_and_shapes():
 
 
 def test_default_profile_follows_model_positions():
+    # A KV-cache engine needs room for a past: the model's positions are split, not all given to the prompt.
     p = Profile.from_cli(None, None, None, max_positions=256)
-    assert p.seq.max + p.past.max <= 256 and p.seq.min == 1
+    assert (p.seq, p.past) == (Range(1, 128, 128), Range(0, 128, 128))
+    assert Profile.from_cli(None, None, None, max_positions=4096) == Profile()  # defaults fit: untouched
+
+
+def test_axes_left_out_fit_around_the_ones_given():
+    p = Profile.from_cli("1,1,2", None, "0,64,200", max_positions=256)
+    assert p.seq == Range(1, 56, 56) and p.batch == Range(1, 1, 2)
+    p = Profile.from_cli(None, "1,64,200", None, max_positions=256)
+    assert p.past == Range(0, 56, 56)
+    p = Profile.from_cli(None, "1,64,256", None, max_positions=256)
+    assert p.past == Range(0, 0, 0)  # the user asked for every position as prompt
 
 
 @pytest.mark.parametrize("args,needle", [

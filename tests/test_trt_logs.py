@@ -98,3 +98,15 @@ def test_report_combines_log_and_inspector():
     rep = T.sparsity_report(log, T.parse_inspector(read("06-")))
     assert rep["summary"] == "3 layer(s) eligible, 0 picked a sparse tactic"
     assert "below VERBOSE" in T.sparsity_report(T.parse_sparsity("nothing here"), None)["summary"]
+
+
+def test_trtexec_build_facts_per_version():
+    # 8.4 banner code v8402 (major·1000 + minor·100 + patch); FP32 build with --sparsity=force.
+    assert T.parse_trtexec_build(read("03-")) == {
+        "tensorrt_version": "8.4.2", "precision_line": "FP32", "precision": "fp32",
+        "sparsity_option": "Forced", "sparse_weights": True}
+    # 10.16 banner code v101601 (major·10000 + minor·100 + patch); dense run.
+    facts = T.parse_trtexec_build(read("16-"))
+    assert facts["tensorrt_version"] == "10.16.1" and facts["sparse_weights"] is False
+    assert "compute_capability" not in facts  # that excerpt omits the device block: nothing is guessed
+    assert T.version_from_code(100100) == "10.1.0" and T.version_from_code(8601) == "8.6.1"

@@ -22,8 +22,8 @@ from .gates import gate_options, gates_from
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's choice).")
 @click.option("--fp16", is_flag=True, help="Also write an FP16 copy of the graph (always for tensorrt).")
 @click.option("--batch", help="tensorrt: batch profile MIN,OPT,MAX. [default: 1,1,4]")
-@click.option("--seq", help="tensorrt: sequence profile MIN,OPT,MAX. [default: 1,128,512, capped by the model]")
-@click.option("--past", help="tensorrt: past-length profile MIN,OPT,MAX. [default: 0,128,512, capped by the model]")
+@click.option("--seq", help="tensorrt: sequence profile MIN,OPT,MAX. [default: 1,128,512; with --past, within the model's positions]")
+@click.option("--past", help="tensorrt: past-length profile MIN,OPT,MAX. [default: 0,128,512; with --seq, within the model's positions]")
 @click.option("--workspace", type=int, default=4096, show_default=True, help="tensorrt: workspace limit (MiB).")
 @gate_options
 @distill_options

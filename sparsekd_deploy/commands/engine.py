@@ -34,8 +34,8 @@ def engine_group():
 @engine_group.command("build")
 @click.argument("bundle", type=click.Path())
 @click.option("--batch", help="Batch profile MIN,OPT,MAX. [default: 1,1,4]")
-@click.option("--seq", help="Sequence profile MIN,OPT,MAX. [default: 1,128,512, capped by the model]")
-@click.option("--past", help="Past-length profile MIN,OPT,MAX. [default: 0,128,512, capped by the model]")
+@click.option("--seq", help="Sequence profile MIN,OPT,MAX. [default: 1,128,512; with --past, within the model's positions]")
+@click.option("--past", help="Past-length profile MIN,OPT,MAX. [default: 0,128,512; with --seq, within the model's positions]")
 @click.option("--workspace", type=int, default=4096, show_default=True, help="Workspace limit in MiB.")
 @click.option("--fp32", is_flag=True, help="Build FP32 instead of FP16.")
 @click.option("--dense", is_flag=True, help="Do not enable SPARSE_WEIGHTS.")
@@ -56,3 +56,28 @@ def engine_build_cmd(bundle, batch, seq, past, workspace, fp32, dense, as_json):
     else:
         err_console.print(f"engine.plan built with TensorRT {res.engine['tensorrt_version']} for "
                           f"{res.engine['device_name']} (sm {res.engine['compute_capability']}): {res.sparsity['summary']}")
+
+
+@engine_group.command("add")
+@click.argument("bundle", type=click.Path())
+@click.option("--plan", "plan", required=True, type=click.Path(), help="The engine trtexec wrote (--saveEngine).")
+@click.option("--log", "log", type=click.Path(), help="trtexec's output (run with --verbose for the sparsity lines).")
+@click.option("--layers", type=click.Path(), help="The JSON trtexec wrote with --exportLayerInfo.")
+@click.option("--compute-capability", help="The building GPU's, e.g. 8.7 (default: from the log, else this GPU).")
+@click.option("--device-name", help="The building GPU's name (default: from the log, else this GPU).")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def engine_add_cmd(bundle, plan, log, layers, compute_capability, device_name, as_json):
+    """Add an engine built with trtexec (the line in engine_build.json) to the bundle, with its sparsity report."""
+    from ..bundle import Bundle
+    from ..exporters.engine_register import register_engine
+
+    b = Bundle.open(bundle)
+    record, report = register_engine(b, Path(plan), log=Path(log) if log else None,
+                                     layers=Path(layers) if layers else None,
+                                     compute_capability=compute_capability, device_name=device_name)
+    if as_json:
+        stdout_json({"engine": record, "sparsity": report})
+    else:
+        err_console.print(f"engine.plan added: TensorRT {record['tensorrt_version']}, {record['device_name'] or '?'} "
+                          f"(sm {record['compute_capability']}), {record['precision']}: {report['summary']}")

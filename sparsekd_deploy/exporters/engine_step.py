@@ -28,11 +28,17 @@ def write_device_step(bundle_dir: Path, profile: Profile, *, fp16: bool, sparse:
     python = ["sparsekd-deploy", "engine", "build", "<BUNDLE>", "--batch", _r(profile.batch), "--seq", _r(profile.seq),
               "--past", _r(profile.past), "--workspace", str(workspace_mib)] + ([] if fp16 else ["--fp32"]) + \
              ([] if sparse else ["--dense"])
+    # After trtexec (run in the bundle dir, output saved to trtexec.log), this adds the plan to the manifest.
+    register = ["sparsekd-deploy", "engine", "add", "<BUNDLE>", "--plan", "engine.plan", "--log", "trtexec.log",
+                "--layers", "engine.layers.json"]
     step = {
-        "note": "TensorRT engines are tied to the TensorRT version and GPU that build them: build on the device.",
+        "note": "TensorRT engines are tied to the TensorRT version and GPU that build them: build on the device. "
+                "Either run python_builder, or in the bundle dir run a trtexec line with its output saved to "
+                "trtexec.log, then trtexec_register.",
         "python_builder": python, "python_builder_line": shell_line(python),
         "trtexec_tensorrt10": v10, "trtexec_tensorrt10_line": shell_line(v10),
         "trtexec_tensorrt11": v11, "trtexec_tensorrt11_line": shell_line(v11),
+        "trtexec_register": register, "trtexec_register_line": shell_line(register),
         "profile": profile.to_dict(), "fp16": fp16, "sparse_weights": sparse, "workspace_mib": workspace_mib,
     }
     (bundle_dir / STEP_FILE).write_text(json.dumps(step, indent=2) + "\n")

@@ -33,13 +33,16 @@ class EngineBuildError(SparseKDError):
     exit_code = 1
 
 
-def import_tensorrt():
+BUILD_HINT = "the engine is built on the device: copy the bundle there and run `sparsekd-deploy engine build BUNDLE`"
+RUN_HINT = "an engine runs only where it was built: validate on that device (`sparsekd-deploy validate BUNDLE --runtime tensorrt`)"
+
+
+def import_tensorrt(hint: str = BUILD_HINT):
     try:
         import tensorrt as trt
     except ImportError:
         raise TensorRTUnavailableError(
-            "TensorRT is not installed here (pip install tensorrt, or use the JetPack one on Jetson); "
-            "the engine is built on the device: copy the bundle there and run `sparsekd-deploy engine build BUNDLE`"
+            f"TensorRT is not installed here (pip install tensorrt, or use the JetPack one on Jetson); {hint}"
         ) from None
     return trt
 

@@ -165,6 +165,43 @@ def parse_trtexec_performance(text: str) -> dict:
     return out
 
 
+def version_from_code(code: int) -> str:
+    """trtexec's banner code: ``v8402`` → 8.4.2 (major·1000 + minor·100 + patch, TensorRT ≤ 9),
+    ``v101601`` → 10.16.1 (major·10000 + minor·100 + patch, TensorRT ≥ 10)."""
+    if code >= 100000:
+        return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
+    return f"{code // 1000}.{code // 100 % 10}.{code % 100}"
+
+
+def parse_trtexec_build(text: str) -> dict:
+    """What a trtexec run says about the engine it built: TensorRT version (banner, or the ``TensorRT version:``
+    line of newer releases), the selected GPU and its compute capability, precision, sparsity and typing mode.
+    Keys are present only where the log says so."""
+    text = strip_comments(text)
+    out: dict = {}
+    m = re.search(r"TensorRT version: (\d+\.\d+\.\d+)", text)
+    if m:
+        out["tensorrt_version"] = m.group(1)
+    else:
+        m = re.search(r"\[TensorRT v(\d+)\]", text)
+        if m:
+            out["tensorrt_version"] = version_from_code(int(m.group(1)))
+    for key, pat in (("device_name", r"\] Selected Device: (.+?)\s*$"),
+                     ("compute_capability", r"\] Compute Capability: (\d+\.\d+)\s*$"),
+                     ("precision_line", r"\] Precision: (.*?)\s*$"),
+                     ("sparsity_option", r"\] Sparsity: (\w+)\s*$")):
+        m = re.search(pat, text, re.MULTILINE)
+        if m:
+            out[key] = m.group(1)
+    if "precision_line" in out:
+        out["precision"] = "fp16" if "FP16" in out["precision_line"].upper() else "fp32"
+    if "sparsity_option" in out:
+        out["sparse_weights"] = out["sparsity_option"].lower() in ("enabled", "forced")
+    if re.search(r"--stronglyTyped\b", text):
+        out["strongly_typed"] = True
+    return out
+
+
 def sparsity_report(log: SparsityLog, inspector: dict | None) -> dict:
     """Eligible vs chosen layers, from the log and (when DETAILED) the inspector; says what each source proves."""
     report = {"log": log.to_dict(), "inspector": None}

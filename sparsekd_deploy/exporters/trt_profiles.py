@@ -49,15 +49,20 @@ class Profile:
 
     @classmethod
     def from_cli(cls, batch: str | None, seq: str | None, past: str | None, max_positions: int | None) -> Profile:
+        """Axes the user leaves out follow the model: sequence + past never exceed its positions, and a decode
+        engine keeps room for a past (half the positions when neither axis is given)."""
         d = cls()
-        prof = cls(Range.parse("batch", batch) if batch else d.batch, Range.parse("seq", seq) if seq else d.seq,
-                   Range.parse("past", past) if past else d.past)
-        if max_positions and not (batch or seq or past):
-            # Defaults follow the model: never ask TensorRT for positions the model does not have.
-            s_max = min(prof.seq.max, max_positions)
-            p_max = max(0, max_positions - s_max)
-            prof = cls(prof.batch, Range(1, min(prof.seq.opt, s_max), s_max),
-                       Range(0, min(prof.past.opt, p_max), p_max))
+        b = Range.parse("batch", batch) if batch else d.batch
+        s = Range.parse("seq", seq) if seq else None
+        p = Range.parse("past", past) if past else None
+        if max_positions:
+            if s is None:
+                s_max = min(d.seq.max, max_positions - p.max if p else max_positions // 2)
+                s = Range(1, min(d.seq.opt, s_max), s_max) if s_max >= 1 else d.seq  # else check() says why
+            if p is None:
+                p_max = max(0, min(d.past.max, max_positions - s.max))
+                p = Range(0, min(d.past.opt, p_max), p_max)
+        prof = cls(b, s or d.seq, p or d.past)
         prof.check(max_positions)
         return prof
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exporters.tensorrt import import_tensorrt, list_logger
+from ..exporters.tensorrt import RUN_HINT, import_tensorrt, list_logger
 from ..exporters.trt_compat import check_compat, check_plan_file, this_machine
 from ..exporters.trt_logs import parse_deserialize_error
 from .base import TARGETS, Target, TargetError, decoder_feed
@@ -23,7 +23,7 @@ class TensorRTTarget(Target):
     def __init__(self, model_path: str | Path, engine: dict | None = None, max_positions: int | None = None, **_):
         import torch
 
-        trt = import_tensorrt()
+        trt = import_tensorrt(RUN_HINT)
         plan = Path(model_path)
         engine = engine or {}
         check_compat(engine, this_machine())

@@ -1,0 +1,105 @@
+"""Add an engine that ``trtexec`` built on the device to the bundle (``sparsekd-deploy engine add``).
+
+The trtexec line in ``engine_build.json`` builds ``engine.plan`` outside this tool; this module gives that plan
+the same manifest record the Python builder writes, so ``validate --runtime tensorrt`` and the compatibility
+checks work the same. Facts come from the plan header (TensorRT version), the trtexec log (version, GPU,
+compute capability, precision, sparsity lines) and the ``--exportLayerInfo`` JSON (per-layer tactics); where
+they disagree, the engine is refused. Runs without TensorRT: nothing is deserialised here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import ConfigError
+from .engine_step import STEP_FILE
+from .trt_compat import EngineMismatchError, _ver, read_plan_header, this_machine
+from .trt_logs import SparsityLog, parse_inspector, parse_sparsity, parse_trtexec_build, sparsity_report
+
+ENGINE_FILES = ("engine.plan", "engine.sparsity.json", "engine.build.log", "engine.layers.json")
+
+
+def _read_text(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise ConfigError([f"{what} {path} does not exist"])
+    return path.read_text(errors="replace")
+
+
+def engine_record(plan: Path, log_text: str | None, step: dict, *, compute_capability: str | None = None,
+                  device_name: str | None = None) -> dict:
+    """The manifest's engine record for a plan built by trtexec. Pure: no files written."""
+    header = read_plan_header(plan)
+    info = parse_trtexec_build(log_text) if log_text else {}
+    version = header.version_str or info.get("tensorrt_version")
+    if header.version_str and info.get("tensorrt_version") and \
+            _ver(header.version_str) != _ver(info["tensorrt_version"]):
+        raise EngineMismatchError(f"{plan.name} header says TensorRT {header.version_str}, the log says "
+                                  f"{info['tensorrt_version']}: this log belongs to another build")
+    if not version:
+        raise ConfigError([f"cannot tell which TensorRT built {plan.name} (no version in its header): "
+                           "pass --log with the trtexec output"])
+    if compute_capability and info.get("compute_capability") and compute_capability != info["compute_capability"]:
+        raise EngineMismatchError(f"--compute-capability {compute_capability} but the log says the engine was built "
+                                  f"on {info['compute_capability']} ({info.get('device_name', '?')})")
+    here = this_machine()
+    from_here = not (compute_capability or info.get("compute_capability"))  # registering on the device itself
+    cc = compute_capability or info.get("compute_capability") or here["compute_capability"]
+    if not cc:
+        raise ConfigError(["cannot tell which GPU built the engine: pass --log with the trtexec output, or "
+                           "--compute-capability (e.g. 8.7 for Jetson Orin, 9.0 for H100)"])
+    major = _ver(version)[0]
+    fp16 = info["precision"] == "fp16" if "precision" in info else bool(step.get("fp16", True))
+    strongly_typed = major >= 11 or info.get("strongly_typed", False)
+    return {
+        "plan": "engine.plan", "tensorrt_version": version, "compute_capability": cc,
+        "device_name": device_name or info.get("device_name") or here["device_name"],
+        "cuda_version": here["cuda_version"] if from_here else None,
+        "hardware_compatibility": "none", "version_compatible": False,
+        "precision": "fp16" if fp16 else "fp32", "strongly_typed": strongly_typed,
+        "sparse_weights": info.get("sparse_weights", bool(step.get("sparse_weights", True))),
+        "onnx": "model.fp16.onnx" if (strongly_typed and fp16) else "model.onnx",
+        "profile": step.get("profile"), "workspace_mib": step.get("workspace_mib"),
+        "built_with": "trtexec",
+    }
+
+
+def register_engine(bundle, plan: Path, *, log: Path | None = None, layers: Path | None = None,
+                    compute_capability: str | None = None, device_name: str | None = None) -> tuple[dict, dict]:
+    """Copy the plan (and its log / layer JSON) into the bundle with a manifest record and a sparsity report."""
+    plan = Path(plan)
+    if not plan.is_file():
+        raise ConfigError([f"engine plan {plan} does not exist"])
+    log_text = _read_text(Path(log), "log") if log else None
+    layer_text = _read_text(Path(layers), "layer info") if layers else None
+    step = json.loads((bundle.path / STEP_FILE).read_text()) if (bundle.path / STEP_FILE).is_file() else {}
+    record = engine_record(plan, log_text, step, compute_capability=compute_capability, device_name=device_name)
+
+    try:
+        inspector = parse_inspector(layer_text) if layer_text else None
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"layer info {layers} is not JSON ({e.msg} at line {e.lineno}): pass the file "
+                           "trtexec wrote with --exportLayerInfo"]) from None
+    report = sparsity_report(parse_sparsity(log_text) if log_text else SparsityLog(), inspector)
+    if not log_text:
+        report["summary"] = "no build log given: eligible layers unknown" + (
+            f"; {len(report['layers_with_sparse_tactic'])} layer(s) run a sparse tactic (layer info)" if inspector else "")
+    report["sparse_weights_flag"] = record["sparse_weights"]
+    record["sparsity_summary"] = report["summary"]
+
+    with tempfile.TemporaryDirectory(dir=bundle.path) as tmp:
+        staged = {"engine.plan": Path(tmp) / "engine.plan", "engine.sparsity.json": Path(tmp) / "engine.sparsity.json"}
+        shutil.copyfile(plan, staged["engine.plan"])
+        staged["engine.sparsity.json"].write_text(json.dumps(report, indent=2))
+        if log_text is not None:
+            staged["engine.build.log"] = Path(tmp) / "engine.build.log"
+            staged["engine.build.log"].write_text(log_text)
+        if layer_text is not None:
+            staged["engine.layers.json"] = Path(tmp) / "engine.layers.json"
+            staged["engine.layers.json"].write_text(layer_text)
+        # Reports of an engine this one replaces must not outlive it.
+        stale = [n for n in ENGINE_FILES if n not in staged]
+        bundle.add_files(staged, {"engine": record}, drop=stale)
+    return record, report
