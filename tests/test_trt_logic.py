@@ -98,3 +98,17 @@ def test_compat_refusals_name_both_sides():
 def test_sparse_tensor_cores_need_ampere():
     assert sparse_tensor_cores("8.0") and sparse_tensor_cores("9.0") and sparse_tensor_cores("8.7")
     assert not sparse_tensor_cores("7.5") and not sparse_tensor_cores(None)
+
+
+def test_empty_tensors_get_a_live_address():
+    # TensorRT refuses a null address even for the zero-length past of the first decode step.
+    import torch
+
+    from sparsekd_deploy.targets.tensorrt import tensor_address
+
+    placeholder = torch.empty(256, dtype=torch.uint8)
+    empty_past = torch.zeros((1, 4, 0, 64))
+    assert empty_past.data_ptr() == 0  # what torch gives: the reason for the helper
+    assert tensor_address(empty_past, placeholder) == placeholder.data_ptr() != 0
+    full = torch.zeros((1, 4, 3, 64))
+    assert tensor_address(full, placeholder) == full.data_ptr()

@@ -18,6 +18,21 @@ class TargetError(SparseKDError):
 TARGETS: Registry[type[Target]] = Registry("target")
 
 
+@dataclass(frozen=True)
+class ShapeLimits:
+    """What an engine built for fixed shape ranges accepts (a TensorRT optimization profile's maxima).
+    Rows beyond ``batch`` are run in chunks, transparently; longer sequences or pasts are refused clearly."""
+
+    batch: int | None = None
+    seq: int | None = None
+    past: int | None = None
+
+    @classmethod
+    def from_profile(cls, profile: dict | None) -> ShapeLimits:
+        profile = profile or {}
+        return cls(*(profile.get(axis, {}).get("max") for axis in ("batch", "seq", "past")))
+
+
 @dataclass
 class DecodeState:
     last_logits: np.ndarray  # [B, V] logits of the last position
@@ -69,10 +84,12 @@ class Target:
     name = "?"
     max_positions: int | None = None
     vocab_size: int | None = None
+    limits = ShapeLimits()
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         ids = self._check_ids(input_ids)
-        out = self._logits(ids)
+        self._check_limits(ids.shape[1], 0)
+        out = np.concatenate([self._logits(ids[rows]) for rows in self._chunks(len(ids))])
         if out.shape[:2] != ids.shape:
             raise TargetError(f"{self.name} returned logits of shape {out.shape} for input {ids.shape}")
         return out
@@ -85,9 +102,16 @@ class Target:
             raise TargetError(f"prompt ({ids.shape[1]}) + {max_new_tokens} new tokens exceeds the model's "
                               f"{self.max_positions} positions")
         B = ids.shape[0]
-        rngs = [np.random.default_rng(s) for s in (seeds if seeds is not None else range(B))]
-        if len(rngs) != B:
-            raise TargetError(f"{len(rngs)} seeds for {B} prompts")
+        seeds = list(seeds) if seeds is not None else list(range(B))
+        if len(seeds) != B:
+            raise TargetError(f"{len(seeds)} seeds for {B} prompts")
+        # The last step runs with prompt + max_new_tokens - 2 cached positions.
+        self._check_limits(ids.shape[1], max(0, ids.shape[1] + max_new_tokens - 2) if max_new_tokens > 1 else 0)
+        if self.limits.batch and B > self.limits.batch:
+            # Each row draws from its own seed, so chunking changes no token.
+            parts = [self.generate(ids[r], max_new_tokens, temperature, top_k, top_p, seeds[r]) for r in self._chunks(B)]
+            return Generation(np.concatenate([g.tokens for g in parts]), np.concatenate([g.entropies for g in parts]))
+        rngs = [np.random.default_rng(s) for s in seeds]
         state = self._start(ids)
         toks = np.zeros((B, max_new_tokens), dtype=np.int64)
         ents = np.zeros((B, max_new_tokens), dtype=np.float64)
@@ -104,10 +128,23 @@ class Target:
                 state = self._step(state, nxt[:, None].astype(np.int64))
         return Generation(toks, ents)
 
+    def _chunks(self, n: int) -> list[slice]:
+        step = self.limits.batch or n
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+    def _check_limits(self, seq: int, past: int) -> None:
+        lim = self.limits
+        if lim.seq and seq > lim.seq:
+            raise TargetError(f"{seq}-token prompts exceed the engine profile's sequence max {lim.seq}: rebuild the "
+                              f"engine with --seq 1,OPT,{seq} or more")
+        if lim.past is not None and past > lim.past:
+            raise TargetError(f"decoding needs {past} cached positions, the engine profile's past max is {lim.past}: "
+                              f"rebuild the engine with --past 0,OPT,{past} or more")
+
     def _check_ids(self, ids) -> np.ndarray:
         ids = np.asarray(ids)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise TargetError(f"input_ids must be [batch, sequence] with sequence ≥ 1, got shape {ids.shape}")
+        if ids.ndim != 2 or 0 in ids.shape:
+            raise TargetError(f"input_ids must be [batch, sequence] with batch, sequence ≥ 1, got shape {ids.shape}")
         if not np.issubdtype(ids.dtype, np.integer):
             raise TargetError(f"input_ids must be integers, got {ids.dtype}")
         if self.max_positions and ids.shape[1] > self.max_positions:

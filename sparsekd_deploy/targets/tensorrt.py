@@ -13,7 +13,13 @@ import numpy as np
 from ..exporters.tensorrt import RUN_HINT, import_tensorrt, list_logger
 from ..exporters.trt_compat import check_compat, check_plan_file, this_machine
 from ..exporters.trt_logs import parse_deserialize_error
-from .base import TARGETS, Target, TargetError, decoder_feed
+from .base import TARGETS, ShapeLimits, Target, TargetError, decoder_feed
+
+
+def tensor_address(tensor, fallback) -> int:
+    """TensorRT needs a non-null address even for an empty tensor (the first step's zero-length past);
+    torch gives empty tensors a null data pointer, so those get a small live buffer's address instead."""
+    return tensor.data_ptr() if tensor.numel() else fallback.data_ptr()
 
 
 @TARGETS.register("tensorrt")
@@ -39,11 +45,13 @@ class TensorRTTarget(Target):
             raise TargetError(f"TensorRT could not deserialize {plan.name}{detail}; rebuild it with `sparsekd-deploy engine build`")
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
+        self._placeholder = torch.empty(256, dtype=torch.uint8, device="cuda")  # address for empty tensors
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.max_positions = max_positions
+        self.limits = ShapeLimits.from_profile(engine.get("profile"))  # rows beyond batch max run in chunks
         self.engine_record = engine
 
     def describe(self) -> dict:
@@ -71,11 +79,11 @@ class TensorRTTarget(Target):
             tensor = tensor.contiguous()
             keep.append(tensor)
             self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
+            self.context.set_tensor_address(name, tensor_address(tensor, self._placeholder))
         outs = {}
         for name in self.outputs:
             outs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self._dtype(name), device="cuda")
-            self.context.set_tensor_address(name, outs[name].data_ptr())
+            self.context.set_tensor_address(name, tensor_address(outs[name], self._placeholder))
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise TargetError("TensorRT execution failed")
         self.stream.synchronize()
