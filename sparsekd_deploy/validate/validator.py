@@ -21,7 +21,8 @@ def _model_for(bundle: Bundle, runtime: str, model: str | None) -> tuple[str, di
     if runtime == "tensorrt":
         if "engine" not in bundle.manifest:
             raise BundleError(f"bundle {bundle.path} has no engine yet; build it on the device with "
-                              f"`sparsekd-deploy engine build {bundle.path}`")
+                              f"`sparsekd-deploy engine build {bundle.path}` (or add one built by trtexec with "
+                              f"`sparsekd-deploy engine add`; the lines are in engine_build.json)")
         return bundle.manifest["engine"]["plan"], {"engine": bundle.manifest["engine"]}
     if runtime == "torch":
         if not bundle.has("student/config.json"):
