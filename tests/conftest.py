@@ -128,7 +128,7 @@ FAST_BUILD = ["--stages", "2", "--steps-per-stage", "4", "--retries", "0", "--kl
 
 
 @pytest.fixture(scope="session")
-def trt_bundle(tiny_dirs, tmp_path_factory):
+def device_step_bundle(tiny_dirs, tmp_path_factory):
     """`build --target tensorrt` on a machine without TensorRT/GPU: (bundle dir, CLI output, JSON summary)."""
     import json
 

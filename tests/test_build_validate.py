@@ -108,8 +108,8 @@ def test_build_refuses_existing_bundle(bundle, tiny_dirs):
     assert r.exit_code == 2 and "--overwrite" in r.output
 
 
-def test_build_tensorrt_without_gpu_writes_device_step(trt_bundle):
-    path, output, res = trt_bundle
+def test_build_tensorrt_without_gpu_writes_device_step(device_step_bundle):
+    path, output, res = device_step_bundle
     assert res["engine"]["status"] == "to be built on the device"
     m = json.loads((path / "manifest.json").read_text())
     assert "engine.plan" not in m["files"] and "engine" not in m  # no engine is faked

@@ -42,10 +42,10 @@ def run(args):
 
 
 @pytest.fixture
-def device_dir(trt_bundle, tmp_path):
+def device_dir(device_step_bundle, tmp_path):
     """A copy of the bundle as it sits on the device after the trtexec line ran in it."""
     path = tmp_path / "b"
-    shutil.copytree(trt_bundle[0], path)
+    shutil.copytree(device_step_bundle[0], path)
     (path / "engine.plan").write_bytes(plan_bytes(10, 16, 1))
     (path / "trtexec.log").write_text(TRTEXEC_LOG)
     (path / "engine.layers.json").write_text(json.dumps(LAYERS))
