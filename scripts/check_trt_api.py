@@ -85,7 +85,7 @@ def bindings_strings(version: str, cache: Path) -> set[str]:
         # Python-level aliases (trt.float16, ...) live in the package's __init__.py, not in the .so.
         init = next(n for n in zf.namelist() if n.endswith("tensorrt_bindings/__init__.py"))
         idents = set(re.findall(r"\b([A-Za-z_][A-Za-z0-9_]*)\s*=", zf.read(init).decode()))
-    for raw in re.findall(rb"[A-Za-z_][A-Za-z0-9_]{1,80}(?=\x00)", blob):
+    for raw in re.findall(rb"(?<=\x00)[A-Za-z_][A-Za-z0-9_]{1,80}(?=\x00)", blob):  # whole C strings only
         s = raw.decode()
         # The linker merges "Builder" into the tail of "IBuilder" and "mark_output" into "unmark_output":
         # every suffix of an identifier string is a name too (a doc string never qualifies).
