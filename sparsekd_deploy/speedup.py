@@ -147,6 +147,12 @@ def profile(model_dir: Path, target: str, batch: int, seq: int, dtype: str = "fp
 
     if not torch.cuda.is_available():
         raise ProfileError("the speedup profile times kernels on the GPU you deploy to; no CUDA GPU is visible here")
+    from .exporters.trt_compat import sparse_tensor_cores
+
+    cc = "{}.{}".format(*torch.cuda.get_device_capability())
+    if not sparse_tensor_cores(cc):
+        raise ProfileError(f"this GPU (compute capability {cc}) has no 2:4 sparse tensor cores (they start at 8.0, "
+                           "Ampere): 2:4 cannot pay here; `--pattern channels:S` shrinks the model instead")
     shapes = eligible_shapes(model_dir)
     if not shapes:
         raise ProfileError(f"{model_dir} has no layer that can carry 2:4")

@@ -50,6 +50,16 @@ def test_profile_command_needs_gpu(tiny_dirs):
     assert r.exit_code == 2 and "no CUDA GPU" in r.output
 
 
+def test_profile_refuses_a_gpu_without_sparse_tensor_cores(tiny_dirs, monkeypatch):
+    # A T4 (7.5) or Xavier (7.2) has no 2:4 hardware: say so before timing anything.
+    from sparsekd_deploy.speedup import profile
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    with pytest.raises(ProfileError, match=r"compute capability 7\.5\) has no 2:4 sparse tensor cores"):
+        profile(tiny_dirs["llama"], "torch", 1, 16)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_profile_on_gpu(tiny_dirs, tmp_path):

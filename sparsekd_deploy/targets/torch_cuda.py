@@ -68,6 +68,15 @@ class TorchTarget(Target):
             raise TargetError("semi-structured (2:4) kernels exist only on CUDA GPUs; pass sparse=False on a CPU")
         if dtype not in DTYPES:
             raise TargetError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.notes: list[str] = []
+        if sparse:
+            from ..exporters.trt_compat import sparse_tensor_cores
+
+            cc = "{}.{}".format(*torch.cuda.get_device_capability(device))
+            if not sparse_tensor_cores(cc):
+                # The 2:4 kernels do not exist below Ampere: run the same weights dense and say so.
+                self.notes.append(f"compute capability {cc} has no 2:4 sparse tensor cores: running dense")
+                sparse = False
         self.model = load_model(Path(model_path)).to(device=device, dtype=DTYPES[dtype]).eval()
         self.device = device
         self.layers = to_semi_structured(self.model) if sparse else {}
@@ -80,7 +89,7 @@ class TorchTarget(Target):
 
     def describe(self) -> dict:
         return {"runtime": "torch", "version": torch.__version__, "provider": self.device, "dtype": self.dtype,
-                "sparse_layers": sum(v == "sparse" for v in self.layers.values())}
+                "sparse_layers": sum(v == "sparse" for v in self.layers.values()), "notes": self.notes}
 
     @torch.no_grad()
     def _forward(self, ids: np.ndarray, past, past_len: int):
