@@ -122,3 +122,21 @@ def test_validating_an_added_engine_without_tensorrt_says_where_to_run(device_di
                 "--log", str(device_dir / "trtexec.log")]).exit_code == 0
     r = run(["validate", str(device_dir), "--runtime", "tensorrt"])
     assert r.exit_code == 2 and "TensorRT is not installed here" in r.output and "validate on that device" in r.output
+
+
+def test_engine_add_tensorrt11_precision_comes_from_the_graph(device_dir):
+    # Strongly typed: trtexec builds the FP16 graph; its "Precision:" option line does not carry the precision.
+    log = ("&&&& RUNNING TensorRT.trtexec [TensorRT v110400] # trtexec --onnx=/data/b/model.fp16.onnx "
+           "--saveEngine=engine.plan --stronglyTyped --sparsity=enable\n"
+           "[11/28/2026-10:00:00] [I] Precision: FP32\n"
+           "[11/28/2026-10:00:00] [I] Sparsity: Enabled\n"
+           "[11/28/2026-10:00:00] [I] Selected Device: NVIDIA H100 80GB HBM3\n"
+           "[11/28/2026-10:00:00] [I] Compute Capability: 9.0\n")
+    (device_dir / "trtexec.log").write_text(log)
+    (device_dir / "engine.plan").write_bytes(plan_bytes(11, 4, 0))
+    r = run(["engine", "add", str(device_dir), "--plan", str(device_dir / "engine.plan"),
+             "--log", str(device_dir / "trtexec.log")])
+    assert r.exit_code == 0, r.output
+    e = Bundle.open(device_dir).manifest["engine"]
+    assert (e["tensorrt_version"], e["compute_capability"]) == ("11.4.0", "9.0")
+    assert e["strongly_typed"] and e["precision"] == "fp16" and e["onnx"] == "model.fp16.onnx"

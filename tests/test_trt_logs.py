@@ -104,7 +104,7 @@ def test_trtexec_build_facts_per_version():
     # 8.4 banner code v8402 (major·1000 + minor·100 + patch); FP32 build with --sparsity=force.
     assert T.parse_trtexec_build(read("03-")) == {
         "tensorrt_version": "8.4.2", "precision_line": "FP32", "precision": "fp32",
-        "sparsity_option": "Forced", "sparse_weights": True}
+        "sparsity_option": "Forced", "sparse_weights": True, "onnx": "bert-sparse-ASP-qabase-sq128-b1.onnx"}
     # 10.16 banner code v101601 (major·10000 + minor·100 + patch); dense run.
     facts = T.parse_trtexec_build(read("16-"))
     assert facts["tensorrt_version"] == "10.16.1" and facts["sparse_weights"] is False

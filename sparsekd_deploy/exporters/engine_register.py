@@ -51,8 +51,14 @@ def engine_record(plan: Path, log_text: str | None, step: dict, *, compute_capab
         raise ConfigError(["cannot tell which GPU built the engine: pass --log with the trtexec output, or "
                            "--compute-capability (e.g. 8.7 for Jetson Orin, 9.0 for H100)"])
     major = _ver(version)[0]
-    fp16 = info["precision"] == "fp16" if "precision" in info else bool(step.get("fp16", True))
     strongly_typed = major >= 11 or info.get("strongly_typed", False)
+    if strongly_typed:
+        # The graph's dtypes are the precision (the log's "Precision:" line does not say it): which graph was built?
+        onnx = info.get("onnx") or ("model.fp16.onnx" if step.get("fp16", True) else "model.onnx")
+        fp16 = onnx.endswith(".fp16.onnx")
+    else:
+        onnx = info.get("onnx") or "model.onnx"
+        fp16 = info["precision"] == "fp16" if "precision" in info else bool(step.get("fp16", True))
     return {
         "plan": "engine.plan", "tensorrt_version": version, "compute_capability": cc,
         "device_name": device_name or info.get("device_name") or here["device_name"],
@@ -60,7 +66,7 @@ def engine_record(plan: Path, log_text: str | None, step: dict, *, compute_capab
         "hardware_compatibility": "none", "version_compatible": False,
         "precision": "fp16" if fp16 else "fp32", "strongly_typed": strongly_typed,
         "sparse_weights": info.get("sparse_weights", bool(step.get("sparse_weights", True))),
-        "onnx": "model.fp16.onnx" if (strongly_typed and fp16) else "model.onnx",
+        "onnx": onnx,
         "profile": step.get("profile"), "workspace_mib": step.get("workspace_mib"),
         "built_with": "trtexec",
     }

@@ -199,6 +199,9 @@ def parse_trtexec_build(text: str) -> dict:
         out["sparse_weights"] = out["sparsity_option"].lower() in ("enabled", "forced")
     if re.search(r"--stronglyTyped\b", text):
         out["strongly_typed"] = True
+    m = re.search(r"--onnx=(\S+)", text)
+    if m:
+        out["onnx"] = m.group(1).replace("\\", "/").rsplit("/", 1)[-1]
     return out
 
 
