@@ -105,6 +105,13 @@ def test_engine_add_without_log_needs_the_gpu(device_dir):
     assert r.exit_code == 2 and "--compute-capability" in r.output
 
 
+def test_engine_add_refuses_an_engine_of_another_graph(device_dir):
+    (device_dir / "trtexec.log").write_text(TRTEXEC_LOG.replace("--onnx=model.onnx", "--onnx=/x/resnet50.onnx"))
+    r = run(["engine", "add", str(device_dir), "--plan", str(device_dir / "engine.plan"),
+             "--log", str(device_dir / "trtexec.log")])
+    assert r.exit_code == 2 and "built resnet50.onnx, which is not a graph of this bundle" in r.output
+
+
 @pytest.mark.parametrize("what,args,needle", [
     ("missing plan", ["--plan", "nope.plan"], "engine plan nope.plan does not exist"),
     ("bad layers", ["--plan", "{d}/engine.plan", "--log", "{d}/trtexec.log", "--layers", "{d}/trtexec.log"],

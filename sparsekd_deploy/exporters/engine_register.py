@@ -82,6 +82,10 @@ def register_engine(bundle, plan: Path, *, log: Path | None = None, layers: Path
     layer_text = _read_text(Path(layers), "layer info") if layers else None
     step = json.loads((bundle.path / STEP_FILE).read_text()) if (bundle.path / STEP_FILE).is_file() else {}
     record = engine_record(plan, log_text, step, compute_capability=compute_capability, device_name=device_name)
+    if not bundle.has(record["onnx"]):
+        raise ConfigError([f"the log says trtexec built {record['onnx']}, which is not a graph of this bundle "
+                           f"({', '.join(n for n in bundle.manifest['files'] if n.endswith('.onnx'))}): "
+                           "this engine belongs to another model"])
 
     try:
         inspector = parse_inspector(layer_text) if layer_text else None
