@@ -121,11 +121,13 @@ def main() -> int:
         results["staged[forward-kl, equal split]"] = trained(base(
             tmp, "s-eq", stages=args.stages, steps_per_stage=steps // args.stages, step_schedule="equal"))
         results["staged[forward-kl, 2 stages]"] = trained(base(tmp, "s-2", stages=2, steps_per_stage=steps // 2))
+        results["staged[forward-kl, linear]"] = trained(base(
+            tmp, "s-lin", stages=args.stages, steps_per_stage=steps // args.stages, sparsity_schedule="linear"))
         results["throughput"] = throughput(base(tmp, "tp", kl_budget=10.0), 10 if args.quick else 40, 3)
 
     print(f"\n== quality (demo teacher, 2:4, {steps} optimizer steps for every trained method) ==")
     print(f"{'method':34s} {'held-out KL':>12s} {'top-1':>7s}")
-    extra = ["staged[forward-kl, equal split]", "staged[forward-kl, 2 stages]"]
+    extra = ["staged[forward-kl, equal split]", "staged[forward-kl, 2 stages]", "staged[forward-kl, linear]"]
     for name in ["magnitude_one_shot", "wanda_one_shot", "wanda_one_shot_kd"] + [f"staged[{x}]" for x in losses] + extra:
         r = results[name]
         print(f"{name:34s} {r['kl']:12.4f} {r['top1']:7.3f}")

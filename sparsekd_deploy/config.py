@@ -24,7 +24,9 @@ class DistillConfig:
     kl_budget: float = 0.15
     steps_per_stage: int = 100  # average: the run's budget is stages × steps_per_stage
     step_schedule: str = "backloaded"  # equal | backloaded (stage k gets a share ∝ k)
-    sparsity_schedule: str = "linear"  # linear | cubic (most of the pruning in the early stages)
+    # cubic (most of the pruning in the early stages) beat linear on each of 3 seeds: mean held-out KL 0.0164 vs
+    # 0.0184 on the demo at 300 steps (scripts/bench_staged_vs_oneshot.py).
+    sparsity_schedule: str = "cubic"  # cubic | linear
     retries: int = 2
     importance: str = "wanda"
     operator: str = "power:1"

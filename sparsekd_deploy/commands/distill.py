@@ -19,7 +19,7 @@ DISTILL_OPTIONS = [
     ("--step-schedule", "step_schedule", dict(type=click.Choice(["equal", "backloaded"]),
                                               help="Split of the step budget over stages. [default: backloaded]")),
     ("--sparsity-schedule", "sparsity_schedule", dict(type=click.Choice(["linear", "cubic"]),
-                                                      help="How sparsity grows over stages. [default: linear]")),
+                                                      help="How sparsity grows over stages. [default: cubic]")),
     ("--retries", "retries", dict(type=int, help="Extra attempts (each longer) for a stage over budget. [default: 2]")),
     ("--importance", "importance", dict(help="magnitude | wanda | taylor. [default: wanda]")),
     ("--operator", "operator", dict(help="Softening operator: power:T, mix:λ, topk:K. [default: power:1]")),
