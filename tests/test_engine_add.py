@@ -105,6 +105,25 @@ def test_engine_add_without_log_needs_the_gpu(device_dir):
     assert r.exit_code == 2 and "--compute-capability" in r.output
 
 
+def test_engine_add_records_the_shapes_trtexec_really_used(device_dir):
+    # The user edited the line from engine_build.json (batch max 4 → 8): the target must chunk at 8, not 4.
+    step = json.loads((device_dir / "engine_build.json").read_text())
+
+    def batch_8(arg):  # --maxShapes=name:4x...,name:4x... → every leading (batch) dim 8
+        flag, items = arg.split("=", 1)
+        return flag + "=" + ",".join(f"{n}:8x{dims.split('x', 1)[1]}" for n, dims in (i.rsplit(":", 1) for i in items.split(",")))
+
+    argv = [batch_8(a) if a.startswith("--maxShapes=") else a for a in step["trtexec_tensorrt10"]]
+    (device_dir / "trtexec.log").write_text(TRTEXEC_LOG.replace(
+        "# trtexec --onnx=model.onnx --saveEngine=engine.plan --fp16 --sparsity=enable", "# " + " ".join(argv), 1))
+    r = run(["engine", "add", str(device_dir), "--plan", str(device_dir / "engine.plan"),
+             "--log", str(device_dir / "trtexec.log")])
+    assert r.exit_code == 0, r.output
+    prof = Bundle.open(device_dir).manifest["engine"]["profile"]
+    assert prof["batch"] == {"min": 1, "opt": 2, "max": 8}
+    assert prof["seq"] == {"min": 1, "opt": 16, "max": 32} and prof["past"] == {"min": 0, "opt": 16, "max": 32}
+
+
 def test_engine_add_refuses_an_engine_of_another_graph(device_dir):
     (device_dir / "trtexec.log").write_text(TRTEXEC_LOG.replace("--onnx=model.onnx", "--onnx=/x/resnet50.onnx"))
     r = run(["engine", "add", str(device_dir), "--plan", str(device_dir / "engine.plan"),
@@ -117,6 +136,7 @@ def test_engine_add_refuses_an_engine_of_another_graph(device_dir):
     ("bad layers", ["--plan", "{d}/engine.plan", "--log", "{d}/trtexec.log", "--layers", "{d}/trtexec.log"],
      "is not JSON"),
     ("not a plan", ["--plan", "{d}/timing.cache", "--compute-capability", "8.7"], "too short to be a TensorRT plan"),
+    ("bad cc", ["--plan", "{d}/engine.plan", "--compute-capability", "sm87"], "must look like 8.7"),
 ])
 def test_engine_add_bad_input(device_dir, what, args, needle):
     r = run(["engine", "add", str(device_dir), *[a.format(d=device_dir) for a in args]])

@@ -10,6 +10,7 @@ they disagree, the engine is refused. Runs without TensorRT: nothing is deserial
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from ..errors import ConfigError
 from .engine_step import STEP_FILE
 from .trt_compat import EngineMismatchError, _ver, read_plan_header, this_machine
 from .trt_logs import SparsityLog, parse_inspector, parse_sparsity, parse_trtexec_build, sparsity_report
+from .trt_profiles import Profile
 
 ENGINE_FILES = ("engine.plan", "engine.sparsity.json", "engine.build.log", "engine.layers.json")
 
@@ -41,6 +43,8 @@ def engine_record(plan: Path, log_text: str | None, step: dict, *, compute_capab
     if not version:
         raise ConfigError([f"cannot tell which TensorRT built {plan.name} (no version in its header): "
                            "pass --log with the trtexec output"])
+    if compute_capability and not re.fullmatch(r"\d+\.\d+", compute_capability):
+        raise ConfigError([f"--compute-capability must look like 8.7 (major.minor), got {compute_capability!r}"])
     if compute_capability and info.get("compute_capability") and compute_capability != info["compute_capability"]:
         raise EngineMismatchError(f"--compute-capability {compute_capability} but the log says the engine was built "
                                   f"on {info['compute_capability']} ({info.get('device_name', '?')})")
@@ -50,6 +54,7 @@ def engine_record(plan: Path, log_text: str | None, step: dict, *, compute_capab
     if not cc:
         raise ConfigError(["cannot tell which GPU built the engine: pass --log with the trtexec output, or "
                            "--compute-capability (e.g. 8.7 for Jetson Orin, 9.0 for H100)"])
+    profile = Profile.from_trtexec_shapes(info["shapes"]) if "shapes" in info else None
     major = _ver(version)[0]
     strongly_typed = major >= 11 or info.get("strongly_typed", False)
     if strongly_typed:
@@ -67,7 +72,8 @@ def engine_record(plan: Path, log_text: str | None, step: dict, *, compute_capab
         "precision": "fp16" if fp16 else "fp32", "strongly_typed": strongly_typed,
         "sparse_weights": info.get("sparse_weights", bool(step.get("sparse_weights", True))),
         "onnx": onnx,
-        "profile": step.get("profile"), "workspace_mib": step.get("workspace_mib"),
+        # The shapes trtexec really ran with (a user may edit the line); else the ones the line was written with.
+        "profile": profile.to_dict() if profile else step.get("profile"), "workspace_mib": step.get("workspace_mib"),
         "built_with": "trtexec",
     }
 

@@ -199,6 +199,18 @@ def parse_trtexec_build(text: str) -> dict:
         out["sparse_weights"] = out["sparsity_option"].lower() in ("enabled", "forced")
     if re.search(r"--stronglyTyped\b", text):
         out["strongly_typed"] = True
+    shapes = {}
+    for which in ("min", "opt", "max"):
+        m = re.search(rf"--{which}Shapes=(\S+)", text)
+        if m:
+            try:
+                shapes[which] = {name: [int(d) for d in dims.split("x")]
+                                 for name, dims in (item.rsplit(":", 1) for item in m.group(1).split(","))}
+            except ValueError:  # a shape written another way (quoted names...): not guessed
+                shapes = {}
+                break
+    if len(shapes) == 3:
+        out["shapes"] = shapes
     m = re.search(r"--onnx=(\S+)", text)
     if m:
         out["onnx"] = m.group(1).replace("\\", "/").rsplit("/", 1)[-1]

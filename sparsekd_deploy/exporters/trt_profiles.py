@@ -94,6 +94,18 @@ class Profile:
     def to_dict(self) -> dict:
         return {k: asdict(v) for k, v in (("batch", self.batch), ("seq", self.seq), ("past", self.past))}
 
+    @classmethod
+    def from_trtexec_shapes(cls, shapes: dict[str, dict[str, list[int]]]) -> Profile | None:
+        """The profile a trtexec command really used (``--minShapes/--optShapes/--maxShapes`` → per-axis ranges),
+        or None when it did not name ``input_ids``. Past length comes from the first past key, when present."""
+        try:
+            ids = [shapes[w]["input_ids"] for w in ("min", "opt", "max")]
+        except KeyError:
+            return None
+        past_name = next((n for n in shapes["max"] if n.startswith("past_key_values.")), None)
+        past = [shapes[w][past_name][2] for w in ("min", "opt", "max")] if past_name else [0, 0, 0]
+        return cls(Range(*(d[0] for d in ids)), Range(*(d[1] for d in ids)), Range(*past))
+
 
 def trtexec_argv(onnx: str, engine: str, shapes: dict, *, trt_major: int, fp16: bool, sparse: bool,
                  workspace_mib: int, timing_cache: str, layer_info: str) -> list[str]:
