@@ -70,8 +70,9 @@ def test_engine_add_records_what_trtexec_built(device_dir):
     assert report["layers_with_sparse_tactic"] == ["/model/layers.0/mlp/up_proj/MatMul"]
     # HasSparseWeights on down_proj did not make it count: its tactic is dense.
     assert report["inspector"]["with_sparse_weights"] == [ly["Name"] for ly in LAYERS["Layers"]]
-    r = run(["inspect", str(device_dir)])
-    assert r.exit_code == 0 and "TensorRT 10.16.1 on Orin (sm 8.7)" in r.output
+    r = CliRunner().invoke(main, ["inspect", str(device_dir)], env={"COLUMNS": "250"})  # table rows unwrapped
+    assert r.exit_code == 0 and "TensorRT 10.16.1 on Orin (sm 8.7)" in r.output and "built with trtexec" in r.output
+    assert "batch 1–4 (opt 2)" in r.output
 
 
 def test_engine_add_again_without_reports_drops_the_stale_ones(device_dir):

@@ -45,7 +45,10 @@ def inspect_cmd(bundle, as_json, no_verify):
         e = m["engine"]
         t.add_row("engine", f"TensorRT {e['tensorrt_version']} on {e['device_name']} (sm {e['compute_capability']}), "
                             f"{e['precision']}, SPARSE_WEIGHTS {'on' if e['sparse_weights'] else 'off'}: "
-                            f"{e['sparsity_summary']}")
+                            f"{e['sparsity_summary']}" + (f" (built with {e['built_with']})" if e.get("built_with") else ""))
+        if e.get("profile"):
+            t.add_row("engine shapes", ", ".join(f"{axis} {r['min']}–{r['max']} (opt {r['opt']})"
+                                                 for axis, r in e["profile"].items()))
     elif m["target"]["runtime"] == "tensorrt":
         t.add_row("engine", "not built yet: it is built on the device (`sparsekd-deploy engine build BUNDLE`; "
                             "trtexec lines in engine_build.json)")
