@@ -147,9 +147,9 @@ def profile(model_dir: Path, target: str, batch: int, seq: int, dtype: str = "fp
 
     if not torch.cuda.is_available():
         raise ProfileError("the speedup profile times kernels on the GPU you deploy to; no CUDA GPU is visible here")
-    from .exporters.trt_compat import sparse_tensor_cores
+    from .exporters.trt_compat import compute_capability, sparse_tensor_cores
 
-    cc = "{}.{}".format(*torch.cuda.get_device_capability())
+    cc = compute_capability()
     if not sparse_tensor_cores(cc):
         raise ProfileError(f"this GPU (compute capability {cc}) has no 2:4 sparse tensor cores (they start at 8.0, "
                            "Ampere): 2:4 cannot pay here; `--pattern channels:S` shrinks the model instead")
@@ -161,7 +161,7 @@ def profile(model_dir: Path, target: str, batch: int, seq: int, dtype: str = "fp
     layers = time_layers_torch(shapes, tokens, dtype) if target == "torch" else time_layers_tensorrt(shapes, tokens)
     e2e = time_model_torch(model_dir, batch, seq, dtype)
     return {
-        "device": torch.cuda.get_device_name(), "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())),
+        "device": torch.cuda.get_device_name(), "compute_capability": cc,
         "target": target, "batch": batch, "seq": seq, "tokens": tokens, "dtype": dtype, "layers": layers,
         "end_to_end": predict(layers, e2e), "seconds": round(time.time() - start, 1),
     }

@@ -5,13 +5,9 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from conftest import FAST, LOOSE
 
 from sparsekd_deploy.cli import main
-
-FAST = ["--stages", "2", "--steps-per-stage", "4", "--retries", "0", "--kl-budget", "50", "--seq-len", "32",
-        "--num-samples", "16", "--batch-size", "4"]
-LOOSE = ["--max-kl", "5", "--min-top1", "0", "--min-greedy-match", "0", "--max-ppl-ratio", "100",
-         "--min-consistency-ratio", "0"]
 
 
 def run(args):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .engine_step import STEP_FILE
-from .trt_compat import EngineMismatchError, _ver, read_plan_header, this_machine
+from .trt_compat import EngineMismatchError, read_plan_header, this_machine, version_tuple
 from .trt_logs import SparsityLog, parse_inspector, parse_sparsity, parse_trtexec_build, sparsity_report
 from .trt_profiles import Profile
 
@@ -37,7 +37,7 @@ def engine_record(plan: Path, log_text: str | None, step: dict, *, compute_capab
     info = parse_trtexec_build(log_text) if log_text else {}
     version = header.version_str or info.get("tensorrt_version")
     if header.version_str and info.get("tensorrt_version") and \
-            _ver(header.version_str) != _ver(info["tensorrt_version"]):
+            version_tuple(header.version_str) != version_tuple(info["tensorrt_version"]):
         raise EngineMismatchError(f"{plan.name} header says TensorRT {header.version_str}, the log says "
                                   f"{info['tensorrt_version']}: this log belongs to another build")
     if not version:
@@ -55,7 +55,7 @@ def engine_record(plan: Path, log_text: str | None, step: dict, *, compute_capab
         raise ConfigError(["cannot tell which GPU built the engine: pass --log with the trtexec output, or "
                            "--compute-capability (e.g. 8.7 for Jetson Orin, 9.0 for H100)"])
     profile = Profile.from_trtexec_shapes(info["shapes"]) if "shapes" in info else None
-    major = _ver(version)[0]
+    major = version_tuple(version)[0]
     strongly_typed = major >= 11 or info.get("strongly_typed", False)
     if strongly_typed:
         # The graph's dtypes are the precision (the log's "Precision:" line does not say it): which graph was built?

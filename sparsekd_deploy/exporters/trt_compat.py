@@ -38,7 +38,7 @@ def read_plan_header(data: bytes | Path) -> PlanHeader:
     return PlanHeader((major, minor, patch) if plausible else None, int.from_bytes(data[8:12], "little"))
 
 
-def _ver(v: str) -> tuple[int, ...]:
+def version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in v.split(".")[:3] if x.isdigit())
 
 
@@ -46,8 +46,8 @@ def check_compat(engine: dict, runtime: dict) -> None:
     """``engine``: the manifest's engine record; ``runtime``: this machine (tensorrt_version, compute_capability...)."""
     problems = []
     built, here = engine.get("tensorrt_version"), runtime.get("tensorrt_version")
-    if built and here and _ver(built) != _ver(here):
-        same_major_newer = _ver(built)[0] == _ver(here)[0] and _ver(here) >= _ver(built)
+    if built and here and version_tuple(built) != version_tuple(here):
+        same_major_newer = version_tuple(built)[0] == version_tuple(here)[0] and version_tuple(here) >= version_tuple(built)
         if not (engine.get("version_compatible") and same_major_newer):
             problems.append(f"TensorRT {built} built it, this machine has TensorRT {here}")
     cc_built, cc_here = engine.get("compute_capability"), runtime.get("compute_capability")
@@ -67,7 +67,7 @@ def check_plan_file(path: Path, engine: dict) -> PlanHeader:
     """The header must agree with the manifest (a swapped or stale engine.plan is refused)."""
     header = read_plan_header(path)
     if header.trt_version and engine.get("tensorrt_version"):
-        if header.trt_version != _ver(engine["tensorrt_version"]):
+        if header.trt_version != version_tuple(engine["tensorrt_version"]):
             raise EngineMismatchError(f"{path.name} header says TensorRT {header.version_str}, the manifest says "
                                       f"{engine['tensorrt_version']}: the plan was replaced or the manifest is stale")
     return header
@@ -86,13 +86,19 @@ def this_machine() -> dict:
         import torch
 
         if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            info["compute_capability"] = f"{major}.{minor}"
+            info["compute_capability"] = compute_capability()
             info["device_name"] = torch.cuda.get_device_name()
             info["cuda_version"] = torch.version.cuda
     except ImportError:
         pass
     return info
+
+
+def compute_capability(device=None) -> str:
+    """The CUDA device's compute capability as the manifest writes it ("8.7")."""
+    import torch
+
+    return "{}.{}".format(*torch.cuda.get_device_capability(device))
 
 
 def sparse_tensor_cores(compute_capability: str | None) -> bool:

@@ -159,10 +159,16 @@ def parse_trtexec_performance(text: str) -> dict:
         vals = [float(v) for v in re.findall(pat, text)]
         if vals:
             out[key] = vals[-1]
-    m = re.search(r"\[TensorRT v(\d+)\]", text)
-    if m:
-        out["tensorrt_version_code"] = int(m.group(1))
+    code = banner_code(text)
+    if code is not None:
+        out["tensorrt_version_code"] = code
     return out
+
+
+def banner_code(text: str) -> int | None:
+    """The version code in trtexec's ``&&&& RUNNING TensorRT.trtexec [TensorRT v101601]`` banner."""
+    m = re.search(r"\[TensorRT v(\d+)\]", text)
+    return int(m.group(1)) if m else None
 
 
 def version_from_code(code: int) -> str:
@@ -182,10 +188,8 @@ def parse_trtexec_build(text: str) -> dict:
     m = re.search(r"TensorRT version: (\d+\.\d+\.\d+)", text)
     if m:
         out["tensorrt_version"] = m.group(1)
-    else:
-        m = re.search(r"\[TensorRT v(\d+)\]", text)
-        if m:
-            out["tensorrt_version"] = version_from_code(int(m.group(1)))
+    elif (code := banner_code(text)) is not None:
+        out["tensorrt_version"] = version_from_code(code)
     for key, pat in (("device_name", r"\] Selected Device: (.+?)\s*$"),
                      ("compute_capability", r"\] Compute Capability: (\d+\.\d+)\s*$"),
                      ("precision_line", r"\] Precision: (.*?)\s*$"),

@@ -89,7 +89,8 @@ class Target:
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         ids = self._check_ids(input_ids)
         self._check_limits(ids.shape[1], 0)
-        out = np.concatenate([self._logits(ids[rows]) for rows in self._chunks(len(ids))])
+        parts = [self._logits(ids[rows]) for rows in self._chunks(len(ids))]
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)  # no copy of [B, L, V] when unchunked
         if out.shape[:2] != ids.shape:
             raise TargetError(f"{self.name} returned logits of shape {out.shape} for input {ids.shape}")
         return out

@@ -70,9 +70,9 @@ class TorchTarget(Target):
             raise TargetError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.notes: list[str] = []
         if sparse:
-            from ..exporters.trt_compat import sparse_tensor_cores
+            from ..exporters.trt_compat import compute_capability, sparse_tensor_cores
 
-            cc = "{}.{}".format(*torch.cuda.get_device_capability(device))
+            cc = compute_capability(device)
             if not sparse_tensor_cores(cc):
                 # The 2:4 kernels do not exist below Ampere: run the same weights dense and say so.
                 self.notes.append(f"compute capability {cc} has no 2:4 sparse tensor cores: running dense")
