@@ -46,3 +46,7 @@ class IntegrityError(SparseKDError):
     """A pruned weight is not exactly zero (masks were not enforced)."""
 
     exit_code = 1
+
+
+class ModelLoadError(SparseKDError):
+    """A model (or tokenizer) dir that exists but cannot be loaded as it is: corrupt, incomplete or not a causal LM."""

@@ -3,7 +3,7 @@
 Data: a text file / dir of ``*.txt`` files tokenised into fixed-length sequences, or (the data-free default)
 sequences sampled from the teacher itself. Access: ``logits`` (teacher distributions as targets; the teacher
 sits in memory) or ``text`` (the teacher's samples are the targets: works with a black-box teacher).
-``TeacherTargets`` is the seam for a later ``topk`` access that reads cached top-k log-probs from disk.
+Only ``--data`` needs the tokenizer; data-free runs pass None and work on token ids alone.
 """
 
 from __future__ import annotations
@@ -26,13 +26,18 @@ def read_text(path: Path) -> str:
         raise DataError(f"data {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def tokenize_file(path: Path, tokenizer, seq_len: int) -> torch.Tensor:
+def tokenize_file(path: Path, tokenizer, seq_len: int, vocab_size: int | None = None) -> torch.Tensor:
+    """``path``'s text as [N, seq_len] token ids; ``vocab_size``: the teacher's, which every id must fit."""
     if tokenizer is None:
-        raise DataError("--data needs a tokenizer, and the teacher dir has none; save one next to the model")
+        raise DataError("--data needs a tokenizer, and the teacher dir has none; pass --tokenizer DIR "
+                        "(or `tokenizer:` in the recipe) with the teacher's tokenizer")
     text = read_text(path)
     if not text.strip():
         raise DataError(f"data {path} is empty")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if vocab_size is not None and ids and max(ids) >= vocab_size:
+        raise DataError(f"the tokenizer turns data {path} into token id {max(ids)}, but the teacher has only "
+                        f"{vocab_size} tokens; pass the teacher's own tokenizer (--tokenizer DIR)")
     n = len(ids) // seq_len
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
@@ -46,7 +51,7 @@ def start_token(model, tokenizer) -> int:
 
 
 def sample_teacher_data(teacher, tokenizer, n: int, seq_len: int, seed: int, batch: int = 64) -> torch.Tensor:
-    """Data-free: ``n`` sequences sampled from the teacher at T=1, starting from its BOS token."""
+    """Data-free: ``n`` sequences sampled from the teacher at T=1, each starting from its BOS token (else EOS, else 0)."""
     bos = start_token(teacher, tokenizer)
     gen = torch.Generator().manual_seed(seed)
     rows = []
@@ -68,14 +73,15 @@ def build_data(cfg, teacher, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     if cfg.data is None:
         seqs = sample_teacher_data(teacher, tokenizer, cfg.num_samples + cfg.heldout_samples, cfg.seq_len, cfg.seed)
         return seqs[: cfg.num_samples], seqs[cfg.num_samples :]
-    seqs = tokenize_file(Path(cfg.data), tokenizer, cfg.seq_len)
+    seqs = tokenize_file(Path(cfg.data), tokenizer, cfg.seq_len, teacher.get_input_embeddings().num_embeddings)
     need = cfg.batch_size + 2
     if len(seqs) < need:
         raise DataError(
             f"data {cfg.data} gives {len(seqs)} sequences of {cfg.seq_len} tokens; need at least {need} "
             f"(one batch of {cfg.batch_size} + held-out); add text or lower --seq-len"
         )
-    # Held-out: every 10th sequence (at least 2), so both halves see the whole file.
+    # Held-out: a random (seeded) choice of heldout_samples sequences, at most a tenth of them and at least 2, so
+    # both halves are drawn from the whole file; the rest train.
     perm = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(cfg.seed))
     n_held = max(2, min(cfg.heldout_samples, len(seqs) // 10))
     return seqs[perm[n_held:]], seqs[perm[:n_held]]
