@@ -9,9 +9,23 @@ from pathlib import Path
 
 
 def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` to ``path.tmp`` and rename it over ``path``; on any failure the tmp file is removed.
+
+    The tmp file is created fresh (O_CREAT|O_EXCL): a leftover ``.tmp`` — or a symlink planted under that name —
+    is unlinked first, never written through. The rename replaces ``path`` itself, never what it may link to.
+    """
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2) + "\n"  # serialise first: a TypeError leaves nothing on disk
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def swap_into_place(work: Path, final: Path) -> Path:
