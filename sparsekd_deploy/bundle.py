@@ -1,19 +1,23 @@
 """The bundle: the unit that ships. A directory with a versioned manifest holding the sha256 of every file.
 
-Writes are atomic (assembled in ``<dir>.partial``, renamed into place). Opening a bundle verifies every
-checksum before anything loads, and refuses a schema version this tool does not know.
+Writes are atomic (assembled in ``<dir>.partial``, renamed into place). Opening a bundle checks the manifest's
+shape, verifies every checksum before anything loads, and refuses a schema version this tool does not know.
 ``validation.json`` is the one mutable file (the *last* validation); it is excluded from the checksums.
+
+A bundle is untrusted input: every path it names (manifest entries, the model, the files written into it) goes
+through :func:`confined`, which refuses absolute paths, ``..`` and symlinks that lead out of the bundle.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from . import __version__
 from .errors import SparseKDError
@@ -21,11 +25,17 @@ from .fsutil import swap_into_place, write_json_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-MUTABLE = ("validation.json", "validation")
+VALIDATION = "validation.json"
+MUTABLE = (VALIDATION, "validation")
+SHA256_HEX = frozenset("0123456789abcdef")
 
 
 class BundleError(SparseKDError):
     pass
+
+
+class BundleReadOnlyError(BundleError):
+    """The bundle directory cannot be written (read-only mount, no permission): nothing was recorded in it."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -38,6 +48,107 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def _is_mutable(rel: str) -> bool:
     return rel == MANIFEST or any(rel == m or rel.startswith(m + "/") for m in MUTABLE)
+
+
+def _escape(root: Path, rel) -> str | None:
+    """Why ``root / rel`` is not a path inside ``root`` (None when it is)."""
+    if not isinstance(rel, str) or not rel.strip():
+        return f"{rel!r} is not a file name"
+    pure, win = PurePosixPath(rel), PureWindowsPath(rel)
+    if pure.is_absolute() or win.is_absolute() or win.drive:
+        return f"{rel!r} is an absolute path"
+    if ".." in pure.parts or ".." in win.parts:
+        return f"{rel!r} climbs out of the bundle ('..')"
+    real_root, real = root.resolve(), (root / rel).resolve()
+    if real == real_root or not real.is_relative_to(real_root):
+        return f"{rel!r} leads out of the bundle (a symlink to {real})"
+    return None
+
+
+def confined(root: Path, rel, what: str = "path") -> Path:
+    """``root / rel``, refused (BundleError) unless it stays inside ``root`` once symlinks are resolved.
+
+    ``rel`` must be a relative path without ``..``; a symlink inside the bundle that points inside it is allowed,
+    one that leads out (to ``/etc/passwd``, to a sibling directory) is refused. The path need not exist.
+    """
+    root = Path(root)
+    problem = _escape(root, rel)
+    if problem:
+        raise BundleError(f"bundle {root}: {what} {problem}; a bundle may only name files inside it")
+    return root / rel
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The fields every reader relies on, checked once. The full dict stays on ``Bundle.manifest``."""
+
+    schema_version: int
+    files: dict[str, FileEntry]
+    model: dict
+    model_onnx: str
+
+    @classmethod
+    def parse(cls, obj, where: str = MANIFEST) -> Manifest:
+        """Check the shape; one BundleError listing every problem (never KeyError/TypeError later)."""
+        if not isinstance(obj, dict):
+            raise BundleError(f"{where} is a JSON {_json_type(obj)}, not an object; it is not a bundle manifest")
+        version = obj.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BundleError(
+                f"bundle schema version {version!r} is not supported by sparsekd-deploy {__version__} "
+                f"(supports {SCHEMA_VERSION}); rebuild the bundle or upgrade the tool"
+            )
+        problems: list[str] = []
+        files: dict[str, FileEntry] = {}
+        raw_files = obj.get("files")
+        if raw_files is None:
+            problems.append("no 'files' table")
+        elif not isinstance(raw_files, dict):
+            problems.append(f"'files' is a JSON {_json_type(raw_files)}, not an object of name → {{sha256, bytes}}")
+        else:
+            for rel, meta in raw_files.items():
+                if not isinstance(meta, dict):
+                    problems.append(f"files[{rel!r}] is a JSON {_json_type(meta)}, not {{sha256, bytes}}")
+                    continue
+                missing = [k for k in ("sha256", "bytes") if k not in meta]
+                if missing:
+                    problems.append(f"files[{rel!r}] has no {' or '.join(repr(k) for k in missing)}")
+                    continue
+                digest, size = meta["sha256"], meta["bytes"]
+                if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= SHA256_HEX):
+                    problems.append(f"files[{rel!r}].sha256 is not a sha256 hex digest")
+                elif isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                    problems.append(f"files[{rel!r}].bytes is {size!r}, not a byte count")
+                else:
+                    files[rel] = FileEntry(digest, size)
+        model = obj.get("model")
+        onnx = None
+        if model is None:
+            problems.append("no 'model' section")
+        elif not isinstance(model, dict):
+            problems.append(f"'model' is a JSON {_json_type(model)}, not an object")
+        elif not isinstance(model.get("onnx"), str):
+            problems.append("'model' has no 'onnx' file name")
+        else:
+            onnx = model["onnx"]
+        if problems:
+            raise BundleError(f"{where} is malformed: " + "; ".join(problems) + "; rebuild the bundle")
+        return cls(version, files, model, onnx)
+
+
+def _json_type(v) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(v), "number" if isinstance(v, (int, float)) else type(v).__name__)
+
+
+def _read_only(e: OSError) -> bool:
+    return isinstance(e, PermissionError) or e.errno == errno.EROFS
 
 
 def file_table(root: Path) -> dict[str, dict]:
@@ -77,7 +188,7 @@ class BundleWriter:
 @dataclass
 class Bundle:
     path: Path
-    manifest: dict
+    manifest: dict  # the manifest as written (every section); its required shape is checked by ``Manifest.parse``
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> Bundle:
@@ -87,37 +198,42 @@ class Bundle:
         mf = path / MANIFEST
         if not mf.is_file():
             raise BundleError(f"{path} is not a bundle (no {MANIFEST})")
+        confined(path, MANIFEST, "manifest")
         try:
             manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError as e:
-            raise BundleError(f"{mf} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        version = manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise BundleError(
-                f"bundle schema version {version!r} is not supported by sparsekd-deploy {__version__} "
-                f"(supports {SCHEMA_VERSION}); rebuild the bundle or upgrade the tool"
-            )
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            where = f" at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise BundleError(f"{mf} is not valid JSON ({getattr(e, 'msg', e.reason)}{where})") from None
+        Manifest.parse(manifest, str(mf))
         bundle = cls(path, manifest)
         if verify:
             bundle.verify()
         return bundle
 
+    @property
+    def meta(self) -> Manifest:
+        """The manifest's required fields, typed."""
+        return Manifest.parse(self.manifest, str(self.path / MANIFEST))
+
     def verify(self) -> None:
-        """Every listed file exists with its recorded size and sha256 — before anything loads."""
+        """Every listed file lies inside the bundle and has its recorded size and sha256 — before anything loads."""
         problems = []
-        for rel, meta in self.manifest.get("files", {}).items():
+        for rel, meta in self.meta.files.items():
             p = self.path / rel
-            if not p.is_file():
+            if problem := _escape(self.path, rel):
+                problems.append(problem + " (a bundle may only name files inside it)")
+            elif not p.is_file():
                 problems.append(f"{rel} is missing")
-            elif p.stat().st_size != meta["bytes"]:
-                problems.append(f"{rel} has {p.stat().st_size} bytes, manifest says {meta['bytes']} (truncated?)")
-            elif sha256_file(p) != meta["sha256"]:
+            elif p.stat().st_size != meta.bytes:
+                problems.append(f"{rel} has {p.stat().st_size} bytes, manifest says {meta.bytes} (truncated?)")
+            elif sha256_file(p) != meta.sha256:
                 problems.append(f"{rel} checksum mismatch (corrupted or modified)")
         if problems:
             raise BundleError(f"bundle {self.path} failed verification: " + "; ".join(problems))
 
     def file(self, rel: str) -> Path:
-        p = self.path / rel
+        """A listed file of the bundle, confined to it (an absolute, ``..`` or escaping path is refused)."""
+        p = confined(self.path, rel, "file")
         if rel not in self.manifest.get("files", {}) or not p.exists():
             raise BundleError(f"bundle {self.path} has no {rel}")
         return p
@@ -127,28 +243,73 @@ class Bundle:
 
     @property
     def model_path(self) -> Path:
-        return self.file(self.manifest["model"]["onnx"])
+        return self.file(self.meta.model_onnx)
+
+    def writable_dir(self, rel: str) -> Path:
+        """A directory inside the bundle to write into (created if absent): refused when ``rel`` or an entry in it
+        is a symlink leading out of the bundle, so nothing written there lands elsewhere."""
+        d = confined(self.path, rel, "directory")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise BundleError(f"bundle {self.path}: {rel} exists and is not a directory") from None
+        except OSError as e:
+            if _read_only(e):
+                raise BundleReadOnlyError(f"bundle {self.path} is not writable ({e.strerror}): cannot create {rel}/"
+                                          ) from None
+            raise
+        confined(self.path, rel, "directory")  # created through a link planted meanwhile?
+        for entry in os.scandir(d):
+            if entry.is_symlink():
+                confined(self.path, f"{rel}/{entry.name}", "file")
+        return d
 
     def add_files(self, files: dict[str, Path], manifest_updates: dict, drop: tuple | list = ()) -> None:
         """Move new files into the bundle and rewrite the manifest with their checksums (atomically).
         Only these files are added: strays a tool left in the directory (a trtexec timing cache, a log) are not
         blessed into the checksum table."""
+        dests = {rel: confined(self.path, rel, "file") for rel in files}
+        gone = {rel: confined(self.path, rel, "file") for rel in drop}
         table = dict(self.manifest.get("files", {}))
         for rel in drop:  # files this update makes stale: unlisted first, deleted once the manifest says so
             table.pop(rel, None)
         for rel, src in files.items():
-            dst = self.path / rel
+            dst = dests[rel]
             dst.parent.mkdir(parents=True, exist_ok=True)
+            confined(self.path, rel, "file")  # the parent it now has stays inside
             os.replace(src, dst)
             table[rel] = {"sha256": sha256_file(dst), "bytes": dst.stat().st_size}
         self.manifest.update(manifest_updates)
         self.manifest["files"] = dict(sorted(table.items()))
         write_json_atomic(self.path / MANIFEST, self.manifest)
-        for rel in drop:
+        for rel, p in gone.items():
             if rel not in files:
-                (self.path / rel).unlink(missing_ok=True)
+                p.unlink(missing_ok=True)
+
+    def read_validation(self) -> dict | None:
+        """The last validation report, or None when the bundle was never validated."""
+        path = confined(self.path, VALIDATION, "validation report")
+        if not path.exists():
+            return None
+        try:
+            report = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{path} is not valid JSON ({e}); delete it and rerun `sparsekd-deploy validate`"
+                              ) from None
+        if not isinstance(report, dict):
+            raise BundleError(f"{path} is a JSON {_json_type(report)}, not a validation report; delete it and "
+                              "rerun `sparsekd-deploy validate`")
+        return report
 
     def write_validation(self, report: dict) -> Path:
-        path = self.path / "validation.json"
-        write_json_atomic(path, report)
+        """Record the last validation; ``BundleReadOnlyError`` (nothing left behind) where the bundle is read-only."""
+        path = confined(self.path, VALIDATION, "validation report")
+        try:
+            write_json_atomic(path, report)
+        except OSError as e:
+            if _read_only(e):
+                raise BundleReadOnlyError(
+                    f"bundle {self.path} is not writable ({e.strerror}): the verdict was not recorded in {VALIDATION}"
+                ) from None
+            raise
         return path
