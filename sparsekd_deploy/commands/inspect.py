@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 from rich.console import Console
 from rich.table import Table
 
 from ..cli import handle_errors
 from ..console import stdout_json
+
+NUM = (int, float)
+_REQUIRED = object()
+
+
+class _Fields:
+    """Reads a (possibly hand-edited) manifest or report: a missing or mistyped field is one BundleError naming it."""
+
+    def __init__(self, data: dict, where: str, fix: str):
+        self.data, self.where, self.fix = data, where, fix
+
+    def __call__(self, dotted: str, kind: type | tuple = object, default=_REQUIRED):
+        from ..bundle import BundleError
+
+        cur = self.data
+        for part in dotted.split("."):
+            if not isinstance(cur, dict) or part not in cur:
+                if default is not _REQUIRED:
+                    return default
+                raise BundleError(f"{self.where} has no {dotted}; {self.fix}")
+            cur = cur[part]
+        if not isinstance(cur, kind) or (isinstance(cur, bool) and kind is NUM):
+            names = kind.__name__ if isinstance(kind, type) else "number"
+            raise BundleError(f"{self.where}: {dotted} is {cur!r}, not a {names}; {self.fix}")
+        return cur
 
 
 @click.command("inspect")
@@ -19,51 +42,57 @@ from ..console import stdout_json
 @handle_errors
 def inspect_cmd(bundle, as_json, no_verify):
     """Show what a bundle holds and how it last validated."""
-    from ..bundle import Bundle
+    from ..bundle import MANIFEST, VALIDATION, Bundle
 
     b = Bundle.open(bundle, verify=not no_verify)
-    validation = json.loads((b.path / "validation.json").read_text()) if (b.path / "validation.json").exists() else None
+    validation = b.read_validation()
     if as_json:
         stdout_json({"manifest": b.manifest, "validation": validation})
         return
-    m = b.manifest
+    f = _Fields(b.manifest, f"{b.path / MANIFEST}", "rebuild the bundle with `sparsekd-deploy build`")
     con = Console()
-    t = Table(title=f"bundle {m['name']} (schema {m['schema_version']}, {m['created']})", show_header=False)
+    t = Table(title=f"bundle {f('name')} (schema {f('schema_version')}, {f('created')})", show_header=False)
     t.add_column(style="bold")
     t.add_column()
-    d = m["distillation"]
-    t.add_row("model", f"{m['model']['architecture']}, {m['student']['parameters']['student']:,} parameters "
-                       f"(teacher {m['student']['parameters']['teacher']:,})")
-    t.add_row("pattern", f"{m['pattern']}: {m['achieved_sparsity']:.1%} sparsity, stage {d['final_stage']}/{d['stages']} "
-                         f"({'target reached' if d['reached_target'] else 'stopped early: ' + d['reason']})")
-    t.add_row("distillation", f"held-out KL {d['kl']:.4f}, top-1 {d['top1']:.3f}")
-    t.add_row("export", f"{m['model']['exporter']} opset {m['model']['opset']}, KV cache {m['model']['with_past']}"
-                        + (", FP16 copy" if m["model"].get("onnx_fp16") else ""))
-    for prec, p in m.get("parity", {}).items():
-        t.add_row(f"parity {prec}", f"max |Δlogit| {p['max_abs_logit_diff']:.2e}, KL {p['kl']:.2e}")
-    if "engine" in m:
-        e = m["engine"]
-        t.add_row("engine", f"TensorRT {e['tensorrt_version']} on {e['device_name']} (sm {e['compute_capability']}), "
-                            f"{e['precision']}, SPARSE_WEIGHTS {'on' if e['sparse_weights'] else 'off'}: "
-                            f"{e['sparsity_summary']}" + (f" (built with {e['built_with']})" if e.get("built_with") else ""))
-        if e.get("profile"):
-            t.add_row("engine shapes", ", ".join(f"{axis} {r['min']}–{r['max']} (opt {r['opt']})"
-                                                 for axis, r in e["profile"].items()))
-    elif m["target"]["runtime"] == "tensorrt":
+    t.add_row("model", f"{f('model.architecture')}, {f('student.parameters.student', int):,} parameters "
+                       f"(teacher {f('student.parameters.teacher', int):,})")
+    reached = f("distillation.reached_target", bool)
+    t.add_row("pattern", f"{f('pattern')}: {f('achieved_sparsity', NUM):.1%} sparsity, stage "
+                         f"{f('distillation.final_stage')}/{f('distillation.stages')} "
+                         f"({'target reached' if reached else 'stopped early: ' + str(f('distillation.reason'))})")
+    t.add_row("distillation", f"held-out KL {f('distillation.kl', NUM):.4f}, top-1 {f('distillation.top1', NUM):.3f}")
+    t.add_row("export", f"{f('model.exporter')} opset {f('model.opset')}, KV cache {f('model.with_past')}"
+                        + (", FP16 copy" if f("model.onnx_fp16", default=None) else ""))
+    for prec in f("parity", dict, default={}):
+        t.add_row(f"parity {prec}", f"max |Δlogit| {f(f'parity.{prec}.max_abs_logit_diff', NUM):.2e}, "
+                                    f"KL {f(f'parity.{prec}.kl', NUM):.2e}")
+    if "engine" in b.manifest:
+        e = _Fields(f("engine", dict), f"{b.path / MANIFEST} (engine)", "re-add the engine with `engine add`")
+        t.add_row("engine", f"TensorRT {e('tensorrt_version')} on {e('device_name')} (sm {e('compute_capability')}), "
+                            f"{e('precision')}, SPARSE_WEIGHTS {'on' if e('sparse_weights') else 'off'}: "
+                            f"{e('sparsity_summary')}"
+                            + (f" (built with {e('built_with')})" if e("built_with", default=None) else ""))
+        profile = e("profile", dict, default=None)
+        if profile:
+            t.add_row("engine shapes", ", ".join(f"{axis} {e(f'profile.{axis}.min')}–{e(f'profile.{axis}.max')} "
+                                                 f"(opt {e(f'profile.{axis}.opt')})" for axis in profile))
+    elif f("target.runtime") == "tensorrt":
         t.add_row("engine", "not built yet: it is built on the device (`sparsekd-deploy engine build BUNDLE`; "
                             "trtexec lines in engine_build.json)")
-    t.add_row("files", f"{len(m['files'])} files, {sum(f['bytes'] for f in m['files'].values()) / 1e6:.1f} MB, "
+    files = b.meta.files
+    t.add_row("files", f"{len(files)} files, {sum(x.bytes for x in files.values()) / 1e6:.1f} MB, "
                        f"{'checksums verified' if not no_verify else 'not verified'}")
     if validation:
-        verdict = "[green]PASS[/green]" if validation["passed"] else "[red]FAIL[/red]"
-        failed = [g["gate"] for g in validation["gates"] if not g["passed"]]
-        t.add_row("last validation", f"{verdict} on {validation['runtime'].get('runtime')} "
-                                     f"({validation['runtime'].get('provider', '')}) at {validation['created']}"
-                                     + (f"; failed: {', '.join(failed)}" if failed else ""))
-        mm = validation["metrics"]
-        t.add_row("metrics", f"kl_topk {mm['kl_topk']:.4f}, top-1 {mm['top1_agreement']:.3f}, greedy match "
-                             f"{mm['greedy_match']:.2f}, ppl ratio {mm['ppl_ratio']:.3f}, consistency ratio "
-                             f"{mm['consistency_ratio']:.3f}")
+        v = _Fields(validation, f"{b.path / VALIDATION}", "delete it and rerun `sparsekd-deploy validate`")
+        verdict = "[green]PASS[/green]" if v("passed", bool) else "[red]FAIL[/red]"
+        failed = [g.get("gate", "?") for g in v("gates", list) if isinstance(g, dict) and not g.get("passed")]
+        t.add_row("last validation", f"{verdict} on {v('runtime.runtime', default=None)} "
+                                     f"({v('runtime.provider', default='')}) at {v('created')}"
+                                     + (f"; failed: {', '.join(map(str, failed))}" if failed else ""))
+        t.add_row("metrics", f"kl_topk {v('metrics.kl_topk', NUM):.4f}, top-1 {v('metrics.top1_agreement', NUM):.3f}, "
+                             f"greedy match {v('metrics.greedy_match', NUM):.2f}, ppl ratio "
+                             f"{v('metrics.ppl_ratio', NUM):.3f}, consistency ratio "
+                             f"{v('metrics.consistency_ratio', NUM):.3f}")
     else:
         t.add_row("last validation", "never validated")
     con.print(t)

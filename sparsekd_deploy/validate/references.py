@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from ..core import consistency
@@ -81,4 +82,18 @@ class References:
     def load(cls, bundle) -> References:
         if not (bundle.has(TENSORS) and bundle.has(META)):
             raise ReferenceError(f"bundle {bundle.path} has no teacher references ({TENSORS}); rebuild it with `build`")
-        return cls(load_file(str(bundle.file(TENSORS))), json.loads(bundle.file(META).read_text()))
+        from ..bundle import BundleError
+
+        try:
+            tensors = load_file(str(bundle.file(TENSORS)))
+        except SafetensorError as e:
+            raise BundleError(f"bundle {bundle.path}: {TENSORS} is not a readable safetensors file ({e}); "
+                              "rebuild the bundle with `build`") from None
+        try:
+            meta = json.loads(bundle.file(META).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"bundle {bundle.path}: {META} is not valid JSON ({e}); rebuild the bundle with `build`"
+                              ) from None
+        if not isinstance(meta, dict):
+            raise BundleError(f"bundle {bundle.path}: {META} is not a JSON object; rebuild the bundle with `build`")
+        return cls(tensors, meta)
