@@ -1,0 +1,242 @@
+"""A bundle is untrusted input: its paths stay inside it, a malformed manifest or report is one clear BundleError,
+and a read-only bundle is said to be read-only (nothing half-written). Bundles are made by hand with BundleWriter."""
+
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import save_file
+
+from sparsekd_deploy import fsutil
+from sparsekd_deploy.bundle import Bundle, BundleError, BundleReadOnlyError, BundleWriter, file_table, sha256_file
+from sparsekd_deploy.cli import main
+
+# Every section `inspect` shows, as `build` writes them.
+FULL = {
+    "name": "b",
+    "model": {"onnx": "model.onnx", "onnx_fp16": None, "architecture": "llama", "exporter": "torch.onnx",
+              "opset": 17, "with_past": True},
+    "student": {"parameters": {"student": 1000, "teacher": 2000}},
+    "pattern": "2:4", "achieved_sparsity": 0.5,
+    "distillation": {"status": "done", "reason": "", "reached_target": True, "final_stage": 2, "stages": 2,
+                     "kl": 0.1, "top1": 0.9},
+    "target": {"runtime": "onnxruntime"}, "parity": {},
+}
+
+
+def make(root, extra=None, name="b"):
+    w = BundleWriter(root / name)
+    (w.dir / "model.onnx").write_bytes(b"\x08\x01" * 100)
+    for rel, data in (extra or {}).items():
+        (w.dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (w.dir / rel).write_bytes(data)
+    return w.commit(FULL)
+
+
+def edit_manifest(path, fn):
+    """Rewrite manifest.json (it is outside its own checksums, so the result is checksum-valid). ``fn`` edits the
+    dict in place; a list it returns replaces the whole manifest."""
+    m = json.loads((path / "manifest.json").read_text())
+    new = fn(m)
+    m = new if isinstance(new, list) else m
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def entry(p):
+    return {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+
+
+def inspect(*args):
+    return CliRunner().invoke(main, ["inspect", *map(str, args)], env={"COLUMNS": "250"})
+
+
+# --- A: paths confined to the bundle -------------------------------------------------------------------------------
+
+
+def test_manifest_entry_climbing_out_is_refused(tmp_path):
+    path = make(tmp_path / "outer")
+    outside = tmp_path / "x"
+    outside.write_text("not part of the bundle")
+    assert (path / "../../x").resolve() == outside.resolve()
+    edit_manifest(path, lambda m: m["files"].update({"../../x": entry(outside)}))  # its checksum is right
+    with pytest.raises(BundleError, match=r"'\.\./\.\./x' climbs out of the bundle"):
+        Bundle.open(path)
+
+
+def test_model_symlinked_out_of_the_bundle_is_refused(tmp_path):
+    path = make(tmp_path, {"graphs/model.v2.onnx": b"\x08\x02" * 10})
+    outside = tmp_path / "elsewhere.onnx"
+    outside.write_bytes(b"someone else's model")
+    (path / "alias.onnx").symlink_to("graphs/model.v2.onnx")  # a link that stays inside is fine
+    (path / "model.onnx").unlink()
+    (path / "model.onnx").symlink_to(outside)
+    edit_manifest(path, lambda m: m.update(files=file_table(path)))  # checksums recomputed: only confinement catches it
+    with pytest.raises(BundleError, match=r"'model.onnx' leads out of the bundle \(a symlink to .*elsewhere.onnx\)"):
+        Bundle.open(path)
+    b = Bundle.open(path, verify=False)
+    with pytest.raises(BundleError, match="leads out of the bundle"):
+        _ = b.model_path
+    assert b.file("alias.onnx") == path / "alias.onnx"
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot"])
+def test_model_path_outside_the_bundle_is_never_opened(tmp_path, where):
+    path = make(tmp_path / "outer")
+    secret = tmp_path / "secret"
+    secret.write_text("root:x:0:0")
+    rel = str(secret) if where == "absolute" else "../../secret"
+    edit_manifest(path, lambda m: (m["model"].update(onnx=rel), m["files"].update({rel: entry(secret)})))
+    with pytest.raises(BundleError, match="absolute path" if where == "absolute" else "climbs out"):
+        Bundle.open(path)
+    with pytest.raises(BundleError, match=f"file '{rel}' (is an absolute path|climbs out)"):
+        _ = Bundle.open(path, verify=False).model_path
+
+
+def test_validation_dir_symlinked_out_gets_nothing(tmp_path):
+    path = make(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (path / "validation").symlink_to(elsewhere)
+    b = Bundle.open(path)
+    with pytest.raises(BundleError, match="'validation' leads out of the bundle"):
+        b.writable_dir("validation")
+    assert list(elsewhere.iterdir()) == []
+    # A real validation/ holding a planted link to a file outside is refused too (plots would be written through it).
+    (path / "validation").unlink()
+    (path / "validation").mkdir()
+    (path / "validation" / "kl_per_prompt.png").symlink_to(elsewhere / "victim")
+    with pytest.raises(BundleError, match="'validation/kl_per_prompt.png' leads out of the bundle"):
+        b.writable_dir("validation")
+    # A link that stays inside the bundle is allowed.
+    (path / "validation").rename(path / "plots")
+    (path / "plots" / "kl_per_prompt.png").unlink()
+    (path / "validation").symlink_to("plots")
+    assert b.writable_dir("validation") == path / "validation"
+    assert b.writable_dir("new/sub").is_dir()
+
+
+def test_write_validation_does_not_write_through_a_planted_tmp_link(tmp_path):
+    path = make(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (path / "validation.json.tmp").symlink_to(victim)
+    Bundle.open(path).write_validation({"passed": True})
+    assert victim.read_text() == "precious"
+    assert json.loads((path / "validation.json").read_text()) == {"passed": True}
+    assert not (path / "validation.json.tmp").exists()
+
+
+def test_add_files_refuses_a_destination_outside(tmp_path):
+    path = make(tmp_path / "outer")
+    src = tmp_path / "new.bin"
+    src.write_bytes(b"data")
+    b = Bundle.open(path)
+    with pytest.raises(BundleError, match="climbs out"):
+        b.add_files({"../escaped.bin": src}, {})
+    assert src.exists() and not (tmp_path / "outer" / "escaped.bin").exists()
+    assert "../escaped.bin" not in Bundle.open(path).manifest["files"]
+
+
+# --- B: malformed but checksum-valid manifests and reports ----------------------------------------------------------
+
+
+def _drop(section, key=None):
+    def fn(m):
+        (m[section]["model.onnx"] if key else m).pop(key or section)
+    return fn
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (_drop("files", "bytes"), "files['model.onnx'] has no 'bytes'"),
+    (_drop("files", "sha256"), "files['model.onnx'] has no 'sha256'"),
+    (lambda m: m.update(files=list(m["files"])), "'files' is a JSON list, not an object"),
+    (lambda m: [m], "is a JSON list, not an object; it is not a bundle manifest"),
+    (_drop("model"), "no 'model' section"),
+    (lambda m: m.update(model="model.onnx"), "'model' is a JSON string, not an object"),
+    (lambda m: m["files"]["model.onnx"].update(bytes="200"), "files['model.onnx'].bytes is '200', not a byte count"),
+])
+def test_malformed_manifest_is_one_bundle_error(tmp_path, mutate, needle):
+    path = make(tmp_path)
+    edit_manifest(path, mutate)
+    with pytest.raises(BundleError) as e:
+        Bundle.open(path)
+    assert f"{path / 'manifest.json'} " in str(e.value) and needle in str(e.value)
+
+
+def test_inspect_names_a_missing_section(tmp_path):
+    path = make(tmp_path)
+    r = inspect(path)
+    assert r.exit_code == 0 and "never validated" in r.output, r.output
+    edit_manifest(path, lambda m: m.pop("distillation"))
+    r = inspect(path)
+    assert r.exit_code == 2 and "manifest.json has no distillation.reached_target" in r.output, r.output
+    assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('{"passed": tru', "validation.json is not valid JSON"),
+    ("[1, 2]", "validation.json is a JSON list, not a validation report"),
+])
+def test_inspect_corrupt_validation_json(tmp_path, text, needle):
+    path = make(tmp_path)
+    (path / "validation.json").write_text(text)
+    for args in ([path], [path, "--json"]):
+        r = inspect(*args)
+        assert r.exit_code == 2 and needle in r.output and "delete it and rerun" in r.output, r.output
+
+
+def test_garbage_references_name_the_file(tmp_path):
+    from sparsekd_deploy.validate.references import META, TENSORS, References
+
+    good_json = json.dumps({"top_k": 4}).encode()
+    b = Bundle.open(make(tmp_path, {TENSORS: b"\x00garbage" * 64, META: good_json}, name="b1"))
+    with pytest.raises(BundleError, match="references/references.safetensors is not a readable safetensors file"):
+        References.load(b)
+    tensors = tmp_path / "t.safetensors"
+    save_file({"input_ids": np.zeros((1, 4), np.int64)}, str(tensors))
+    b = Bundle.open(make(tmp_path, {TENSORS: tensors.read_bytes(), META: b"{not json"}, name="b2"))
+    with pytest.raises(BundleError, match="references/references.json is not valid JSON"):
+        References.load(b)
+
+
+# --- C: read-only bundles and atomic writes ------------------------------------------------------------------------
+
+
+def test_write_validation_on_a_read_only_filesystem(tmp_path, monkeypatch):
+    path = make(tmp_path)
+    real_replace = os.replace
+
+    def erofs(src, dst):
+        if str(dst).endswith("validation.json"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", erofs)
+    with pytest.raises(BundleReadOnlyError, match="is not writable \\(Read-only file system\\): the verdict was not "
+                                                  "recorded in validation.json"):
+        Bundle.open(path).write_validation({"passed": True})
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.onnx"]  # no .tmp left behind
+
+
+def test_write_validation_without_permission(tmp_path, monkeypatch):
+    path = make(tmp_path)
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(fsutil.os, "open", denied)
+    with pytest.raises(BundleReadOnlyError, match="not writable \\(Permission denied\\)"):
+        Bundle.open(path).write_validation({"passed": True})
+    assert not (path / "validation.json").exists()
+
+
+def test_write_json_atomic_removes_its_tmp_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    target.mkdir()
+    (target / "keep").write_text("a directory cannot be replaced by a file")
+    with pytest.raises(OSError):
+        fsutil.write_json_atomic(target, {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
