@@ -1,33 +1,11 @@
-"""The ``sparsekd-deploy`` command line. Each command parses flags and hands over to a library function."""
+"""The ``sparsekd-deploy`` command line: the click group only. Each command (``commands/``) parses flags and hands
+over to one library call; nothing in the library imports this module."""
 
 from __future__ import annotations
-
-import functools
-import sys
 
 import click
 
 from . import __version__
-from .console import print_error
-
-
-def handle_errors(fn):
-    """User mistakes print one line and exit with the error's code; Ctrl-C says how to resume."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from .errors import SparseKDError
-
-        try:
-            return fn(*args, **kwargs)
-        except SparseKDError as e:
-            print_error(str(e))
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            print_error("interrupted; accepted stages are checkpointed: rerun with --resume to continue")
-            sys.exit(130)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

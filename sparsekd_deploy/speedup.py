@@ -7,15 +7,10 @@ predicts the end-to-end gain; ``distill --sparsify-only-faster profile.json`` ke
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from .errors import SparseKDError
-
-
-class ProfileError(SparseKDError):
-    pass
+from .core.speed_profile import ProfileError, slower_layers  # noqa: F401  (re-exported: profile's API)
 
 
 def eligible_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
@@ -33,21 +28,6 @@ def predict(layers: dict[str, dict], e2e_dense_ms: float) -> dict:
     sparse_ms = max(e2e_dense_ms - saved, 1e-9)
     return {"dense_ms": e2e_dense_ms, "predicted_sparse_ms": sparse_ms, "predicted_speedup": e2e_dense_ms / sparse_ms,
             "layers_sparse": sum(v["speedup"] > 1.0 for v in layers.values()), "layers_total": len(layers)}
-
-
-def slower_layers(profile_json: str | Path, min_speedup: float = 1.0) -> dict[str, str]:
-    """From a profile.json: layers where 2:4 does not pay, with the reason (for ``--sparsify-only-faster``)."""
-    path = Path(profile_json)
-    if not path.is_file():
-        raise ProfileError(f"profile {path} does not exist; make one with `sparsekd-deploy profile --model DIR`")
-    try:
-        data = json.loads(path.read_text())
-        layers = data["layers"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ProfileError(f"{path} is not a profile.json written by `sparsekd-deploy profile`") from None
-    where = f"{data.get('device', '?')}, {data.get('target', '?')}, {data.get('tokens', '?')} tokens"
-    return {name: f"2:4 not faster than dense ({v['speedup']:.2f}x on {where})"
-            for name, v in layers.items() if v["speedup"] < min_speedup}
 
 
 def _per_layer(shapes: dict[str, tuple[int, int]], by_shape: dict[tuple[int, int], dict]) -> dict:

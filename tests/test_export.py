@@ -66,7 +66,7 @@ def test_audit_fails_loudly_when_pattern_is_lost(pruned_dirs, exported, tmp_path
     onnx.save(m, str(broken))
     results = audit_onnx(broken, weights)
     assert sum(not r.holds for r in results) == 1
-    with pytest.raises(SparsityLostError, match="2:4 pattern lost in broken.onnx: 1 of"):
+    with pytest.raises(SparsityLostError, match="2:4 pattern lost in broken.onnx: the export changed the student's sparsity in 1 of"):
         require_pattern(results, "broken.onnx")
 
 
@@ -97,6 +97,27 @@ def test_reduction_axis_per_layout(layout, tmp_path):
     onnx.save(model, str(p))
     (r,) = audit_onnx(p, {"layer.weight": w_oi})
     assert r.reduction_axis == expect_axis and r.holds
+
+
+def test_partial_pattern_exported_faithfully_is_not_a_lost_pattern(tmp_path):
+    """A run that stopped early holds 2:4 in some groups only: an export that keeps exactly those zeros passes the
+    audit and reports the share; the same export with one more group densified fails it."""
+    rng = np.random.default_rng(0)
+    w_oi = rng.normal(size=(8, 16)).astype(np.float32)
+    w_oi.reshape(-1, 4)[:24, :2] = 0  # 24 of 32 groups pruned to 2:4: a stage short of the target
+    p = tmp_path / "partial.onnx"
+    onnx.save(_graph("MatMul", w_oi.T.copy()), str(p))
+    (r,) = audit_onnx(p, {"layer.weight": w_oi})
+    assert r.holds and r.groups_holding == pytest.approx(0.75) and r.student_groups_holding == pytest.approx(0.75)
+    require_pattern([r], "partial.onnx")
+
+    exported = w_oi.T.copy()
+    exported[0:2, 0] = 0.5  # the first pruned group of output row 0 is dense again in the graph
+    onnx.save(_graph("MatMul", exported), str(p))
+    (r,) = audit_onnx(p, {"layer.weight": w_oi})
+    assert not r.holds
+    with pytest.raises(SparsityLostError, match="changed the student's sparsity in 1 of 1"):
+        require_pattern([r], "partial.onnx")
 
 
 def test_torch_onnx_fallback_without_kv_cache(pruned_dirs, tmp_path):

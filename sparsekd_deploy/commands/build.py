@@ -6,9 +6,9 @@ import sys
 
 import click
 
-from ..cli import handle_errors
 from ..console import RichReporter, print_error, stdout_json
 from .distill import config_from_flags, distill_options
+from .error_handling import handle_errors
 from .gates import gate_options, gates_from
 
 
@@ -16,7 +16,7 @@ from .gates import gate_options, gates_from
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime",
               show_default=True, help="Runtime the bundle is built and validated for.")
 @click.option("--out", required=True, help="Bundle dir to write.")
-@click.option("--run-dir", help="Where the distillation run goes. [default: runs/<bundle name>]")
+@click.option("--run-dir", help="Where the distillation run goes. [default: <out>.run, beside the bundle]")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="onnxruntime execution provider for validation.")
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's choice).")
@@ -27,7 +27,7 @@ from .gates import gate_options, gates_from
 @click.option("--workspace", type=int, default=4096, show_default=True, help="tensorrt: workspace limit (MiB).")
 @gate_options
 @distill_options
-@handle_errors
+@handle_errors(resumable=True)
 def build_cmd(target, out, run_dir, provider, opset, fp16, batch, seq, past, workspace, recipe, resume, overwrite,
               as_json, **flags):
     """Distill → export ONNX → audit → bundle → validate. Accepts every `distill` flag.
@@ -46,12 +46,10 @@ def build_cmd(target, out, run_dir, provider, opset, fp16, batch, seq, past, wor
     res = build(cfg, out, BuildOptions(target=target, provider=provider, opset=opset, fp16=fp16, run_dir=run_dir,
                                        overwrite=overwrite, resume=resume, profile=profile, workspace_mib=workspace),
                 reporter, gates)
-    report = res["validation"]
     if as_json:
-        stdout_json(res)
-    elif report is not None:
-        print_table(report, reporter.console)
-    ok = res["distillation"]["reached_target"] and (report is None or report["passed"])
-    if not res["distillation"]["reached_target"]:
-        print_error(f"target sparsity not reached: {res['distillation']['reason']}")
-    sys.exit(0 if ok else 1)
+        stdout_json(res.to_dict())
+    elif res.validation is not None:
+        print_table(res.validation, reporter.console)
+    if res.shortfall:
+        print_error(res.shortfall)
+    sys.exit(0 if res.passed else 1)

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from ..cli import handle_errors
 from ..console import RichReporter, print_error, stdout_json
+from .error_handling import handle_errors
 
 # (flag, config field, click kwargs). `build` reuses the same list so it accepts every distill flag.
 DISTILL_OPTIONS = [
@@ -71,7 +71,7 @@ def config_from_flags(recipe, out, flags: dict, require_out: bool = True):
 @click.command("distill")
 @click.option("--out", help="Run directory: student/, sparsity.json, trajectory.json/png.")
 @distill_options
-@handle_errors
+@handle_errors(resumable=True)
 def distill_cmd(out, recipe, resume, overwrite, as_json, **flags):
     """Staged sparse knowledge distillation of a teacher into a sparse student.
 

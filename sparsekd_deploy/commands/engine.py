@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import click
 
-from ..cli import handle_errors
 from ..console import err_console, stdout_json
-
-
-def build_into_bundle(b, profile, *, fp16: bool, sparse: bool, workspace_mib: int):
-    """Build engine.plan for this GPU and add it (with its reports) to the bundle's manifest."""
-    from ..exporters.tensorrt import build_engine
-    from ..exporters.trt_profiles import Profile
-
-    profile = profile or Profile.from_cli(None, None, None, b.manifest["model"].get("max_positions"))
-    fp16_rel = b.manifest["model"].get("onnx_fp16")
-    with tempfile.TemporaryDirectory(dir=b.path) as tmp:
-        res = build_engine(b.model_path, b.file(fp16_rel) if fp16_rel else None, Path(tmp), profile,
-                           fp16=fp16, sparse=sparse, workspace_mib=workspace_mib, cache_dir=b.path.parent)
-        names = ("engine.plan", "engine.layers.json", "engine.sparsity.json", "engine.build.log")
-        b.add_files({n: Path(tmp) / n for n in names}, {"engine": res.engine})
-    return res
+from .error_handling import handle_errors
 
 
 @click.group("engine")
@@ -48,6 +32,8 @@ def engine_build_cmd(bundle, batch, seq, past, workspace, fp32, dense, as_json):
 
     b = Bundle.open(bundle)
     profile = Profile.from_cli(batch, seq, past, b.manifest["model"].get("max_positions"))
+    from ..pipeline.engine import build_into_bundle
+
     res = build_into_bundle(b, profile, fp16=not fp32, sparse=not dense, workspace_mib=workspace)
     for w in res.warnings:
         err_console.print(f"[yellow]warning:[/yellow] {w}")

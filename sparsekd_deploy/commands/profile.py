@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..cli import handle_errors
 from ..console import err_console, stdout_json
+from .error_handling import handle_errors
 
 
 @click.command("profile")

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from ..cli import handle_errors
-from ..console import err_console, stdout_json
+from ..console import err_console, print_error, stdout_json
+from .error_handling import handle_errors
 from .gates import gate_options, gates_from
 
 
@@ -17,10 +17,12 @@ from .gates import gate_options, gates_from
               show_default=True)
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
 @click.option("--model", help="Which graph in the bundle (default: the manifest's model.onnx).")
+@click.option("--teacher", type=click.Path(), help="The teacher's model dir: also measure the full-vocabulary KL "
+              "(it must be the teacher the bundle was distilled from).")
 @click.option("--json", "as_json", is_flag=True, help="Print validation.json on stdout.")
 @gate_options
 @handle_errors
-def validate_cmd(bundle, runtime, provider, model, as_json, **kw):
+def validate_cmd(bundle, runtime, provider, model, teacher, as_json, **kw):
     """Validate BUNDLE against its stored teacher references. Exit 0 pass, 1 fail, 2 usage/bundle error."""
     from ..bundle import Bundle
     from ..validate.report import print_table
@@ -28,9 +30,11 @@ def validate_cmd(bundle, runtime, provider, model, as_json, **kw):
 
     gates = gates_from(kw)
     b = Bundle.open(bundle)
-    report = validate_bundle(b, runtime, provider, gates, model=model)
+    report = validate_bundle(b, runtime, provider, gates, model=model, teacher=teacher)
     if as_json:
         stdout_json(report)
     else:
         print_table(report, err_console)
+    if not report["recorded"]:
+        print_error(f"{report['not_recorded_because']}; the exit code still gives the verdict")
     sys.exit(0 if report["passed"] else 1)

@@ -31,32 +31,37 @@ def _model_for(bundle: Bundle, runtime: str, model: str | None) -> tuple[str, di
     return bundle.manifest["model"]["onnx"], {}
 
 
-def _full_kl(bundle: Bundle, student_logits, refs: References) -> float | None:
-    """KL over the whole vocabulary where the teacher itself is present (kl_topk is only a lower bound)."""
+def full_kl(bundle: Bundle, student_logits, refs: References, teacher_dir) -> float:
+    """KL(teacher‖student) over the whole vocabulary (``kl_topk`` is only a lower bound). The teacher is named by the
+    caller (``validate --teacher DIR``) and must be the one the bundle was distilled from, by its weights' digest."""
     from pathlib import Path
 
-    teacher = bundle.manifest.get("teacher", {})
-    path = Path(teacher.get("path") or "/nonexistent")
-    if not (path / "config.json").is_file():
-        return None
-    from ..pipeline import weights_digest
+    from ..bundle import BundleError
+    from ..digests import weights_digest
 
-    if weights_digest(path) != teacher.get("weights_sha256"):
-        return None  # a different model now sits at that path
-    import numpy as np
+    path = Path(teacher_dir)
+    if not (path / "config.json").is_file():
+        raise BundleError(f"--teacher {path} is not a model dir (no config.json)")
+    recorded = bundle.manifest.get("teacher", {}).get("weights_sha256")
+    if weights_digest(path) != recorded:
+        raise BundleError(f"--teacher {path} is not the teacher this bundle was distilled from (its weights' sha256 "
+                          f"differs from the manifest's {str(recorded)[:12]}…)")
     import torch
 
     from ..models.loading import load_model
+    from ..numerics import kl, log_softmax
 
     ids = refs.tensors["input_ids"]
     with torch.no_grad():
-        logp = torch.log_softmax(load_model(path)(input_ids=torch.from_numpy(ids)).logits.double(), -1).numpy()
-    logq = M.log_softmax(student_logits)
-    return float((np.exp(logp) * (logp - logq)).sum(-1).mean())
+        logits = load_model(path)(input_ids=torch.from_numpy(ids)).logits.double().numpy()
+    return float(kl(log_softmax(logits), log_softmax(student_logits)).mean())
 
 
 def validate_bundle(bundle: Bundle, runtime: str = "onnxruntime", provider: str = "cpu", gates: Gates | None = None,
-                    model: str | None = None) -> dict:
+                    model: str | None = None, teacher=None) -> dict:
+    """Run the bundle's model on ``runtime`` against the stored teacher references and apply ``gates``. With
+    ``teacher`` (the teacher's model dir) the full-vocabulary KL is measured too. The report is recorded in the
+    bundle's ``validation.json``; where the bundle is read-only it is returned with ``recorded`` False."""
     gates = gates or Gates()
     gates.check_ranges()
     refs = References.load(bundle)
@@ -65,7 +70,7 @@ def validate_bundle(bundle: Bundle, runtime: str = "onnxruntime", provider: str 
                          max_positions=bundle.manifest["model"].get("max_positions"), **options)
     logits = target.logits(refs.tensors["input_ids"])  # one pass serves the top-k and the full KL
     metrics = M.run_all(target, refs, logits)
-    metrics["kl_full"] = _full_kl(bundle, logits, refs)
+    metrics["kl_full"] = full_kl(bundle, logits, refs, teacher) if teacher is not None else None
     rows = evaluate(metrics, gates)
     report = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -73,8 +78,16 @@ def validate_bundle(bundle: Bundle, runtime: str = "onnxruntime", provider: str 
         "device": {"machine": platform.machine(), "node": platform.node(), "processor": platform.processor()},
         "thresholds": gates.to_dict(), "metrics": metrics, "gates": rows, "passed": all(r["passed"] for r in rows),
     }
+    from ..bundle import BundleReadOnlyError
     from .report import plot
 
-    report["plots"] = [str(p) for p in plot(report, bundle.path / "validation")]
-    bundle.write_validation(report)
+    try:
+        report["plots"] = [str(p) for p in plot(report, bundle.writable_dir("validation"))]
+        bundle.write_validation(report)
+        report["recorded"] = True
+    except (BundleReadOnlyError, PermissionError) as e:  # plots into an existing read-only validation/ dir
+        report["plots"] = []
+        report["recorded"] = False
+        report["not_recorded_because"] = str(e) if isinstance(e, BundleReadOnlyError) else \
+            f"bundle {bundle.path} is not writable ({e.strerror}): the verdict was not recorded"
     return report

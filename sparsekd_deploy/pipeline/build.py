@@ -1,0 +1,202 @@
+"""``build``: chains the steps' typed results — DistillRun (core ``Result``) → ExportResult → Bundle →
+ValidationReport — into one bundle validated on its target runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..bundle import Bundle, BundleError, BundleWriter
+from ..config import DistillConfig
+from ..core.patterns import NM, make_pattern
+from .export_step import ExportResult, export_and_audit
+from .manifest import build_manifest
+
+
+@dataclass
+class BuildOptions:
+    target: str = "onnxruntime"
+    provider: str = "cpu"
+    opset: int | None = None
+    fp16: bool = False
+    run_dir: str | None = None  # default: <out>.run beside the bundle
+    overwrite: bool = False
+    resume: bool = False
+    profile: object = None  # trt_profiles.Profile for --target tensorrt
+    workspace_mib: int = 4096
+
+
+@dataclass
+class BuildResult:
+    bundle: Path
+    run_dir: Path
+    distillation: dict  # the run's summary.json
+    validation: dict | None = None  # validation.json as written
+    engine: dict | None = None
+    shortfall: str | None = None  # why and at what cost the target was not reached (None when it was)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def reached_target(self) -> bool:
+        return bool(self.distillation.get("reached_target"))
+
+    @property
+    def passed(self) -> bool:
+        return self.reached_target and (self.validation is None or bool(self.validation.get("passed")))
+
+    def to_dict(self) -> dict:
+        return {"bundle": str(self.bundle), "run_dir": str(self.run_dir), "distillation": self.distillation,
+                "validation": self.validation, "engine": self.engine, "shortfall": self.shortfall}
+
+
+def default_run_dir(out: Path) -> Path:
+    """The distillation run sits beside its bundle (``dist/x`` → ``dist/x.run``), where the user can find it."""
+    return out.with_name(out.name + ".run")
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an unusable bundle path before hours of distillation, not after."""
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"--out {out} is a file; name a directory for the bundle")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise BundleError(f"bundle dir {out} exists; pass --overwrite to replace it")
+    parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BundleError(f"cannot write the bundle under {parent} (not a writable directory); choose another --out")
+
+
+def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions | None = None, reporter=None, gates=None
+          ) -> BuildResult:
+    from safetensors.torch import load_file
+
+    from ..core.distill import NullReporter, Result, distill
+    from ..core.rundir import STATE, RunDir
+
+    opts = opts or BuildOptions()
+    reporter = reporter or NullReporter()
+    out = Path(out)
+    check_out(out, opts.overwrite)
+    run_dir = Path(opts.run_dir) if opts.run_dir else default_run_dir(out)
+    cfg.out = str(run_dir)
+
+    run = RunDir(cfg.out)
+    if opts.resume and (run.final / "summary.json").is_file() and not (run.partial / STATE).is_file():
+        reporter.note(f"reusing the finished distillation run in {run.final}")
+        result = Result.from_dir(run.final)
+    else:
+        result = distill(cfg, resume=opts.resume, overwrite=opts.overwrite, reporter=reporter)
+    data_file = result.out / "data.safetensors"
+    if not data_file.is_file():
+        raise BundleError(f"run dir {result.out} has no data.safetensors (replaced by another run?); rebuild with "
+                          "--overwrite instead of --resume")
+    heldout = load_file(str(data_file))["heldout"]
+    pattern = make_pattern(cfg.pattern)
+    writer = BundleWriter(out, overwrite=opts.overwrite)
+    try:
+        exported = export_and_audit(result.out / "student", writer.dir / "model.onnx", pattern,
+                                    fp16=opts.fp16 or opts.target == "tensorrt", opset=opts.opset,
+                                    prompts=heldout[:4, :64], reporter=reporter)
+        exported.write_reports(writer.dir)
+        _copy_run_files(result.out, writer.dir, opts.target)
+        if opts.target == "tensorrt":
+            _write_engine_step(writer.dir, exported, opts)
+        reporter.note("recording teacher references")
+        from ..models.loading import load_model, resolve_teacher
+        from ..validate.references import record
+
+        teacher_dir = resolve_teacher(cfg.teacher)
+        record(load_model(teacher_dir), heldout, writer.dir)
+        sparsity = json.loads((result.out / "sparsity.json").read_text())
+        writer.commit(build_manifest(out.name, cfg, opts, gates, result, exported, sparsity, teacher_dir, run_dir))
+    except BaseException:
+        writer.abort()
+        raise
+    res = BuildResult(out, run_dir, result.summary, shortfall=_shortfall(cfg, pattern, result, exported))
+    _validate_on_target(res, opts, gates, reporter, teacher_dir)
+    return res
+
+
+def _write_engine_step(bundle_dir: Path, exported: ExportResult, opts: BuildOptions) -> None:
+    from ..exporters.engine_step import write_device_step
+    from ..exporters.trt_profiles import Profile
+    from ..models.loading import max_positions
+
+    limit = max_positions(exported.config)
+    profile = opts.profile or Profile.from_cli(None, None, None, limit)
+    profile.check(limit)
+    write_device_step(bundle_dir, profile, fp16=True, sparse=exported.sparse_nm, workspace_mib=opts.workspace_mib)
+
+
+def _copy_run_files(run_dir: Path, bundle_dir: Path, target: str) -> None:
+    student_dir = run_dir / "student"
+    tok_dir = bundle_dir / "tokenizer"
+    for f in student_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            tok_dir.mkdir(exist_ok=True)
+            shutil.copy2(f, tok_dir / f.name)
+    shutil.copy2(student_dir / "config.json", bundle_dir / "config.json")
+    for name in ("sparsity.json", "trajectory.json", "trajectory.png"):
+        shutil.copy2(run_dir / name, bundle_dir / name)
+    if target == "torch":  # the torch target runs the safetensors weights themselves
+        shutil.copytree(student_dir, bundle_dir / "student")
+
+
+def _shortfall(cfg: DistillConfig, pattern, result, exported: ExportResult) -> str | None:
+    """Plain words for a run that stopped before its target: what the student holds, what that costs, what to try."""
+    if result.reached_target:
+        return None
+    s = result.summary
+    holds = (f"the student holds {cfg.pattern} in {exported.pattern_share:.0%} of its groups, and a partial "
+             f"{cfg.pattern} pattern gets no sparse-tensor-core speed-up" if isinstance(pattern, NM)
+             and exported.pattern_share is not None else f"the student is {s.get('sparsity', 0):.1%} sparse")
+    return (f"target {cfg.pattern} not reached ({result.reason}; kept stage {s.get('final_stage')} of "
+            f"{s.get('stages')}): {holds}. To reach it: a larger --kl-budget (now {cfg.kl_budget}), more "
+            f"--steps-per-stage (now {cfg.steps_per_stage}) or --retries (now {cfg.retries}), or more --stages "
+            f"(now {cfg.stages})")
+
+
+def _validate_on_target(res: BuildResult, opts: BuildOptions, gates, reporter, teacher_dir: Path) -> None:
+    """Validate where the target runs; where it cannot run here, validate the ONNX on CPU and say so."""
+    from ..exporters.trt_compat import this_machine
+    from ..exporters.trt_profiles import shell_line
+    from ..validate.validator import validate_bundle
+
+    out = res.bundle
+    runtime, provider = "onnxruntime", opts.provider
+    here = this_machine()
+    if opts.target == "tensorrt":
+        step = json.loads((out / "engine_build.json").read_text())
+        if here["tensorrt_version"] and here["compute_capability"]:
+            from .engine import build_into_bundle
+
+            built = build_into_bundle(Bundle.open(out), opts.profile, fp16=True, sparse=True,
+                                      workspace_mib=opts.workspace_mib)
+            res.engine = {**built.engine, "sparsity": built.sparsity["summary"]}
+            runtime = "tensorrt"
+        else:
+            from rich.markup import escape
+
+            res.engine = {"status": "to be built on the device", **step}
+
+            def line(argv, bundle):
+                return shell_line([bundle if a == "<BUNDLE>" else a for a in argv])
+
+            reporter.note(escape(
+                "TensorRT/GPU not available here: the engine will be built on the device. There run\n"
+                f"    {line(step['python_builder'], str(out))}\n"
+                "  or, with trtexec (TensorRT 10.x; the 11.x line is in engine_build.json), in the bundle dir:\n"
+                f"    {step['trtexec_tensorrt10_line']} > trtexec.log 2>&1\n"
+                f"    {line(step['trtexec_register'], '.')}\n"
+                "  Validating the ONNX graph on onnxruntime (CPU) meanwhile."))
+            provider = "cpu"
+    elif opts.target == "torch":
+        if here["compute_capability"]:
+            runtime, provider = "torch", "cuda"
+        else:
+            reporter.note("no CUDA GPU here: validating on onnxruntime (CPU); run `validate --runtime torch` on the GPU")
+            provider = "cpu"
+    reporter.note(f"bundle written to {out}; validating on {runtime} ({provider})")
+    res.validation = validate_bundle(Bundle.open(out), runtime, provider, gates, teacher=teacher_dir)
