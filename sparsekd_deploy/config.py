@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ from .models.adapters import DEFAULT_EXCLUDE
 @dataclass
 class DistillConfig:
     teacher: str | None = None  # local HF dir, cached Hub id, or None/"demo" for the built-in demo teacher
+    tokenizer: str | None = None  # dir of the teacher's tokenizer; None = the one saved in the teacher dir
     out: str | None = None
     pattern: str = "2:4"
     stages: int = 3
@@ -87,8 +92,8 @@ def _problems(cfg: DistillConfig) -> list[str]:
         p.append(f"teacher_access must be logits or text, got {cfg.teacher_access!r}")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         p.append(f"precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
-    if any(t <= 0 for t in cfg.consistency_temperatures) or not cfg.consistency_temperatures:
-        p.append("consistency_temperatures must be a non-empty list of numbers > 0")
+    if not cfg.consistency_temperatures or not all(t > 0 and math.isfinite(t) for t in cfg.consistency_temperatures):
+        p.append("consistency_temperatures must be a non-empty list of finite numbers > 0")
     if cfg.importance not in IMPORTANCE:
         p.append(f"unknown importance {cfg.importance!r}; available: {', '.join(IMPORTANCE.names())}")
     for label, build, spec in (("pattern", make_pattern, cfg.pattern), ("operator", make_operator, cfg.operator),
@@ -101,6 +106,9 @@ def _problems(cfg: DistillConfig) -> list[str]:
         p.append(f"sparsify_only_faster: profile {cfg.sparsify_only_faster!r} does not exist")
     if cfg.data is not None and not Path(cfg.data).exists():
         p.append(f"data {cfg.data!r} does not exist")
+    if cfg.tokenizer is not None and not Path(cfg.tokenizer).expanduser().is_dir():
+        state = "is not a directory" if Path(cfg.tokenizer).expanduser().exists() else "does not exist"
+        p.append(f"tokenizer dir {cfg.tokenizer!r} {state}")
     return p
 
 
@@ -109,25 +117,59 @@ def _default(name: str) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def _coerce(name: str, value: Any, problems: list[str]) -> Any:
-    """Type-check one recipe value against its field's default type (YAML gives ints, floats, strings, lists)."""
-    default = _default(name)
-    if value is None:
-        return None
-    if isinstance(default, list):
-        return value if isinstance(value, list) else [value]
-    if isinstance(default, float):
+HINTS = typing.get_type_hints(DistillConfig)  # the field annotations as types: they drive the type check
+NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")  # YAML 1.1 reads `1e-4` as text
+WORDS = {int: "an integer", float: "a number", str: "text"}
+PLURALS = {int: "integers", float: "numbers", str: "text"}
+
+
+def _optional(hint) -> tuple[Any, bool]:
+    """(the type inside ``X | None``, whether None is allowed)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def _scalar(kind: type, value: Any) -> tuple[Any, bool]:
+    """(value as ``kind``, ok). Booleans are never numbers; numbers are never text; ``1e-4`` text is a number."""
+    if kind is float:
+        if isinstance(value, str) and NUMBER.match(value.strip()):
+            return float(value), True
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:  # str or optional str
-        ok = isinstance(value, str)
+        return (float(value), True) if ok else (value, False)
+    if kind is int:
+        return value, isinstance(value, int) and not isinstance(value, bool)
+    if kind is str and isinstance(value, os.PathLike):
+        return os.fspath(value), True
+    return value, isinstance(value, kind)
+
+
+def _coerce(name: str, value: Any, problems: list[str]) -> Any:
+    """Check one value against its field's annotation (YAML gives ints, floats, strings, lists, None); on a
+    problem, record it and return the default so the other checks still run on a well-typed config."""
+    kind, nullable = _optional(HINTS[name])
+    if value is None:
+        if nullable:
+            return None
+        expected = f"a list of {PLURALS[typing.get_args(kind)[0]]}" if typing.get_origin(kind) is list else WORDS[kind]
+        problems.append(f"{name}: expected {expected}, got nothing (null)")
+        return _default(name)
+    if typing.get_origin(kind) is list:
+        item = typing.get_args(kind)[0]
+        items = list(value) if isinstance(value, (list, tuple)) else [value]  # a single value is a list of one
+        checked = [_scalar(item, v) for v in items]
+        bad = [v for v, ok in checked if not ok]
+        if bad:
+            problems.append(f"{name}: expected a list of {PLURALS[item]}, got {value!r}")
+            return _default(name)
+        return [v for v, _ in checked]
+    checked, ok = _scalar(kind, value)
     if not ok:
-        expected = "text" if default is None or isinstance(default, str) else type(default).__name__
-        problems.append(f"{name}: expected {expected}, got {value!r}")
-        return default
-    return value
+        hint = " (quote it in the recipe to make it text)" if kind is str and isinstance(value, (int, float)) else ""
+        problems.append(f"{name}: expected {WORDS[kind]}{' or nothing' if nullable else ''}, got {value!r}{hint}")
+        return _default(name)
+    return checked
 
 
 def build_config(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> DistillConfig:
@@ -153,8 +195,12 @@ def build_config(recipe: str | Path | None = None, overrides: dict[str, Any] | N
         if any(p.startswith("unknown recipe key") for p in problems):
             problems.append(f"allowed keys: {', '.join(sorted(FIELDS))}")
     for name, value in (overrides or {}).items():
-        if value is not None:
-            values[name] = value
+        if value is None:
+            continue
+        if name not in FIELDS:
+            problems.append(f"unknown option {name!r}")
+            continue
+        values[name] = _coerce(name, value, problems)
     cfg = DistillConfig(**values)
     problems.extend(_problems(cfg))
     if problems:

@@ -24,7 +24,7 @@ def test_every_problem_reported_at_once(tmp_path):
         build_config(r)
     msg = str(e.value)
     for needle in ("unknown recipe key 'patern'", "unknown recipe key 'stagez'", "allowed keys:",
-                   "steps_per_stage: expected int", "kl_budget must be a finite number > 0", "stages must be ≥ 1",
+                   "steps_per_stage: expected an integer", "kl_budget must be a finite number > 0", "stages must be ≥ 1",
                    "unknown loss 'hinge'"):
         assert needle in msg
     assert len(e.value.problems) >= 7
