@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import ConfigError
+from ..numerics import kl_torch, log_softmax_torch
 from ..registry import Registry, split_spec
 from .operators import Operator
 
@@ -14,20 +15,16 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logP, logQ) ->
 LOSSES: Registry[Callable[[str | None], LossFn]] = Registry("loss")
 
 
-def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    return (logp.exp() * (logp - logq)).sum(-1)
-
-
 @LOSSES.register("forward-kl")
 def _forward(_arg=None) -> LossFn:
     """KL(P‖Q): mass-covering; the classic KD loss."""
-    return lambda logp, logq: _kl(logp, logq)
+    return lambda logp, logq: kl_torch(logp, logq)
 
 
 @LOSSES.register("reverse-kl")
 def _reverse(_arg=None) -> LossFn:
     """KL(Q‖P): mode-seeking; tends to make the student sharper than the teacher."""
-    return lambda logp, logq: _kl(logq, logp)
+    return lambda logp, logq: kl_torch(logq, logp)
 
 
 @LOSSES.register("js")
@@ -36,7 +33,7 @@ def _js(_arg=None) -> LossFn:
 
     def js(logp, logq):
         logm = torch.logaddexp(logp, logq) - torch.log(torch.tensor(2.0, dtype=logp.dtype))
-        return 0.5 * _kl(logp, logm) + 0.5 * _kl(logq, logm)
+        return 0.5 * kl_torch(logp, logm) + 0.5 * kl_torch(logq, logm)
 
     return js
 
@@ -47,7 +44,7 @@ def _mixed(arg=None) -> LossFn:
     alpha = 0.5 if arg is None else float(arg)
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError([f"loss mixed:α needs 0 ≤ α ≤ 1, got {alpha}"])
-    return lambda logp, logq: alpha * _kl(logp, logq) + (1 - alpha) * _kl(logq, logp)
+    return lambda logp, logq: alpha * kl_torch(logp, logq) + (1 - alpha) * kl_torch(logq, logp)
 
 
 def make_loss(spec: str) -> LossFn:
@@ -69,8 +66,8 @@ def kd_loss(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over positions of loss(F(P), F(Q)), scaled by the operator's factor (T² for power)."""
-    logp = torch.log_softmax(teacher_logits.float(), dim=-1)
-    logq = torch.log_softmax(student_logits.float(), dim=-1)
+    logp = log_softmax_torch(teacher_logits.float())
+    logq = log_softmax_torch(student_logits.float())
     P, Q = operator.pair(logp, logq)
     per_pos = loss_fn(P, Q)
     if mask is not None:
