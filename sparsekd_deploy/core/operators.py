@@ -17,11 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..numerics import LOG_FLOOR, bucket_torch, log_softmax_torch, topk_bucket_torch
 from ..registry import Registry, split_spec
-
-# exp(-100) is far below fp32 resolution of any probability we care about; flooring there keeps
-# 0·log 0 terms finite in both the loss and its gradient.
-LOG_FLOOR = -100.0
 
 OPERATORS: Registry[type[Operator]] = Registry("softening operator")
 
@@ -57,7 +54,7 @@ class Power(Operator):
         self.spec = f"power:{self.T:g}"
 
     def apply(self, logp):
-        return torch.log_softmax(logp / self.T, dim=-1).clamp_min(LOG_FLOOR)
+        return log_softmax_torch(logp / self.T).clamp_min(LOG_FLOOR)
 
     @property
     def loss_scale(self):
@@ -98,22 +95,14 @@ class TopK(Operator):
             raise ConfigError([f"topk:K needs K ≥ 1, got {self.K}"])
         self.spec = f"topk:{self.K}"
 
-    @staticmethod
-    def _bucket(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        top = logp.gather(-1, idx)
-        # tail = log(1 - Σ top); clamp keeps it finite when the top-K hold all the mass.
-        head = torch.logsumexp(top, dim=-1, keepdim=True).clamp(max=-1e-7)
-        tail = torch.log(-torch.expm1(head))
-        return torch.cat([top, tail], dim=-1).clamp_min(LOG_FLOOR)
-
+    # The buckets (tail clamp, LOG_FLOOR) are numerics.bucket_torch: the same as the recorded references and
+    # the validation metric kl_topk.
     def apply(self, logp):
-        k = min(self.K, logp.shape[-1])
-        return self._bucket(logp, logp.topk(k, dim=-1).indices)
+        return topk_bucket_torch(logp, self.K)[1]
 
     def pair(self, logp_teacher, logq_student):
-        k = min(self.K, logp_teacher.shape[-1])
-        idx = logp_teacher.topk(k, dim=-1).indices
-        return self._bucket(logp_teacher, idx), self._bucket(logq_student, idx)
+        idx, P = topk_bucket_torch(logp_teacher, self.K)
+        return P, bucket_torch(logq_student, idx)
 
 
 def make_operator(spec: str) -> Operator:

@@ -20,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 from ..core import consistency
 from ..core.sampling import sample
 from ..errors import SparseKDError
+from ..numerics import topk_bucket_torch
 
 TENSORS = "references/references.safetensors"
 META = "references/references.json"
@@ -52,9 +53,9 @@ def record(teacher, heldout: torch.Tensor, out_dir: Path, s: RefSettings | None 
     if len(ids) == 0:
         raise ReferenceError("no held-out sequences to record teacher references from")
     logp = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
-    top = logp.topk(min(s.top_k, logp.shape[-1]), -1)
-    head = torch.logsumexp(top.values, -1).clamp(max=-1e-7)
-    tail = torch.log(-torch.expm1(head))
+    # The same buckets (tail clamp, floor) as the topk training operator and the kl_topk metric.
+    topk_idx, buckets = topk_bucket_torch(logp, s.top_k)
+    topk_logp, tail = buckets[..., :-1].contiguous(), buckets[..., -1].contiguous()
     nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
     prefix = ids[:, : s.prefix]
     greedy, _ = sample(teacher, prefix, s.greedy_tokens, temperature=0.0)
@@ -63,8 +64,8 @@ def record(teacher, heldout: torch.Tensor, out_dir: Path, s: RefSettings | None 
     ref_dir = out_dir / "references"
     ref_dir.mkdir(parents=True, exist_ok=True)
     save_file({
-        "input_ids": ids.numpy(), "topk_idx": top.indices.numpy().astype(np.int64),
-        "topk_logp": top.values.numpy(), "tail_logp": tail.numpy(), "nll": nll.numpy(),
+        "input_ids": ids.numpy(), "topk_idx": topk_idx.numpy().astype(np.int64),
+        "topk_logp": topk_logp.numpy(), "tail_logp": tail.numpy(), "nll": nll.numpy(),
         "greedy": greedy.numpy().astype(np.int64),
     }, str(out_dir / TENSORS))
     meta = {**s.__dict__, "seeds": seeds, "teacher_consistency": stats,
