@@ -2,20 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from sparsekd_deploy.targets.base import TargetError, next_token_distribution
+from sparsekd_deploy.targets.base import TargetError
 from sparsekd_deploy.targets.onnxruntime import OnnxRuntimeTarget, provider_config
 
-
-def test_top_k_and_top_p_filtering():
-    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
-    p = next_token_distribution(logits, 1.0, top_k=2)
-    np.testing.assert_allclose(p, [[0.625, 0.375, 0, 0]], atol=1e-9)
-    p = next_token_distribution(logits, 1.0, top_p=0.75)
-    np.testing.assert_allclose(p, [[0.625, 0.375, 0, 0]], atol=1e-9)
-    p = next_token_distribution(logits, 1.0, top_p=0.81)
-    np.testing.assert_allclose(p, [[0.5, 0.3, 0.15, 0]] / np.float64(0.95), atol=1e-9)
-    cold = next_token_distribution(logits, 0.1)
-    assert cold[0, 0] > 0.99
+# The sampling distribution (temperature, top-k, top-p) is numerics.next_token_distribution: tests/test_numerics.py.
 
 
 def test_missing_provider_is_a_clear_error():

@@ -1,22 +1,14 @@
 """Seeded sampling from a PyTorch causal LM with the KV cache, returning per-step entropies.
 
 Used to build the data-free distillation set from the teacher and to measure repeat-prompt consistency.
+The distribution, its entropy and the draw are numerics' (the runtime targets use their NumPy twins).
 """
 
 from __future__ import annotations
 
 import torch
 
-
-def sample_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Next-token distribution at ``temperature`` (0 → greedy one-hot)."""
-    if temperature <= 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return torch.softmax(logits.float() / temperature, dim=-1)
-
-
-def entropy(probs: torch.Tensor) -> torch.Tensor:
-    return -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+from ..numerics import draw_torch, entropy_torch, next_token_distribution_torch
 
 
 @torch.no_grad()
@@ -38,10 +30,10 @@ def sample(
     past, logits = out.past_key_values, out.logits[:, -1]
     toks, ents = [], []
     for step in range(new_tokens):
-        probs = sample_probs(logits, temperature)
-        ents.append(entropy(probs).cpu())
-        # Draw on the CPU with an explicit generator: the same seed gives the same text on every device.
-        nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)
+        probs = next_token_distribution_torch(logits.float(), temperature)  # temperature 0: greedy one-hot
+        ents.append(entropy_torch(probs).cpu())
+        # Drawn on the CPU with the explicit generator: the same seed gives the same text on every device.
+        nxt = draw_torch(probs, generator).to(device)
         toks.append(nxt.cpu())
         if step + 1 < new_tokens:
             out = model(input_ids=nxt, past_key_values=past, use_cache=True)

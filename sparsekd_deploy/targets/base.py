@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import SparseKDError
+from ..numerics import draw, entropy, next_token_distribution, row_generators
 from ..registry import Registry
 
 
@@ -53,31 +54,6 @@ class Generation:
     entropies: np.ndarray  # [B, new_tokens] nats of each step's sampling distribution (0 for greedy)
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(-1, keepdims=True)
-
-
-def next_token_distribution(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
-    """[B, V] logits -> [B, V] probabilities after temperature, top-k and nucleus (top-p) filtering."""
-    z = logits.astype(np.float64) / temperature
-    if top_k and top_k < z.shape[-1]:
-        kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
-        z = np.where(z < kth, -np.inf, z)
-    p = _softmax(z)
-    if top_p < 1.0:
-        order = np.argsort(-p, axis=-1)
-        sorted_p = np.take_along_axis(p, order, -1)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        drop_sorted = np.cumsum(sorted_p, -1) - sorted_p >= top_p
-        drop = np.zeros_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, -1)
-        p = np.where(drop, 0.0, p)
-        p /= p.sum(-1, keepdims=True)
-    return p
-
-
 class Target:
     """A runtime that can run a bundle's model."""
 
@@ -112,7 +88,7 @@ class Target:
             # Each row draws from its own seed, so chunking changes no token.
             parts = [self.generate(ids[r], max_new_tokens, temperature, top_k, top_p, seeds[r]) for r in self._chunks(B)]
             return Generation(np.concatenate([g.tokens for g in parts]), np.concatenate([g.entropies for g in parts]))
-        rngs = [np.random.default_rng(s) for s in seeds]
+        rngs = row_generators(seeds)
         state = self._start(ids)
         toks = np.zeros((B, max_new_tokens), dtype=np.int64)
         ents = np.zeros((B, max_new_tokens), dtype=np.float64)
@@ -122,8 +98,8 @@ class Target:
                 nxt = last.argmax(-1)
             else:
                 p = next_token_distribution(last, temperature, top_k, top_p)
-                ents[:, t] = -(p * np.log(np.clip(p, 1e-300, None))).sum(-1)
-                nxt = np.array([rng.choice(p.shape[-1], p=p[i]) for i, rng in enumerate(rngs)])
+                ents[:, t] = entropy(p)
+                nxt = draw(p, rngs)
             toks[:, t] = nxt
             if t + 1 < max_new_tokens:
                 state = self._step(state, nxt[:, None].astype(np.int64))
