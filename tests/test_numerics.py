@@ -175,10 +175,10 @@ def test_torch_draw_is_seeded_by_its_generator():
 
 
 # -- device side ---------------------------------------------------------------------------------------------
-def test_numerics_imports_without_torch():
+def test_numerics_and_validation_metrics_import_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
             "import numpy as np\n"
-            "import sparsekd_deploy.numerics as N\n"
+            "import sparsekd_deploy.numerics as N, sparsekd_deploy.validate.metrics, sparsekd_deploy.targets.base\n"
             "lp = N.log_softmax(np.array([[1.0, 2.0, 3.0]]))\n"
             "print(float(N.bucket_kl(N.bucket(lp, np.array([[2]])), lp, np.array([[2]]))[0]))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

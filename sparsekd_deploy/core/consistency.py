@@ -6,14 +6,15 @@ Per prompt, N samples of L tokens at temperature τ:
 - ``distinct_2``: distinct bigrams / all bigrams over the samples (lower = more repetitive across samples);
 - ``mean_entropy``: mean entropy (nats) of the sampling distribution along the sampled paths.
 Consistency only means something beside KL: a collapsed model is "consistent" too.
+
+``summarize`` takes NumPy arrays or torch tensors and needs no torch (the device-side validation calls it);
+``measure`` samples a PyTorch model.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from itertools import combinations
-
-import torch
 
 
 def pairwise_agreement(samples: list[tuple[int, ...]], m: int) -> float:
@@ -32,8 +33,9 @@ def distinct_2(samples: list[tuple[int, ...]]) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def summarize(tokens: torch.Tensor, entropies: torch.Tensor, n_per_prompt: int, m: int) -> dict[str, float]:
-    """``tokens``/``entropies`` [P*N, L], rows grouped by prompt (N consecutive rows per prompt)."""
+def summarize(tokens, entropies, n_per_prompt: int, m: int) -> dict[str, float]:
+    """``tokens``/``entropies`` [P*N, L] (NumPy arrays or torch tensors), rows grouped by prompt (N consecutive
+    rows per prompt)."""
     rows = [tuple(r) for r in tokens.tolist()]
     groups = [rows[i : i + n_per_prompt] for i in range(0, len(rows), n_per_prompt)]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -45,8 +47,10 @@ def summarize(tokens: torch.Tensor, entropies: torch.Tensor, n_per_prompt: int, 
     }
 
 
-def measure(model, prompts: torch.Tensor, n: int, length: int, temperature: float, m: int, seed: int = 0):
+def measure(model, prompts, n: int, length: int, temperature: float, m: int, seed: int = 0):
     """Sample every prompt ``n`` times (one batch, one seeded generator) and summarise."""
+    import torch
+
     from .sampling import sample
 
     batch = prompts.repeat_interleave(n, dim=0)

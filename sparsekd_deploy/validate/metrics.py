@@ -1,29 +1,29 @@
-"""Validation metrics, computed from a target runtime's outputs against stored teacher references."""
+"""Validation metrics, computed from a target runtime's outputs against stored teacher references.
+
+NumPy only (no torch): this runs on the device, on the outputs of ONNX Runtime or TensorRT.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..core import consistency
-from .references import References
+from ..numerics import bucket_kl, log_softmax
 
+if TYPE_CHECKING:
+    from .references import References
 
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+__all__ = ["distribution_metrics", "log_softmax", "run_all"]  # log_softmax: numerics', re-exported for callers
 
 
 def distribution_metrics(logits: np.ndarray, ref: References) -> dict:
     """kl_topk (KL over the teacher's top-k buckets + tail: a lower bound of the full KL), top-1, ppl ratio."""
     t = ref.tensors
     logq = log_softmax(logits)
-    q_top = np.take_along_axis(logq, t["topk_idx"], -1)
-    q_head = np.log(np.clip(np.exp(q_top).sum(-1), None, 1 - 1e-12))
-    q_tail = np.log1p(-np.exp(q_head))
     P = np.concatenate([t["topk_logp"], t["tail_logp"][..., None]], -1).astype(np.float64)
-    Q = np.concatenate([q_top, q_tail[..., None]], -1)
-    kl_pos = (np.exp(P) * (P - np.maximum(Q, -100.0))).sum(-1)  # [prompts, positions]
+    kl_pos = bucket_kl(P, logq, t["topk_idx"])  # [prompts, positions]
     ids = t["input_ids"]
     nll = -np.take_along_axis(logq[:, :-1], ids[:, 1:, None], -1)[..., 0]
     return {
@@ -36,7 +36,9 @@ def distribution_metrics(logits: np.ndarray, ref: References) -> dict:
 
 
 def run_all(target, ref: References, logits: np.ndarray | None = None) -> dict:
-    """Every metric of DESIGN.md on ``target`` (``logits``: the target's on the reference prompts, if already run)."""
+    """Every validation metric of ``target`` against the references: the distribution metrics above (kl_topk,
+    top1_agreement, ppl, ppl_ratio), greedy match, repeat-prompt consistency (student and teacher) and
+    determinism. ``logits``: the target's logits on the reference prompts, if already run."""
     t, meta = ref.tensors, ref.meta
     out = distribution_metrics(target.logits(t["input_ids"]) if logits is None else logits, ref)
     prefix = t["input_ids"][:, : meta["prefix"]]
@@ -47,9 +49,7 @@ def run_all(target, ref: References, logits: np.ndarray | None = None) -> dict:
     rows = np.repeat(prefix, n, axis=0)
     seeds = [s for _ in range(len(prefix)) for s in meta["seeds"]]
     gen = target.generate(rows, meta["sample_tokens"], temperature=meta["temperature"], seeds=seeds)
-    import torch
-
-    student = consistency.summarize(torch.from_numpy(gen.tokens), torch.from_numpy(gen.entropies), n, meta["m"])
+    student = consistency.summarize(gen.tokens, gen.entropies, n, meta["m"])
     teacher = meta["teacher_consistency"]
     out["consistency"] = {"temperature": meta["temperature"], "student": student, "teacher": teacher}
     # Steadiness relative to the teacher: teacher entropy / student entropy (≥ 1: the student jitters no more).
