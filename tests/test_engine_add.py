@@ -2,6 +2,7 @@
 builder's. No TensorRT needed: the plan is a stand-in with a real header layout; facts come from the log."""
 
 import json
+import random
 import shutil
 
 import pytest
@@ -168,3 +169,56 @@ def test_engine_add_tensorrt11_precision_comes_from_the_graph(device_dir):
     e = Bundle.open(device_dir).manifest["engine"]
     assert (e["tensorrt_version"], e["compute_capability"]) == ("11.4.0", "9.0")
     assert e["strongly_typed"] and e["precision"] == "fp16" and e["onnx"] == "model.fp16.onnx"
+
+
+# The four lines of item 12: banner, device, compute capability, precision; nothing says an engine was built.
+FOUR_LINE_LOG = """\
+&&&& RUNNING TensorRT.trtexec [TensorRT v8402] # trtexec --onnx=model.onnx --saveEngine=engine.plan --fp16
+[11/28/2026-10:00:00] [I] Selected Device: Orin
+[11/28/2026-10:00:00] [I] Compute Capability: 8.7
+[11/28/2026-10:00:00] [I] Precision: FP32+FP16
+"""
+
+
+def test_engine_add_refuses_random_bytes_that_no_log_line_built(device_dir):
+    data = bytearray(random.Random(12).randbytes(4096))
+    data[24] = 0  # bytes 24–26 carry no TensorRT version: no signature in the header
+    (device_dir / "engine.plan").write_bytes(bytes(data))
+    (device_dir / "trtexec.log").write_text(FOUR_LINE_LOG)
+    args = ["engine", "add", str(device_dir), "--plan", str(device_dir / "engine.plan"),
+            "--log", str(device_dir / "trtexec.log")]
+    r = run(args)
+    assert r.exit_code == 2 and "does not look like a TensorRT plan" in r.output, r.output
+    assert "engine" not in Bundle.open(device_dir).manifest and "engine.plan" not in Bundle.open(device_dir).manifest["files"]
+    # A pre-8.6 plan has no version in its header either: trtexec's own "Engine built in" line vouches for it.
+    (device_dir / "trtexec.log").write_text(FOUR_LINE_LOG + "[11/28/2026-10:00:31] [I] Engine built in 31.1935 sec.\n")
+    r = run(args)
+    assert r.exit_code == 0, r.output
+    assert Bundle.open(device_dir).manifest["engine"]["tensorrt_version"] == "8.4.2"
+
+
+@pytest.mark.parametrize("layer_info,needle", [
+    ([1, 2], 'is a JSON list, not an object with a "Layers" list'),
+    (42, 'is a JSON number, not an object with a "Layers" list'),
+    ({"Layers": 3}, 'has "Layers" as a JSON number, not a list'),
+    ({"Layers": [7]}, 'has "Layers"[0] as a JSON number, not a layer object or name'),
+    ({"Layers": [{"Name": "a", "TacticName": 5}]}, '"Layers"[0].TacticName as a JSON number, not a string'),
+])
+def test_engine_add_layer_info_of_another_shape(device_dir, layer_info, needle):
+    (device_dir / "engine.layers.json").write_text(json.dumps(layer_info))
+    r = run(["engine", "add", str(device_dir), "--plan", str(device_dir / "engine.plan"),
+             "--log", str(device_dir / "trtexec.log"), "--layers", str(device_dir / "engine.layers.json")])
+    assert r.exit_code == 2 and needle in r.output and "--exportLayerInfo" in r.output, r.output
+
+
+@pytest.mark.parametrize("shapes", [
+    "--minShapes=input_ids:1 --optShapes=input_ids:2 --maxShapes=input_ids:4",  # 1-D input_ids: no seq axis
+    "--minShapes=input_ids:1x1 --optShapes=input_ids:2x16 "  # a past in max only
+    "--maxShapes=input_ids:4x32,past_key_values.0.key:4x2x32x8",
+])
+def test_engine_add_odd_shapes_line(device_dir, shapes):
+    (device_dir / "trtexec.log").write_text(TRTEXEC_LOG.replace("--fp16 --sparsity=enable", f"--fp16 {shapes}", 1))
+    r = run(["engine", "add", str(device_dir), "--plan", str(device_dir / "engine.plan"),
+             "--log", str(device_dir / "trtexec.log")])
+    assert r.exit_code == 2 and "the trtexec log's shapes do not fit this bundle's graph" in r.output, r.output
+    assert "engine" not in Bundle.open(device_dir).manifest

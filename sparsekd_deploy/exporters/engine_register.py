@@ -15,10 +15,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..bundle import BundleError, confined
 from ..errors import ConfigError
 from .engine_step import STEP_FILE
 from .trt_compat import EngineMismatchError, read_plan_header, this_machine, version_tuple
-from .trt_logs import SparsityLog, parse_inspector, parse_sparsity, parse_trtexec_build, sparsity_report
+from .trt_logs import (
+    LayerInfoError,
+    SparsityLog,
+    log_says_engine_built,
+    parse_inspector,
+    parse_sparsity,
+    parse_trtexec_build,
+    sparsity_report,
+)
 from .trt_profiles import Profile
 
 ENGINE_FILES = ("engine.plan", "engine.sparsity.json", "engine.build.log", "engine.layers.json")
@@ -28,6 +37,19 @@ def _read_text(path: Path, what: str) -> str:
     if not path.is_file():
         raise ConfigError([f"{what} {path} does not exist"])
     return path.read_text(errors="replace")
+
+
+def _log_profile(shapes: dict) -> Profile | None:
+    """The profile of the log's --min/opt/maxShapes; shapes that are not this tool's decoder inputs are refused."""
+    try:
+        return Profile.from_trtexec_shapes(shapes)
+    except (KeyError, IndexError, TypeError) as e:
+        given = "; ".join(f"--{w}Shapes=" + ",".join(f"{n}:{'x'.join(map(str, d))}" for n, d in shapes[w].items())
+                          for w in ("min", "opt", "max"))
+        raise ConfigError([
+            f"the trtexec log's shapes do not fit this bundle's graph ({given}; {type(e).__name__}: {e}): "
+            "input_ids must be BATCHxSEQ and every past_key_values.* BATCHxHEADSxPASTxDIM in all three; "
+            "rebuild with the line from engine_build.json"]) from None
 
 
 def engine_record(plan: Path, log_text: str | None, step: dict, *, compute_capability: str | None = None,
@@ -43,6 +65,12 @@ def engine_record(plan: Path, log_text: str | None, step: dict, *, compute_capab
     if not version:
         raise ConfigError([f"cannot tell which TensorRT built {plan.name} (no version in its header): "
                            "pass --log with the trtexec output"])
+    if header.trt_version is None and not log_says_engine_built(log_text or ""):
+        # A banner and option lines say which TensorRT ran, not that this file is what it wrote.
+        raise EngineMismatchError(
+            f"{plan} does not look like a TensorRT plan: its header carries no TensorRT version (bytes 24–26) and "
+            "the log has no line saying an engine was built ('Engine built in …', 'Engine generation completed', "
+            "'Adding N engine(s) to plan file'). Pass the file trtexec wrote with --saveEngine and its full log")
     if compute_capability and not re.fullmatch(r"\d+\.\d+", compute_capability):
         raise ConfigError([f"--compute-capability must look like 8.7 (major.minor), got {compute_capability!r}"])
     if compute_capability and info.get("compute_capability") and compute_capability != info["compute_capability"]:
@@ -54,7 +82,7 @@ def engine_record(plan: Path, log_text: str | None, step: dict, *, compute_capab
     if not cc:
         raise ConfigError(["cannot tell which GPU built the engine: pass --log with the trtexec output, or "
                            "--compute-capability (e.g. 8.7 for Jetson Orin, 9.0 for H100)"])
-    profile = Profile.from_trtexec_shapes(info["shapes"]) if "shapes" in info else None
+    profile = _log_profile(info["shapes"]) if "shapes" in info else None
     major = version_tuple(version)[0]
     strongly_typed = major >= 11 or info.get("strongly_typed", False)
     if strongly_typed:
@@ -78,6 +106,21 @@ def engine_record(plan: Path, log_text: str | None, step: dict, *, compute_capab
     }
 
 
+def _read_step(bundle) -> dict:
+    """The bundle's engine_build.json (the on-device step), or {} when it has none."""
+    path = confined(bundle.path, STEP_FILE, "engine step")
+    if not path.is_file():
+        return {}
+    try:
+        step = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON ({e}); rebuild the bundle with `build --target tensorrt`"
+                          ) from None
+    if not isinstance(step, dict):
+        raise BundleError(f"{path} is not a JSON object; rebuild the bundle with `build --target tensorrt`")
+    return step
+
+
 def register_engine(bundle, plan: Path, *, log: Path | None = None, layers: Path | None = None,
                     compute_capability: str | None = None, device_name: str | None = None) -> tuple[dict, dict]:
     """Copy the plan (and its log / layer JSON) into the bundle with a manifest record and a sparsity report."""
@@ -86,7 +129,7 @@ def register_engine(bundle, plan: Path, *, log: Path | None = None, layers: Path
         raise ConfigError([f"engine plan {plan} does not exist"])
     log_text = _read_text(Path(log), "log") if log else None
     layer_text = _read_text(Path(layers), "layer info") if layers else None
-    step = json.loads((bundle.path / STEP_FILE).read_text()) if (bundle.path / STEP_FILE).is_file() else {}
+    step = _read_step(bundle)
     record = engine_record(plan, log_text, step, compute_capability=compute_capability, device_name=device_name)
     if not bundle.has(record["onnx"]):
         raise ConfigError([f"the log says trtexec built {record['onnx']}, which is not a graph of this bundle "
@@ -98,6 +141,8 @@ def register_engine(bundle, plan: Path, *, log: Path | None = None, layers: Path
     except json.JSONDecodeError as e:
         raise ConfigError([f"layer info {layers} is not JSON ({e.msg} at line {e.lineno}): pass the file "
                            "trtexec wrote with --exportLayerInfo"]) from None
+    except LayerInfoError as e:
+        raise ConfigError([f"layer info {layers} {e}: pass the file trtexec wrote with --exportLayerInfo"]) from None
     report = sparsity_report(parse_sparsity(log_text) if log_text else SparsityLog(), inspector)
     if not log_text:
         report["summary"] = "no build log given: eligible layers unknown" + (

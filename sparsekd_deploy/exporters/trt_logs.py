@@ -94,23 +94,45 @@ class LayerTactic:
     sparse_tactic: bool
 
 
+class LayerInfoError(ValueError):
+    """Layer-info JSON that parses but is not an inspector document (a list, a number, layers of the wrong type)."""
+
+
+def _json_kind(v) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(v), "number" if isinstance(v, (int, float)) else type(v).__name__)
+
+
 def parse_inspector(text: str) -> dict:
-    """Engine-inspector / ``trtexec --exportLayerInfo`` JSON (8.4, 10.x, 11.x) → per-layer tactics + summary."""
+    """Engine-inspector / ``trtexec --exportLayerInfo`` JSON (8.4, 10.x, 11.x) → per-layer tactics + summary.
+    Raises ``json.JSONDecodeError`` for text that is not JSON, ``LayerInfoError`` for JSON of another shape."""
     data = json.loads(strip_comments(text))
+    if not isinstance(data, dict):
+        raise LayerInfoError(f'is a JSON {_json_kind(data)}, not an object with a "Layers" list')
+    raw_layers = data.get("Layers", [])
+    if not isinstance(raw_layers, list):
+        raise LayerInfoError(f'has "Layers" as a JSON {_json_kind(raw_layers)}, not a list')
     layers = []
-    for entry in data.get("Layers", []):
+    for i, entry in enumerate(raw_layers):
         if isinstance(entry, str):  # profiling verbosity below DETAILED gives names only
             layers.append(LayerTactic(entry, None, None, False, False))
             continue
+        if not isinstance(entry, dict):
+            raise LayerInfoError(f'has "Layers"[{i}] as a JSON {_json_kind(entry)}, not a layer object or name')
         tactic = entry.get("TacticName")
+        if tactic is not None and not isinstance(tactic, str):
+            raise LayerInfoError(f'has "Layers"[{i}].TacticName as a JSON {_json_kind(tactic)}, not a string')
         layers.append(LayerTactic(
-            entry.get("Name", "?"), entry.get("LayerType"), tactic, bool(entry.get("HasSparseWeights", 0)),
+            str(entry.get("Name", "?")), entry.get("LayerType"), tactic, bool(entry.get("HasSparseWeights", 0)),
             bool(tactic and re.search(r"sparse", tactic, re.IGNORECASE)),
         ))
-    io = data.get("I/O Tensors", data.get("Bindings", []))
+    io_key = "I/O Tensors" if "I/O Tensors" in data else "Bindings"
+    io = data.get(io_key, [])
+    if not isinstance(io, list):
+        raise LayerInfoError(f'has "{io_key}" as a JSON {_json_kind(io)}, not a list')
     return {
         "schema": "11.x (I/O Tensors)" if "I/O Tensors" in data else ("10.x" if any(
-            isinstance(e, dict) and "StreamId" in e for e in data.get("Layers", [])) else "8.x"),
+            isinstance(e, dict) and "StreamId" in e for e in raw_layers) else "8.x"),
         "detailed": any(t.tactic for t in layers),
         "layers": [asdict(t) for t in layers],
         "with_sparse_weights": [t.name for t in layers if t.has_sparse_weights],
@@ -219,6 +241,18 @@ def parse_trtexec_build(text: str) -> dict:
     if m:
         out["onnx"] = m.group(1).replace("\\", "/").rsplit("/", 1)[-1]
     return out
+
+
+# Lines TensorRT prints once it has built (serialised) an engine, as seen in real logs: trtexec's "Engine built in"
+# (8.x, 10.x), the builder's "Engine generation completed in" (8.4, 10.16), "Adding N engine(s) to plan file"
+# (10.x VERBOSE) and, when trtexec reloads what it saved, "Loaded engine size".
+ENGINE_BUILT = re.compile(r"\] Engine built in [\d.]+ sec|Engine generation completed in [\d.]+ sec"
+                          r"|Adding \d+ engine\(s\) to plan file|Loaded engine size: \d+ MiB")
+
+
+def log_says_engine_built(text: str) -> bool:
+    """Whether a log shows TensorRT building/serialising an engine (a banner and option lines alone do not)."""
+    return any(ENGINE_BUILT.search(line) for line in strip_comments(text).splitlines())
 
 
 def sparsity_report(log: SparsityLog, inspector: dict | None) -> dict:
