@@ -1,5 +1,8 @@
 """Parsing real TensorRT output (recorded in ../shared/data/tensorrt-logs); skips cleanly where that is absent."""
 
+import json
+import re
+
 import pytest
 from conftest import SHARED
 
@@ -58,11 +61,17 @@ def test_inspector_10x_schema_and_layers():
 
 
 def test_has_sparse_weights_alone_is_not_a_sparse_tactic():
-    text = read("08-")
-    # fragments, not JSON: check the rule line by line as the parser applies it
-    tactics = [line.split('"TacticName": "')[1].rstrip('",') for line in text.splitlines() if '"TacticName"' in line]
-    sparse = [t for t in tactics if "sparse" in t.lower()]
-    assert text.count('"HasSparseWeights": 1') == 2 and len(sparse) == 1 and len(tactics) == 2
+    # The fragments are not JSON: lift each fragment's real "HasSparseWeights"/"TacticName" lines into one layer
+    # record and let the product parser decide which layer ran a sparse tactic.
+    layers = []
+    for i, fragment in enumerate(re.split(r"^# \[collector.*$", read("08-"), flags=re.MULTILINE)[1:]):
+        fields = [json.loads("{" + line.strip().rstrip(",") + "}") for line in fragment.splitlines()
+                  if line.strip().startswith(('"HasSparseWeights"', '"TacticName"'))]
+        layers.append({"Name": f"fragment{i + 1}", **{k: v for f in fields for k, v in f.items()}})
+    rep = T.parse_inspector(json.dumps({"Layers": layers}))
+    assert rep["with_sparse_weights"] == ["fragment1", "fragment2"]  # both have HasSparseWeights: 1
+    assert rep["sparse_tactics"] == ["fragment1"]  # only the _sparse_ tactic counts; fragment 2's is dense
+    assert rep["detailed"] and "sparse" in rep["layers"][0]["tactic"] and "sparse" not in rep["layers"][1]["tactic"]
 
 
 def test_inspector_11x_io_tensors():
@@ -110,3 +119,12 @@ def test_trtexec_build_facts_per_version():
     assert facts["tensorrt_version"] == "10.16.1" and facts["sparse_weights"] is False
     assert "compute_capability" not in facts  # that excerpt omits the device block: nothing is guessed
     assert T.version_from_code(100100) == "10.1.0" and T.version_from_code(8601) == "8.6.1"
+
+
+def test_engine_built_lines_of_real_logs():
+    # trtexec 8.4 "Engine built in", builder 8.4 / 10.16 "Engine generation completed", 10.x "Adding 1 engine(s)".
+    assert all(T.log_says_engine_built(read(p)) for p in ("01-", "02-", "03-"))
+    # A performance excerpt, a parser failure and a deserialisation error never say an engine was built.
+    assert not any(T.log_says_engine_built(read(p)) for p in ("11-", "13-", "16-"))
+    lines = [ln for ln in read("03-").splitlines() if "Engine built in" not in ln and "Loaded engine size" not in ln]
+    assert not T.log_says_engine_built("\n".join(lines))  # banner, options and sparsity lines alone prove nothing
