@@ -25,8 +25,8 @@ import torch
 from sparsekd_deploy.core.patterns import make_pattern
 from sparsekd_deploy.exporters.audit import audit_onnx, pruned_weights
 from sparsekd_deploy.exporters.onnx import export_onnx
-from sparsekd_deploy.exporters.parity import check_parity
 from sparsekd_deploy.models.loading import load_model
+from sparsekd_deploy.pipeline.parity import check_parity
 from sparsekd_deploy.targets.onnxruntime import OnnxRuntimeTarget
 
 

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from sparsekd_deploy.exporters.audit import SparsityLostError, audit_onnx, pruned_weights, require_pattern
 from sparsekd_deploy.exporters.fp16 import convert_fp16
 from sparsekd_deploy.exporters.onnx import export_onnx
-from sparsekd_deploy.exporters.parity import ParityError, check_parity
+from sparsekd_deploy.pipeline.parity import ParityError, check_parity
 
 
 def _sparsity(student_dir):

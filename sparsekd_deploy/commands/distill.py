@@ -26,6 +26,8 @@ DISTILL_OPTIONS = [
     ("--loss", "loss", dict(help="forward-kl | reverse-kl | js | mixed:α. [default: forward-kl]")),
     ("--teacher-access", "teacher_access", dict(type=click.Choice(["logits", "text"]),
                                                 help="Targets: teacher distributions or teacher samples. [default: logits]")),
+    ("--tokenizer", "tokenizer", dict(help="Dir of the teacher's tokenizer when the teacher dir has none "
+                                           "(needed with --data).")),
     ("--data", "data", dict(help="Text file or dir of *.txt; default: data-free (sample the teacher).")),
     ("--seq-len", "seq_len", dict(type=int, help="Tokens per training sequence. [default: 128]")),
     ("--num-samples", "num_samples", dict(type=int, help="Data-free: teacher samples to distill on. [default: 256]")),

@@ -56,7 +56,7 @@ def engine_build_cmd(bundle, batch, seq, past, workspace, fp32, dense, as_json):
 def engine_add_cmd(bundle, plan, log, layers, compute_capability, device_name, as_json):
     """Add an engine built with trtexec (the line in engine_build.json) to the bundle, with its sparsity report."""
     from ..bundle import Bundle
-    from ..exporters.engine_register import register_engine
+    from ..pipeline.engine_register import register_engine
 
     b = Bundle.open(bundle)
     record, report = register_engine(b, Path(plan), log=Path(log) if log else None,

@@ -6,8 +6,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..cli import handle_errors
 from ..console import stdout_json
+from .error_handling import handle_errors
 
 NUM = (int, float)
 _REQUIRED = object()

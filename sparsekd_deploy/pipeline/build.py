@@ -12,6 +12,7 @@ from pathlib import Path
 from ..bundle import Bundle, BundleError, BundleWriter
 from ..config import DistillConfig
 from ..core.patterns import NM, make_pattern
+from ..locks import dir_lock
 from .export_step import ExportResult, export_and_audit
 from .manifest import build_manifest
 
@@ -70,10 +71,7 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions | None = None, reporter=None, gates=None
           ) -> BuildResult:
-    from safetensors.torch import load_file
-
-    from ..core.distill import NullReporter, Result, distill
-    from ..core.rundir import STATE, RunDir
+    from ..core.distill import NullReporter
 
     opts = opts or BuildOptions()
     reporter = reporter or NullReporter()
@@ -81,6 +79,16 @@ def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions | None = None,
     check_out(out, opts.overwrite)
     run_dir = Path(opts.run_dir) if opts.run_dir else default_run_dir(out)
     cfg.out = str(run_dir)
+
+    with dir_lock(out):  # a second build into the same bundle is refused, naming this one (pid, start time)
+        return _build_locked(cfg, out, run_dir, opts, reporter, gates)
+
+
+def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptions, reporter, gates) -> BuildResult:
+    from safetensors.torch import load_file
+
+    from ..core.distill import Result, distill
+    from ..core.rundir import STATE, RunDir
 
     run = RunDir(cfg.out)
     if opts.resume and (run.final / "summary.json").is_file() and not (run.partial / STATE).is_file():
@@ -108,7 +116,7 @@ def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions | None = None,
         from ..validate.references import record
 
         teacher_dir = resolve_teacher(cfg.teacher)
-        record(load_model(teacher_dir), heldout, writer.dir)
+        record(load_model(teacher_dir, role="teacher"), heldout, writer.dir)
         sparsity = json.loads((result.out / "sparsity.json").read_text())
         writer.commit(build_manifest(out.name, cfg, opts, gates, result, exported, sparsity, teacher_dir, run_dir))
     except BaseException:

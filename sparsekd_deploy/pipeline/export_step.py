@@ -46,8 +46,8 @@ def export_and_audit(student_dir: Path, onnx_path: Path, pattern: Pattern | None
     from ..exporters.audit import audit_onnx, audit_report, require_pattern, student_pattern_share, zeroed_weights
     from ..exporters.fp16 import convert_fp16
     from ..exporters.onnx import export_onnx
-    from ..exporters.parity import check_parity
     from ..models.loading import load_model
+    from .parity import check_parity
 
     note = reporter.note if reporter is not None else (lambda _msg: None)
     note("exporting ONNX with KV cache" if with_past else "exporting ONNX")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from ..bundle import BundleError, confined
 from ..errors import ConfigError
-from .engine_step import STEP_FILE
-from .trt_compat import EngineMismatchError, read_plan_header, this_machine, version_tuple
-from .trt_logs import (
+from ..exporters.engine_step import STEP_FILE
+from ..exporters.trt_compat import EngineMismatchError, read_plan_header, this_machine, version_tuple
+from ..exporters.trt_logs import (
     LayerInfoError,
     SparsityLog,
     log_says_engine_built,
@@ -28,7 +28,7 @@ from .trt_logs import (
     parse_trtexec_build,
     sparsity_report,
 )
-from .trt_profiles import Profile
+from ..exporters.trt_profiles import Profile
 
 ENGINE_FILES = ("engine.plan", "engine.sparsity.json", "engine.build.log", "engine.layers.json")
 
