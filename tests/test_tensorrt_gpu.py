@@ -12,6 +12,8 @@ pytestmark = [
     pytest.mark.tensorrt,
     pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed"),
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"),
+    pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0),
+                       reason="this GPU has no 2:4 sparse tensor cores (compute capability < 8.0)"),
 ]
 
 
@@ -37,7 +39,10 @@ def test_engine_built_with_sparsity_report(trt_bundle):
     m = json.loads((path / "manifest.json").read_text())
     assert "engine.plan" in m["files"] and m["engine"]["tensorrt_version"]
     rep = json.loads((path / "engine.sparsity.json").read_text())
-    assert "eligible" in rep["summary"] or "no sparsity lines" in rep["summary"]
+    # The builder logs at VERBOSE with SPARSE_WEIGHTS on a GPU with sparse tensor cores (the fixture needs one), so
+    # TensorRT must report the 2:4-pruned GEMMs as eligible: "no sparsity lines" here is a failure, not an outcome.
+    assert rep["log"]["eligible"], rep["summary"]
+    assert "eligible" in rep["summary"]
     assert res["validation"]["runtime"]["runtime"] == "tensorrt"
 
 
