@@ -135,3 +135,14 @@ def test_torch_onnx_fallback_without_kv_cache(pruned_dirs, tmp_path):
     hf = model.generate(torch.from_numpy(ids), attention_mask=torch.ones(2, 5, dtype=torch.long), max_new_tokens=5,
                         do_sample=False, pad_token_id=0)[:, 5:].numpy()
     np.testing.assert_array_equal(t.generate(ids, 5).tokens, hf)
+
+
+def test_export_restores_the_callers_warning_filters_and_logger_levels(pruned_dirs, tmp_path):
+    import logging
+    import warnings
+
+    logging.getLogger("transformers.modeling_utils").setLevel(logging.INFO)
+    filters = list(warnings.filters)
+    export_onnx(pruned_dirs["llama"], tmp_path / "m.onnx")
+    assert warnings.filters == filters
+    assert logging.getLogger("transformers.modeling_utils").level == logging.INFO

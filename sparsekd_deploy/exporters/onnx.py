@@ -7,6 +7,7 @@ batch/sequence/past axes); ``torch.onnx.export`` is the fallback for architectur
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -37,13 +38,22 @@ class ExportInfo:
         return asdict(self)
 
 
+@contextlib.contextmanager
 def _quiet():
-    # The exporters trace the model and print pages of TracerWarnings that mean nothing to a user.
-    warnings.filterwarnings("ignore", category=Warning, module=r"(torch|transformers|optimum)\..*")
+    """Silence the exporters' tracing chatter (pages of TracerWarnings that mean nothing to a user) for the export
+    only: the warning filters and logger levels are restored afterwards, so a library caller keeps its own."""
     # optimum sets levels on its child loggers, so quieting the parent is not enough.
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith(("optimum", "transformers", "torch.onnx")):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    names = [n for n in list(logging.root.manager.loggerDict) if n.startswith(("optimum", "transformers", "torch.onnx"))]
+    levels = {n: logging.getLogger(n).level for n in names}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=Warning, module=r"(torch|transformers|optimum)\..*")
+        for n in names:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
 
 
 def export_onnx(model_dir: str | Path, out: str | Path, *, opset: int | None = None, with_past: bool = True,
@@ -53,8 +63,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, opset: int | None = N
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir} is not a Hugging Face model dir (no config.json)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _quiet()
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    with _quiet(), tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp = Path(tmp)
         used = None
         if exporter in ("auto", "optimum"):
@@ -72,10 +81,10 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, opset: int | None = N
 def _optimum(model_dir: Path, tmp: Path, opset, with_past) -> str:
     from optimum.exporters.onnx import main_export
 
-    _quiet()  # after the import: optimum's loggers exist only now
     task = "text-generation-with-past" if with_past else "text-generation"
-    main_export(str(model_dir), tmp, task=task, opset=opset, local_files_only=True, do_validation=False,
-                library_name="transformers")
+    with _quiet():  # entered after the import: optimum's loggers exist only now
+        main_export(str(model_dir), tmp, task=task, opset=opset, local_files_only=True, do_validation=False,
+                    library_name="transformers")
     return "optimum"
 
 
