@@ -1,0 +1,107 @@
+"""Faults a user meets, through the CLI: each is one line and exit 2 (or the verdict's code), never a traceback, and
+nothing is left half-written."""
+
+import errno
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import FAST, LOOSE
+
+from sparsekd_deploy.cli import main
+
+
+def run(args):
+    return CliRunner().invoke(main, args)
+
+
+def one_clear_line(r, code=2):
+    assert r.exit_code == code, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in r.output
+
+
+@pytest.fixture(scope="module")
+def built(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(root / "b"), *FAST, *LOOSE])
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def _raise(err, msg):
+    def boom(*a, **k):
+        raise OSError(err, msg, "the-file")
+
+    return boom
+
+
+def test_full_disk_during_builds_export_leaves_nothing_half_written(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr("sparsekd_deploy.exporters.onnx._finalize", _raise(errno.ENOSPC, "No space left on device"))
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"), *FAST, *LOOSE])
+    one_clear_line(r)
+    assert "No space left on device" in r.output and "nothing was left half-written" in r.output
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
+    assert not (tmp_path / "b.lock").exists()  # the bundle lock is released on failure
+
+
+def test_export_into_a_read_only_place(pruned_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr("sparsekd_deploy.exporters.onnx._finalize", _raise(errno.EROFS, "Read-only file system"))
+    r = run(["export", str(pruned_dirs["llama"]), "--out", str(tmp_path / "m.onnx")])
+    one_clear_line(r)
+    assert "Read-only file system" in r.output and not (tmp_path / "m.onnx").exists()
+
+
+def test_export_out_is_a_directory(pruned_dirs, tmp_path):
+    r = run(["export", str(pruned_dirs["llama"]), "--out", str(tmp_path), "--overwrite"])
+    one_clear_line(r)
+    assert "is a directory" in r.output
+
+
+def test_export_ignores_a_corrupt_sparsity_json_beside_the_student(pruned_dirs, tmp_path):
+    """The audit reads the student's own zeros; a damaged side file cannot break or fool it."""
+    import shutil
+
+    student = tmp_path / "run" / "student"
+    shutil.copytree(pruned_dirs["llama"], student)
+    (tmp_path / "run" / "sparsity.json").write_text("{not json")
+    r = run(["export", str(student), "--out", str(tmp_path / "m.onnx"), "--pattern", "2:4", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout[r.stdout.index("{"):])
+    assert res["pattern_share"] == pytest.approx(1.0) and res["audit:m.onnx"]["holding"] > 0
+
+
+def test_validate_on_a_read_only_bundle_prints_the_verdict_and_says_it_was_not_recorded(built, monkeypatch):
+    before = (built / "b" / "validation.json").read_text()
+    monkeypatch.setattr("sparsekd_deploy.bundle.write_json_atomic", _raise(errno.EROFS, "Read-only file system"))
+    r = run(["validate", str(built / "b"), *LOOSE])
+    one_clear_line(r, code=0)  # the exit code is still the verdict
+    assert "PASS" in r.output and "not recorded" in r.output
+    assert (built / "b" / "validation.json").read_text() == before
+
+
+def test_interrupted_validate_gives_no_resume_hint(built, monkeypatch):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sparsekd_deploy.validate.validator.validate_bundle", interrupt)
+    r = run(["validate", str(built / "b")])
+    assert r.exit_code == 130 and "interrupted" in r.output and "--resume" not in r.output
+
+
+def test_rebuild_with_resume_on_a_replaced_run_dir(built, tiny_dirs):
+    (built / "b.run" / "data.safetensors").unlink()
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(built / "b"), "--resume", "--overwrite",
+             *FAST, *LOOSE])
+    one_clear_line(r)
+    assert "has no data.safetensors" in r.output
+
+
+def test_build_that_stops_short_of_its_target_says_so_not_pattern_lost(tiny_dirs, tmp_path):
+    args = [a if a != "50" else "1e-9" for a in FAST]  # a KL budget no stage can meet
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"), *args, *LOOSE])
+    one_clear_line(r, code=1)
+    assert "target 2:4 not reached" in r.output and "pattern lost" not in r.output
+    assert "--kl-budget" in r.output  # and which flags would reach it
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["distillation"]["reached_target"] is False
