@@ -41,9 +41,9 @@ def test_library_build_for_tensorrt_without_the_cli(trt_build):
     assert b.manifest["pattern_share"] == pytest.approx(1.0)  # every pruned group holds 2:4 in the graph
     # seeded golden values of this 2-stage, 8-step run on the tiny Llama (seed 0)
     assert res.distillation["kl"] == pytest.approx(GOLDEN["distill_kl"], rel=0.02)
-    assert res.validation["metrics"]["kl_topk"] == pytest.approx(GOLDEN["kl_topk"], rel=0.02)
+    assert res.validation.metrics["kl_topk"] == pytest.approx(GOLDEN["kl_topk"], rel=0.02)
     # build knows its teacher, so the full-vocabulary KL is measured; top-k KL is its lower bound
-    assert res.validation["metrics"]["kl_full"] >= res.validation["metrics"]["kl_topk"] - 1e-9
+    assert res.validation.metrics["kl_full"] >= res.validation.metrics["kl_topk"] - 1e-9
     assert json.loads(json.dumps(res.to_dict()))["bundle"] == str(res.bundle)
 
 
@@ -53,9 +53,9 @@ GOLDEN = {"distill_kl": 0.033458, "kl_topk": 0.010288}
 def test_full_kl_needs_the_teacher_named_and_refuses_another(trt_build, tiny_dirs):
     _, res = trt_build
     b = Bundle.open(res.bundle)
-    assert validate_bundle(b, gates=LOOSE)["metrics"]["kl_full"] is None  # nothing read from the build host's disk
-    named = validate_bundle(b, gates=LOOSE, teacher=tiny_dirs["llama"])["metrics"]["kl_full"]
-    assert named == pytest.approx(res.validation["metrics"]["kl_full"], rel=1e-6)
+    assert validate_bundle(b, gates=LOOSE).metrics["kl_full"] is None  # nothing read from the build host's disk
+    named = validate_bundle(b, gates=LOOSE, teacher=tiny_dirs["llama"]).metrics["kl_full"]
+    assert named == pytest.approx(res.validation.metrics["kl_full"], rel=1e-6)
     with pytest.raises(BundleError, match="not the teacher this bundle was distilled from"):
         validate_bundle(b, gates=LOOSE, teacher=tiny_dirs["qwen2"])
 

@@ -49,7 +49,7 @@ def build_cmd(target, out, run_dir, provider, opset, fp16, batch, seq, past, wor
     if as_json:
         stdout_json(res.to_dict())
     elif res.validation is not None:
-        print_table(res.validation, reporter.console)
+        print_table(res.validation.to_dict(), reporter.console)
     if res.shortfall:
         print_error(res.shortfall)
     sys.exit(0 if res.passed else 1)

@@ -32,9 +32,9 @@ def validate_cmd(bundle, runtime, provider, model, teacher, as_json, **kw):
     b = Bundle.open(bundle)
     report = validate_bundle(b, runtime, provider, gates, model=model, teacher=teacher)
     if as_json:
-        stdout_json(report)
+        stdout_json(report.to_dict())
     else:
-        print_table(report, err_console)
-    if not report["recorded"]:
-        print_error(f"{report['not_recorded_because']}; the exit code still gives the verdict")
-    sys.exit(0 if report["passed"] else 1)
+        print_table(report.to_dict(), err_console)
+    if not report.recorded:
+        print_error(f"{report.not_recorded_because}; the exit code still gives the verdict")
+    sys.exit(0 if report.passed else 1)

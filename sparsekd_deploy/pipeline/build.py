@@ -8,6 +8,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..bundle import Bundle, BundleError, BundleWriter
 from ..config import DistillConfig
@@ -15,6 +16,9 @@ from ..core.patterns import NM, make_pattern
 from ..locks import dir_lock
 from .export_step import ExportResult, export_and_audit
 from .manifest import build_manifest
+
+if TYPE_CHECKING:
+    from ..validate.validator import ValidationReport
 
 
 @dataclass
@@ -35,7 +39,7 @@ class BuildResult:
     bundle: Path
     run_dir: Path
     distillation: dict  # the run's summary.json
-    validation: dict | None = None  # validation.json as written
+    validation: ValidationReport | None = None
     engine: dict | None = None
     shortfall: str | None = None  # why and at what cost the target was not reached (None when it was)
     notes: list[str] = field(default_factory=list)
@@ -46,11 +50,11 @@ class BuildResult:
 
     @property
     def passed(self) -> bool:
-        return self.reached_target and (self.validation is None or bool(self.validation.get("passed")))
+        return self.reached_target and (self.validation is None or self.validation.passed)
 
     def to_dict(self) -> dict:
         return {"bundle": str(self.bundle), "run_dir": str(self.run_dir), "distillation": self.distillation,
-                "validation": self.validation, "engine": self.engine, "shortfall": self.shortfall}
+                "validation": self.validation.to_dict() if self.validation else None, "engine": self.engine, "shortfall": self.shortfall}
 
 
 def default_run_dir(out: Path) -> Path:

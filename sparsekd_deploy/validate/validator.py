@@ -4,12 +4,34 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+from dataclasses import asdict, dataclass, field
 
 from ..bundle import Bundle
 from ..targets.base import make_target
 from . import metrics as M
 from .gate import Gates, evaluate
 from .references import References
+
+
+@dataclass
+class ValidationReport:
+    """What one validation found; ``validation.json`` is its ``to_dict()``."""
+
+    created: str
+    bundle: str
+    model: str  # the bundle file that ran
+    runtime: dict  # the target's own description (runtime, provider, versions)
+    device: dict
+    thresholds: dict  # the gates applied
+    metrics: dict  # kl_topk, top1_agreement, greedy_match, ppl_ratio, consistency…, kl_full (None without --teacher)
+    gates: list[dict]  # one row per gate: gate, value, op, threshold, passed
+    passed: bool
+    plots: list[str] = field(default_factory=list)
+    recorded: bool = False  # written into the bundle (False: the bundle is read-only)
+    not_recorded_because: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def _model_for(bundle: Bundle, runtime: str, model: str | None) -> tuple[str, dict]:
@@ -58,7 +80,7 @@ def full_kl(bundle: Bundle, student_logits, refs: References, teacher_dir) -> fl
 
 
 def validate_bundle(bundle: Bundle, runtime: str = "onnxruntime", provider: str = "cpu", gates: Gates | None = None,
-                    model: str | None = None, teacher=None) -> dict:
+                    model: str | None = None, teacher=None) -> ValidationReport:
     """Run the bundle's model on ``runtime`` against the stored teacher references and apply ``gates``. With
     ``teacher`` (the teacher's model dir) the full-vocabulary KL is measured too. The report is recorded in the
     bundle's ``validation.json``; where the bundle is read-only it is returned with ``recorded`` False."""
@@ -72,22 +94,20 @@ def validate_bundle(bundle: Bundle, runtime: str = "onnxruntime", provider: str 
     metrics = M.run_all(target, refs, logits)
     metrics["kl_full"] = full_kl(bundle, logits, refs, teacher) if teacher is not None else None
     rows = evaluate(metrics, gates)
-    report = {
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "bundle": str(bundle.path), "model": rel, "runtime": target.describe(),
-        "device": {"machine": platform.machine(), "node": platform.node(), "processor": platform.processor()},
-        "thresholds": gates.to_dict(), "metrics": metrics, "gates": rows, "passed": all(r["passed"] for r in rows),
-    }
+    report = ValidationReport(
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), bundle=str(bundle.path), model=rel,
+        runtime=target.describe(),
+        device={"machine": platform.machine(), "node": platform.node(), "processor": platform.processor()},
+        thresholds=gates.to_dict(), metrics=metrics, gates=rows, passed=all(r["passed"] for r in rows))
     from ..bundle import BundleReadOnlyError
     from .report import plot
 
     try:
-        report["plots"] = [str(p) for p in plot(report, bundle.writable_dir("validation"))]
-        bundle.write_validation(report)
-        report["recorded"] = True
-    except (BundleReadOnlyError, PermissionError) as e:  # plots into an existing read-only validation/ dir
-        report["plots"] = []
-        report["recorded"] = False
-        report["not_recorded_because"] = str(e) if isinstance(e, BundleReadOnlyError) else \
+        report.plots = [str(p) for p in plot(report.to_dict(), bundle.writable_dir("validation"))]
+        report.recorded = True
+        bundle.write_validation(report.to_dict())
+    except (BundleReadOnlyError, PermissionError) as e:  # PermissionError: plots into an existing read-only dir
+        report.plots, report.recorded = [], False
+        report.not_recorded_because = str(e) if isinstance(e, BundleReadOnlyError) else \
             f"bundle {bundle.path} is not writable ({e.strerror}): the verdict was not recorded"
     return report
