@@ -15,8 +15,6 @@ from ..numerics import bucket_kl, log_softmax
 if TYPE_CHECKING:
     from .references import References
 
-__all__ = ["distribution_metrics", "log_softmax", "run_all"]  # log_softmax: numerics', re-exported for callers
-
 
 def distribution_metrics(logits: np.ndarray, ref: References) -> dict:
     """kl_topk (KL over the teacher's top-k buckets + tail: a lower bound of the full KL), top-1, ppl ratio."""

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 from ..core import consistency
 from ..core.sampling import sample
 from ..errors import SparseKDError
-from ..numerics import topk_bucket_torch
+from ..numerics import log_softmax_torch, topk_bucket_torch
 
 TENSORS = "references/references.safetensors"
 META = "references/references.json"
@@ -52,7 +52,7 @@ def record(teacher, heldout: torch.Tensor, out_dir: Path, s: RefSettings | None 
     ids = heldout[: s.prompts, : s.length].clone()
     if len(ids) == 0:
         raise ReferenceError("no held-out sequences to record teacher references from")
-    logp = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+    logp = log_softmax_torch(teacher(input_ids=ids).logits.float())
     # The same buckets (tail clamp, floor) as the topk training operator and the kl_topk metric.
     topk_idx, buckets = topk_bucket_torch(logp, s.top_k)
     topk_logp, tail = buckets[..., :-1].contiguous(), buckets[..., -1].contiguous()
