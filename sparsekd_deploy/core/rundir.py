@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import OutputExistsError
+from ..errors import ConfigError, OutputExistsError
 from ..fsutil import swap_into_place, write_json_atomic
 
 STATE = "state.json"
@@ -78,3 +78,17 @@ class RunDir:
     def finish(self) -> Path:
         """Swap the finished work dir into place; the previous output is removed only after the swap."""
         return swap_into_place(self.partial, self.final)
+
+
+def check_resume_config(run: RunDir, config: dict) -> None:
+    """Refuse to resume with settings other than those the interrupted run started with (its ``state.json``);
+    a resumed run would otherwise silently mix two configurations. ``out`` may differ in spelling only."""
+    if not (run.partial / STATE).is_file():
+        return  # nothing to resume: RunDir.prepare says so
+    saved = run.read_state().get("config", {})
+    differ = [k for k in config if k != "out" and k in saved and saved[k] != config[k]]
+    if differ:
+        was = ", ".join(f"{k}={saved[k]}" for k in differ)
+        now = ", ".join(f"{k}={config[k]}" for k in differ)
+        raise ConfigError([f"run {run.final} was started with {was}, you passed {now}; "
+                           "rerun with the same flags or drop --resume"])
