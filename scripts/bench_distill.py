@@ -43,11 +43,11 @@ def one_shot(cfg, criterion: str) -> dict:
     d.run = RunDir(cfg.out)
     d.run.prepare(False, True)
     d._setup(False)
-    calib = list(d.train[: cfg.calib_batches * cfg.batch_size].split(cfg.batch_size))
+    calib = list(d.train_ids[: cfg.calib_batches * cfg.batch_size].split(cfg.batch_size))
     ctx = ScoringContext(d.raw, d.pruner.layers, calib, kd_loss=lambda ids: d.loss_on(ids))
     masks = d.pruner.stage_masks(score(criterion, ctx), 1.0)
     apply_masks(d.raw, masks)
-    m = heldout_metrics(d.teacher, d.raw, d.heldout, cfg.batch_size, d.device)
+    m = heldout_metrics(d.teacher, d.raw, d.heldout_ids, cfg.batch_size, d.device)
     return {**m, "consistency": d.consistency_of(d.raw), "teacher_consistency": d.teacher_consistency}
 
 
@@ -64,7 +64,7 @@ def throughput(cfg, steps: int, repeats: int) -> dict:
     d.run = RunDir(cfg.out)
     d.run.prepare(False, True)
     d._setup(False)
-    calib = list(d.train[: cfg.batch_size].split(cfg.batch_size))
+    calib = list(d.train_ids[: cfg.batch_size].split(cfg.batch_size))
     d.masks = d.pruner.stage_masks(score("magnitude", ScoringContext(d.raw, d.pruner.layers, calib)), 1.0)
     apply_masks(d.raw, d.masks)
 
@@ -77,7 +77,7 @@ def throughput(cfg, steps: int, repeats: int) -> dict:
     def plain_loop(n):
         start = time.perf_counter()
         for _ in range(n):
-            ids = d.train[torch.randint(len(d.train), (cfg.batch_size,), generator=gen)]
+            ids = d.train_ids[torch.randint(len(d.train_ids), (cfg.batch_size,), generator=gen)]
             with torch.no_grad():
                 t = d.teacher(input_ids=ids).logits
             loss = kd_loss(t, plain(input_ids=ids).logits, d.operator, d.loss_fn)
@@ -88,7 +88,8 @@ def throughput(cfg, steps: int, repeats: int) -> dict:
 
     staged, baseline = [], []
     for r in range(repeats):
-        d.train_steps(steps, r, "bench")
+        d.reset_throughput()
+        d.train_steps(d.batches(r), 0, steps, steps, cfg.lr, "bench")
         staged.append(d.tokens_per_second)
         baseline.append(plain_loop(steps))
     s, b = statistics.median(staged), statistics.median(baseline)

@@ -12,11 +12,41 @@ from sparsekd_deploy.config import build_config
 from sparsekd_deploy.core import distill as distill_mod
 from sparsekd_deploy.core.distill import distill
 from sparsekd_deploy.core.patterns import NM
-from sparsekd_deploy.errors import OutputExistsError, PatternError, TeacherNotFoundError
+from sparsekd_deploy.errors import ConfigError, OutputExistsError, PatternError, TeacherNotFoundError
+
+# Seeded golden values (CPU, fp32, fast_cfg): [(KL after the prune, kept KL)] per stage.
+GOLDEN = {
+    "llama-2:4": [(0.018417, 0.016601), (0.034879, 0.030513)],
+    "llama-2:4-best-step": [4, 4],  # both stages keep their last checkpoint
+    "opt-2:4": [(0.014536, 0.012152), (0.025779, 0.021339)],
+    # black-box teacher (its samples as targets): training never beat stage 1's post-prune state, which is kept
+    "qwen2-text": [(0.025859, 0.025859), (0.040105, 0.040031)],
+    "llama-data-dir": [(0.021421, 0.018966), (0.035152, 0.030912)],
+}
 
 
 def _cfg(fast_cfg, teacher, **kw):
     return build_config(None, {**fast_cfg, "teacher": str(teacher), **kw})
+
+
+def _kls(res):
+    """(KL right after the prune, held-out KL kept) of each stage: seeded golden values pin these."""
+    return [(s["kl_after_prune"], s["kl"]) for s in res.trajectory[1:]]
+
+
+def _golden(res, expected):
+    got = [kl for pair in _kls(res) for kl in pair]
+    assert got == pytest.approx([kl for pair in expected for kl in pair], rel=2e-3, abs=1e-6)
+
+
+def test_seeded_golden_kl(tiny_dirs, fast_cfg):
+    """A small 2:4 run on the tiny Llama, seed 0: each stage's post-prune and kept held-out KL. The kept KL is never
+    above the post-prune one (the post-prune state is a recovery candidate)."""
+    res = distill(_cfg(fast_cfg, tiny_dirs["llama"]))
+    assert res.reached_target
+    _golden(res, GOLDEN["llama-2:4"])
+    assert all(kept <= after for after, kept in _kls(res))
+    assert [s["best_step"] for s in res.trajectory[1:]] == GOLDEN["llama-2:4-best-step"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -59,14 +89,14 @@ def test_masks_enforced_after_every_step(tiny_dirs, fast_cfg, monkeypatch):
     seen = []
     orig = distill_mod.StagedDistiller.train_steps
 
-    def spy(self, n, seed, label):
-        orig(self, n, seed, label)
+    def spy(self, *args, **kw):
+        orig(self, *args, **kw)
         params = dict(self.raw.named_parameters())
         seen.append(all((params[k][~m] == 0).all() for k, m in self.masks.items()))
 
     monkeypatch.setattr(distill_mod.StagedDistiller, "train_steps", spy)
     distill(_cfg(fast_cfg, tiny_dirs["llama"], lr=0.05))
-    assert seen == [True, True]
+    assert seen == [True] * 8  # 2 stages × 4 training segments (held-out KL is measured after each)
 
 
 def test_stage_over_budget_stops_at_last_accepted(tiny_dirs, fast_cfg):
@@ -101,13 +131,11 @@ def test_non_finite_loss_stops_and_keeps_last_stage(tiny_dirs, fast_cfg, monkeyp
 def test_resume_continues_from_last_accepted(tiny_dirs, fast_cfg, monkeypatch):
     cfg = _cfg(fast_cfg, tiny_dirs["llama"], stages=3)
     orig = distill_mod.StagedDistiller.train_steps
-    state = {"stage_calls": 0}
 
-    def killed_in_stage_3(self, n, seed, label):
-        state["stage_calls"] += 1
-        if state["stage_calls"] == 3:
+    def killed_in_stage_3(self, gen, start, stop, total, peak_lr, stage_label):
+        if stage_label == "2:4":  # the last of 2:4@70%, 2:4@96%, 2:4
             raise KeyboardInterrupt
-        orig(self, n, seed, label)
+        orig(self, gen, start, stop, total, peak_lr, stage_label)
 
     monkeypatch.setattr(distill_mod.StagedDistiller, "train_steps", killed_in_stage_3)
     with pytest.raises(KeyboardInterrupt):
@@ -120,6 +148,10 @@ def test_resume_continues_from_last_accepted(tiny_dirs, fast_cfg, monkeypatch):
     with pytest.raises(OutputExistsError, match="--resume"):
         distill(cfg)
     monkeypatch.setattr(distill_mod.StagedDistiller, "train_steps", orig)
+    with pytest.raises(ConfigError, match=r"was started with lr=0.0005, seed=0, you passed lr=0.001, seed=3; "
+                                          r"rerun with the same flags or drop --resume"):
+        distill(_cfg(fast_cfg, tiny_dirs["llama"], stages=3, lr=1e-3, seed=3), resume=True)
+    assert json.loads((rd.partial / "state.json").read_text())["accepted"] == 2  # the refusal touched nothing
     res = distill(cfg, resume=True)
     assert res.reached_target and [s["stage"] for s in res.trajectory] == [0, 1, 2, 3]
     assert res.summary["sparsity"] == pytest.approx(0.5)
@@ -134,6 +166,7 @@ def test_output_dir_rules(tiny_dirs, fast_cfg):
     before = open(marker).read()
     res = distill(cfg, overwrite=True)
     assert res.reached_target and open(marker).read() == before
+    _golden(res, GOLDEN["opt-2:4"])
 
 
 def test_bad_inputs(tiny_dirs, fast_cfg, tmp_path):
@@ -161,6 +194,7 @@ def test_text_data_and_text_access(tiny_dirs, fast_cfg, tmp_path):
     data.write_text("hello world " * 400)
     res = distill(_cfg(fast_cfg, tiny_dirs["qwen2"], data=str(data), teacher_access="text"))
     assert res.reached_target
+    _golden(res, GOLDEN["qwen2-text"])
 
 
 def test_pickled_weights_refused_and_dir_checks(tmp_path, fast_cfg, tiny_dirs):
@@ -187,6 +221,7 @@ def test_data_dir_of_text_files(tiny_dirs, fast_cfg, tmp_path):
         (d / f"{i}.txt").write_text(f"document {i} says hello world. " * 150)
     res = distill(_cfg(fast_cfg, tiny_dirs["llama"], data=str(d)))
     assert res.reached_target
+    _golden(res, GOLDEN["llama-data-dir"])
     (tmp_path / "empty").mkdir()
     from sparsekd_deploy.errors import DataError
 

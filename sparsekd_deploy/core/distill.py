@@ -8,7 +8,7 @@ if that fails the run stops at the last accepted stage and says so.
 from __future__ import annotations
 
 import copy
-import math
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +23,14 @@ from ..models.adapters import shrink_mlp
 from ..models.loading import load_model, load_tokenizer, resolve_teacher
 from . import consistency
 from .evaluate import heldout_metrics
-from .importance import ScoringContext, score
 from .losses import kd_loss, make_loss
 from .operators import make_operator
 from .patterns import NM, Channels, make_pattern
-from .pruner import Pruner, apply_masks, check_integrity, sparsity_report
-from .rundir import STATE, RunDir
-from .schedule import plan
+from .pruner import Masks, Pruner, apply_masks, check_integrity, sparsity_report
+from .recovery import Recovery, cosine_lr, recovery_lr
+from .rundir import STATE, RunDir, check_resume_config
+from .schedule import Stage, plan
+from .stage import StageOutcome, prune_stage, stage_record, stop_reason
 
 
 class NullReporter:
@@ -75,6 +76,9 @@ def make_accelerator(precision: str):
 
 
 class StagedDistiller:
+    """Runs the stages of one distillation: for each, prune (``stage.prune_stage``) → recover (``recovery.Recovery``)
+    → record (``stage.stage_record``), then accept it, or stop at the last accepted one."""
+
     def __init__(self, cfg: DistillConfig, reporter=None):
         self.cfg = cfg
         self.reporter = reporter or NullReporter()
@@ -91,7 +95,23 @@ class StagedDistiller:
             self.keep_dense = slower_layers(cfg.sparsify_only_faster)
         # The pruner is built on a throw-away view first so a pattern that fits nothing fails before any I/O.
         Pruner(self.teacher, self.pattern, cfg.include, cfg.exclude, self.keep_dense)
-        self.tokens_per_second = 0.0
+        # Built by _setup (they need the device, the student and the data):
+        self.run: RunDir | None = None
+        self.accelerator = None
+        self.device: torch.device | None = None
+        self.student: torch.nn.Module | None = None  # as prepared by accelerate (may be wrapped)
+        self.raw: torch.nn.Module | None = None  # the unwrapped student: what is pruned, measured and saved
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.pruner: Pruner | None = None
+        self.masks: Masks = {}
+        self.train_ids: torch.Tensor | None = None  # [N, L] token ids distilled on
+        self.heldout_ids: torch.Tensor | None = None  # [M, L] token ids every KL is measured on
+        self.prompts: torch.Tensor | None = None  # consistency prompts (held-out prefixes)
+        self.trajectory: list[dict] = []
+        self.teacher_consistency: dict = {}
+        self.tokens_per_second = 0.0  # training throughput since the last reset_throughput() (one per stage)
+        self._trained_tokens = 0
+        self._train_seconds = 0.0
 
     # -- one optimizer step --------------------------------------------------------------------------------
     def loss_on(self, ids: torch.Tensor) -> torch.Tensor:
@@ -104,17 +124,20 @@ class StagedDistiller:
                 t_logits = self.teacher(input_ids=ids).logits
         return kd_loss(t_logits, s_logits, self.operator, self.loss_fn)
 
-    def train_steps(self, n: int, seed: int, stage_label: str) -> None:
+    def batches(self, seed: int) -> torch.Generator:
+        """The batch order of one recovery attempt."""
+        return torch.Generator().manual_seed(seed * 1009 + self.accelerator.process_index)
+
+    def train_steps(self, gen: torch.Generator, start: int, stop: int, total: int, peak_lr: float,
+                    stage_label: str) -> None:
+        """Steps ``start..stop-1`` of a ``total``-step cosine schedule peaking at ``peak_lr``."""
         cfg = self.cfg
-        gen = torch.Generator().manual_seed(seed * 1009 + self.accelerator.process_index)
         self.student.train()
-        start = time.perf_counter()
-        for i in range(n):
-            # Cosine decay to 10% within each stage: high lr repairs the fresh damage, low lr settles the noise.
-            lr = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * i / n)))
+        began = time.perf_counter()
+        for i in range(start, stop):
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            ids = self.train[torch.randint(len(self.train), (cfg.batch_size,), generator=gen)].to(self.device)
+                group["lr"] = cosine_lr(peak_lr, i, total)
+            ids = self.train_ids[torch.randint(len(self.train_ids), (cfg.batch_size,), generator=gen)].to(self.device)
             loss = self.loss_on(ids)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at stage {stage_label}, step {i + 1}")
@@ -125,12 +148,16 @@ class StagedDistiller:
             # Masks are enforced after every step: pruned weights stay exactly zero.
             apply_masks(self.raw, self.masks)
             self.reporter.advance(loss.item())
-        elapsed = time.perf_counter() - start
-        self.tokens_per_second = n * cfg.batch_size * cfg.seq_len / max(elapsed, 1e-9)
+        self._train_seconds += time.perf_counter() - began
+        self._trained_tokens += (stop - start) * cfg.batch_size * cfg.seq_len
+        self.tokens_per_second = self._trained_tokens / max(self._train_seconds, 1e-9)
+
+    def reset_throughput(self) -> None:
+        self._trained_tokens, self._train_seconds = 0, 0.0
 
     # -- measurements ----------------------------------------------------------------------------------
     def measure(self) -> dict:
-        return heldout_metrics(self.teacher, self.raw, self.heldout, self.cfg.batch_size, self.device)
+        return heldout_metrics(self.teacher, self.raw, self.heldout_ids, self.cfg.batch_size, self.device)
 
     def consistency_of(self, model) -> dict:
         cfg = self.cfg
@@ -168,8 +195,7 @@ class StagedDistiller:
 
     # -- the run ---------------------------------------------------------------------------------------
     def run_all(self, resume: bool = False, overwrite: bool = False) -> Result:
-        cfg = self.cfg
-        self.run = RunDir(cfg.out)
+        self.run = RunDir(self.cfg.out)
         resuming = self.run.prepare(resume, overwrite)
         try:
             return self._run(resuming)
@@ -182,36 +208,10 @@ class StagedDistiller:
             raise
 
     def _setup(self, resuming: bool) -> int:
-        cfg = self.cfg
-        self.accelerator = make_accelerator(cfg.precision)
-        self.device = self.accelerator.device
-        torch.manual_seed(cfg.seed)
-        self.teacher.to(self.device)
-        student = copy.deepcopy(self.teacher)
-        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-        self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
-        self.raw = self.accelerator.unwrap_model(self.student)
-        self.pruner = Pruner(self.raw, self.pattern, cfg.include, cfg.exclude, self.keep_dense)
-        self.masks: dict[str, torch.Tensor] = {}
-        if resuming:
-            state = self.run.read_state()
-            data = self.run.load_tensors("data.safetensors")
-            self.train, self.heldout = data["train"], data["heldout"]
-            self.trajectory = state["trajectory"]
-            self.teacher_consistency = state["teacher_consistency"]
-            accepted = int(state["accepted"])
-            self.restore(accepted)
-            self.reporter.note(f"resuming after accepted stage {accepted}")
-        else:
-            self.reporter.note("building the distillation set" + (" (sampling the teacher)" if cfg.data is None else ""))
-            from .teacher import build_data
-
-            self.train, self.heldout = build_data(cfg, self.teacher.cpu(), self.tokenizer)
-            self.teacher.to(self.device)
-            self.run.save_tensors("data.safetensors", {"train": self.train, "heldout": self.heldout})
-            accepted = 0
-        prompt_len = max(1, min(16, cfg.seq_len // 2))
-        self.prompts = self.heldout[: cfg.consistency_prompts, :prompt_len]
+        """Student, optimizer and data on the device; returns the last accepted stage (0 on a fresh run)."""
+        self._prepare_student()
+        accepted = self._load_state() if resuming else self._start_state()
+        self.prompts = self.heldout_ids[: self.cfg.consistency_prompts, : max(1, min(16, self.cfg.seq_len // 2))]
         if not resuming:
             self.teacher_consistency = self.consistency_of(self.teacher)
             self.trajectory = [{
@@ -222,59 +222,92 @@ class StagedDistiller:
             self.save_state(0)
         return accepted
 
+    def _prepare_student(self) -> None:
+        cfg = self.cfg
+        self.accelerator = make_accelerator(cfg.precision)
+        self.device = self.accelerator.device
+        torch.manual_seed(cfg.seed)
+        self.teacher.to(self.device)
+        student = copy.deepcopy(self.teacher)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
+        self.raw = self.accelerator.unwrap_model(self.student)
+        self.pruner = Pruner(self.raw, self.pattern, cfg.include, cfg.exclude, self.keep_dense)
+        self.masks = {}
+
+    def _load_state(self) -> int:
+        state = self.run.read_state()
+        data = self.run.load_tensors("data.safetensors")
+        self.train_ids, self.heldout_ids = data["train"], data["heldout"]
+        self.trajectory = state["trajectory"]
+        self.teacher_consistency = state["teacher_consistency"]
+        accepted = int(state["accepted"])
+        self.restore(accepted)
+        self.reporter.note(f"resuming after accepted stage {accepted}")
+        return accepted
+
+    def _start_state(self) -> int:
+        self.reporter.note("building the distillation set" + (" (sampling the teacher)" if self.cfg.data is None else ""))
+        from . import teacher
+
+        self.train_ids, self.heldout_ids = teacher.build_data(self.cfg, self.teacher.cpu(), self.tokenizer)
+        self.teacher.to(self.device)
+        self.run.save_tensors("data.safetensors", {"train": self.train_ids, "heldout": self.heldout_ids})
+        return 0
+
     def _run(self, resuming: bool) -> Result:
         cfg = self.cfg
         accepted = self._setup(resuming)
-        calib = list(self.train[: cfg.calib_batches * cfg.batch_size].split(cfg.batch_size))
-        status, reason = "complete", f"reached {self.pattern.spec} in {cfg.stages} stage(s)"
+        calib = list(self.train_ids[: cfg.calib_batches * cfg.batch_size].split(cfg.batch_size))
         for stage in plan(self.pattern, cfg.stages, cfg.steps_per_stage, cfg.step_schedule, cfg.sparsity_schedule)[accepted:]:
-            ctx = ScoringContext(self.raw, self.pruner.layers, calib, masks=self.masks,
-                                 kd_loss=lambda ids: self.loss_on(ids.to(self.device)))
-            self.masks = self.pruner.stage_masks(score(cfg.importance, ctx), stage.fraction)
-            apply_masks(self.raw, self.masks)
-            self.optimizer.state.clear()  # momentum from the previous stage points at a different model
-            kl_after_prune = self.measure()["kl"]
-            steps, accepted_now, metrics = 0, False, {}
-            self.reporter.stage_begin(stage.label, stage.steps)
-            try:
-                for attempt in range(cfg.retries + 1):
-                    n = stage.steps * (attempt + 1)  # each retry trains longer than the last
-                    if attempt:
-                        self.reporter.add_steps(n)
-                    self.train_steps(n, cfg.seed + 100 * stage.index + attempt, stage.label)
-                    steps += n
-                    metrics = self.measure()
-                    if metrics["kl"] <= cfg.kl_budget:
-                        accepted_now = True
-                        break
-                    if attempt < cfg.retries:
-                        self.reporter.note(f"stage {stage.label}: held-out KL {metrics['kl']:.4f} > budget "
-                                           f"{cfg.kl_budget}; retry {attempt + 1}/{cfg.retries} with more steps")
-            except NonFiniteLossError as e:
-                status, reason = "stopped", str(e)
-            record = {
-                "stage": stage.index, "label": stage.label, "fraction": stage.fraction, "sparsity": self.sparsity(),
-                "kl": metrics.get("kl"), "kl_after_prune": kl_after_prune, "top1": metrics.get("top1"),
-                "steps": steps, "attempts": attempt + 1, "accepted": accepted_now,
-                "tokens_per_second": round(self.tokens_per_second, 1),
-            }
-            if accepted_now:
-                record["consistency"] = {"student": self.consistency_of(self.raw), "teacher": self.teacher_consistency}
+            outcome = self.run_stage(stage, calib)
+            record = stage_record(stage, outcome, self.sparsity(), self.tokens_per_second)
+            if not outcome.accepted:
                 self.trajectory.append(record)
-                self.run.save_checkpoint(stage.index, self.raw, self.masks)
-                accepted = stage.index
-                self.save_state(accepted)
                 self.reporter.stage_end(record)
-                continue
+                self.restore(accepted)
+                return self._finish("stopped", stop_reason(stage, outcome, cfg.kl_budget, cfg.retries), accepted)
+            record["consistency"] = {"student": self.consistency_of(self.raw), "teacher": self.teacher_consistency}
             self.trajectory.append(record)
+            self.run.save_checkpoint(stage.index, self.raw, self.masks)
+            accepted = stage.index
+            self.save_state(accepted)
             self.reporter.stage_end(record)
-            if status == "complete":
-                status = "stopped"
-                reason = (f"stage {stage.label} stayed above the KL budget ({metrics['kl']:.4f} > {cfg.kl_budget}) "
-                          f"after {cfg.retries} retries")
-            self.restore(accepted)
-            break
-        return self._finish(status, reason, accepted)
+        return self._finish("complete", f"reached {self.pattern.spec} in {cfg.stages} stage(s)", accepted)
+
+    def run_stage(self, stage: Stage, calib: list[torch.Tensor]) -> StageOutcome:
+        """Prune to the stage's share of the pattern, then recover: train at an lr sized to the damage, keeping the
+        best held-out state (the post-prune one included); retries (each longer) while it is over the budget."""
+        cfg = self.cfg
+        self.masks = prune_stage(self.raw, self.pruner, cfg.importance, stage.fraction, calib, self.masks,
+                                 kd_loss=lambda ids: self.loss_on(ids.to(self.device)))
+        self.optimizer.state.clear()  # momentum from the previous stage points at a different model
+        after = self.measure()
+        outcome = StageOutcome(after["kl"], recovery_lr(cfg.lr, after["kl"]), Recovery.start(self.raw, after))
+        self.reset_throughput()
+        self.reporter.stage_begin(stage.label, stage.steps)
+        try:
+            for attempt in range(cfg.retries + 1):
+                n = stage.steps * (attempt + 1)  # each retry trains longer than the last
+                if attempt:
+                    self.reporter.add_steps(n)
+                outcome.attempts = attempt + 1
+                train = functools.partial(self.train_steps, self.batches(cfg.seed + 100 * stage.index + attempt),
+                                          total=n, peak_lr=outcome.lr, stage_label=stage.label)
+                went_back = outcome.recovery.attempt(self.raw, n, train, self.measure)
+                if went_back:
+                    self.optimizer.state.clear()  # the moments belong to the state that was dropped
+                if outcome.recovery.metrics["kl"] <= cfg.kl_budget:
+                    outcome.accepted = True
+                    break
+                if attempt < cfg.retries:
+                    self.reporter.note(f"stage {stage.label}: held-out KL {outcome.recovery.metrics['kl']:.4f} > "
+                                       f"budget {cfg.kl_budget}; retry {attempt + 1}/{cfg.retries} with more steps")
+        except NonFiniteLossError as e:
+            outcome.error = str(e)
+        finally:
+            outcome.recovery.release()
+        return outcome
 
     def _finish(self, status: str, reason: str, accepted: int) -> Result:
         cfg = self.cfg
@@ -320,9 +353,5 @@ class StagedDistiller:
 def distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = False, reporter=None) -> Result:
     """Library entry point (the CLI is a thin layer over this)."""
     if resume:
-        run = RunDir(cfg.out)
-        if (run.partial / STATE).is_file():
-            saved = DistillConfig(**run.read_state()["config"])
-            saved.out = cfg.out
-            cfg = saved  # a resumed run continues with the settings it started with
+        check_resume_config(RunDir(cfg.out), cfg.to_dict())  # a resumed run must continue with the flags it began with
     return StagedDistiller(cfg, reporter).run_all(resume=resume, overwrite=overwrite)

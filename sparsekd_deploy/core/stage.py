@@ -1,0 +1,59 @@
+"""One stage of a staged run, in the three steps the distiller chains: prune to the stage's share of the pattern,
+recover (``recovery.py``), record what happened."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .importance import ScoringContext, score
+from .pruner import Masks, Pruner, apply_masks
+from .recovery import Recovery
+from .schedule import Stage
+
+
+def prune_stage(model: nn.Module, pruner: Pruner, importance: str, fraction: float, calib: list[torch.Tensor],
+                masks: Masks, kd_loss: Callable[[torch.Tensor], torch.Tensor]) -> Masks:
+    """Score the current student and zero the weights outside ``fraction`` of the final pattern; returns the masks."""
+    ctx = ScoringContext(model, pruner.layers, calib, masks=masks, kd_loss=kd_loss)
+    new = pruner.stage_masks(score(importance, ctx), fraction)
+    apply_masks(model, new)
+    return new
+
+
+@dataclass
+class StageOutcome:
+    """What the recovery of one stage gave: the best held-out state, the lr it trained at, and the verdict."""
+
+    kl_after_prune: float
+    lr: float
+    recovery: Recovery
+    attempts: int = 0
+    accepted: bool = False
+    error: str | None = None  # why training stopped early (a non-finite loss)
+
+
+def stage_record(stage: Stage, outcome: StageOutcome, sparsity: float, tokens_per_second: float) -> dict:
+    """The stage's trajectory entry. ``kl``/``top1`` are the best held-out state's (the one the stage keeps);
+    ``best_step`` is where it was measured (0 = right after the prune: training did not improve on it); ``lr`` is
+    the stage's peak learning rate; ``checkpoints`` lists [step, held-out KL] of every measurement."""
+    rec = outcome.recovery
+    trained = rec.steps > 0
+    return {
+        "stage": stage.index, "label": stage.label, "fraction": stage.fraction, "sparsity": sparsity,
+        "kl": rec.metrics["kl"] if trained else None, "kl_after_prune": outcome.kl_after_prune,
+        "top1": rec.metrics["top1"] if trained else None,
+        "steps": rec.steps, "attempts": outcome.attempts, "accepted": outcome.accepted,
+        "lr": outcome.lr, "best_step": rec.step, "checkpoints": rec.checkpoints,
+        "tokens_per_second": round(tokens_per_second, 1),
+    }
+
+
+def stop_reason(stage: Stage, outcome: StageOutcome, kl_budget: float, retries: int) -> str:
+    if outcome.error:
+        return outcome.error
+    return (f"stage {stage.label} stayed above the KL budget ({outcome.recovery.metrics['kl']:.4f} > {kl_budget}) "
+            f"after {retries} retries")
