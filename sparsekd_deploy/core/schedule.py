@@ -38,8 +38,10 @@ def fractions(stages: int, sparsity_schedule: str = "linear") -> list[float]:
 
 def plan(pattern: Pattern, stages: int, steps_per_stage: int = 0, schedule: str = "equal",
          sparsity_schedule: str = "linear") -> list[Stage]:
-    """Equal steps from dense to the target. For n:m the zeros per group grow evenly, so 2:4 in two stages
-    goes 1-of-4 zero → 2-of-4 zero; in three stages the middle steps mix groups with k and k+1 zeros."""
+    """The stages from dense to the target: each one's share of the pattern (``sparsity_schedule``) and its
+    first-attempt steps (``schedule``). These defaults (equal, linear) are the plain split; a run passes its config's
+    (backloaded, cubic by default). For n:m with the linear split the zeros per group grow evenly, so 2:4 in two
+    stages goes 1-of-4 zero → 2-of-4 zero; intermediate shares mix groups with k and k+1 zeros."""
     out = []
     budget = step_budget(stages, steps_per_stage, schedule) if steps_per_stage else [0] * stages
     for k, f in enumerate(fractions(stages, sparsity_schedule), start=1):
