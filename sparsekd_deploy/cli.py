@@ -15,6 +15,7 @@ def main():
 
 
 def _register():
+    from .commands.analyze import analyze_cmd
     from .commands.build import build_cmd
     from .commands.distill import distill_cmd
     from .commands.engine import engine_group
@@ -23,7 +24,7 @@ def _register():
     from .commands.profile import profile_cmd
     from .commands.validate import validate_cmd
 
-    for cmd in (distill_cmd, build_cmd, export_cmd, validate_cmd, inspect_cmd, engine_group, profile_cmd):
+    for cmd in (distill_cmd, build_cmd, export_cmd, validate_cmd, inspect_cmd, engine_group, profile_cmd, analyze_cmd):
         main.add_command(cmd)
 
 
