@@ -379,7 +379,7 @@ def plot_heatmap(report: LoadPathReport, path: Path) -> Path:
         c = kinds.index(ly.kind) if ly.block is not None else 0
         kl[r, c], outl[r, c] = ly.kl, ly.outlier_ratio
     pos = kl[kl > 0]
-    fig, axes = plt.subplots(1, 2, figsize=(2 * (3.2 + 0.8 * len(kinds)), 2.2 + 0.35 * len(rows)), squeeze=False,
+    fig, axes = plt.subplots(1, 2, figsize=(2 * (3.2 + 0.8 * len(kinds)), 2.4 + 0.4 * len(rows)), squeeze=False,
                              layout="constrained")
     for ax, m, title, norm, fmt in (
         (axes[0, 0], kl, f"KL with only this unit pruned to {report.pattern}",
@@ -394,8 +394,12 @@ def plot_heatmap(report: LoadPathReport, path: Path) -> Path:
         if len(rows) * len(kinds) <= 200:
             for r in range(len(rows)):
                 for c in range(len(kinds)):
-                    if not math.isnan(m[r, c].item()):
-                        ax.text(c, r, fmt.format(m[r, c].item()), ha="center", va="center", fontsize=6, color="grey")
+                    v = m[r, c].item()
+                    if not math.isnan(v):
+                        level = float(im.norm(v))  # magma_r is dark at the top, viridis at the bottom
+                        dark = level > 0.5 if ax is axes[0, 0] else level < 0.5
+                        ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=7,
+                                color="white" if dark else "black")
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(f"load paths of {Path(report.teacher).name or report.teacher}", fontsize=10)
     fig.savefig(path, dpi=110, format="png")
