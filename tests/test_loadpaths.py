@@ -30,6 +30,7 @@ from sparsekd_deploy.core.patterns import make_pattern
 from sparsekd_deploy.core.pruner import Pruner
 from sparsekd_deploy.core.teacher import sample_teacher_data
 from sparsekd_deploy.digests import weights_digest
+from sparsekd_deploy.errors import DataError
 from sparsekd_deploy.models.loading import load_model
 
 SMALL = dict(seq_len=16, calib_samples=4, heldout_samples=4, batch_size=4, seed=0)
@@ -222,3 +223,15 @@ def test_bad_input_is_one_line_exit_2(tiny_dirs, tmp_path, args, needle):
     assert r.exit_code == 2, r.output
     assert needle in r.output and "Traceback" not in r.output
     assert not (tmp_path / "o" / "loadpaths.json").exists()
+
+
+def test_analysis_on_text_data(tiny_dirs, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 400)
+    report = analyze(tiny_dirs["llama"], "2:4", data=text, seq_len=16, calib_samples=4, heldout_samples=4,
+                     batch_size=4)
+    assert report.data["source"] == str(text) and report.data["heldout"] == 4 and report.data["calib"] == 4
+    assert all(ly.kl > 0 and ly.sparsity == pytest.approx(0.5) for ly in report.layers)
+    (tmp_path / "short.txt").write_text("hello")
+    with pytest.raises(DataError, match="at least 2"):
+        analyze(tiny_dirs["llama"], "2:4", data=tmp_path / "short.txt", seq_len=16)
