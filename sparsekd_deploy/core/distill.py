@@ -90,7 +90,7 @@ class StagedDistiller:
         self.tokenizer = load_tokenizer(self.teacher_dir)
         self.keep_dense = {}
         if cfg.sparsify_only_faster:
-            from ..speedup import slower_layers
+            from .speed_profile import slower_layers
 
             self.keep_dense = slower_layers(cfg.sparsify_only_faster)
         # The pruner is built on a throw-away view first so a pattern that fits nothing fails before any I/O.
