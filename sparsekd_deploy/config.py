@@ -48,6 +48,10 @@ class DistillConfig:
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     sparsify_only_faster: str | None = None  # profile.json: keep dense the layers where 2:4 does not pay
+    # Per-layer sparsity by load path (unstructured): less where single-layer pruning costs the most KL.
+    allocation: str = "uniform"  # uniform | loadpath
+    dense_layers: str | None = None  # n:m: keep the K most load-bearing layers dense ("3"), or "auto"
+    loadpaths: str | None = None  # a loadpaths.json from `analyze`; None = analysed in the run, on its training data
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on GPU; CPU runs fp32)
     consistency_prompts: int = 8
     consistency_samples: int = 8
@@ -96,7 +100,11 @@ def _problems(cfg: DistillConfig) -> list[str]:
         p.append("consistency_temperatures must be a non-empty list of finite numbers > 0")
     if cfg.importance not in IMPORTANCE:
         p.append(f"unknown importance {cfg.importance!r}; available: {', '.join(IMPORTANCE.names())}")
-    for label, build, spec in (("pattern", make_pattern, cfg.pattern), ("operator", make_operator, cfg.operator),
+    from .core.patterns import NM, is_auto
+
+    p.extend(_auto_problems(cfg) if is_auto(cfg.pattern) else [])
+    pattern_spec = cfg.pattern.replace(":auto", ":0.5") if is_auto(cfg.pattern) else cfg.pattern
+    for label, build, spec in (("pattern", make_pattern, pattern_spec), ("operator", make_operator, cfg.operator),
                                ("loss", make_loss, cfg.loss)):
         try:
             build(spec)
@@ -109,6 +117,44 @@ def _problems(cfg: DistillConfig) -> list[str]:
     if cfg.tokenizer is not None and not Path(cfg.tokenizer).expanduser().is_dir():
         state = "is not a directory" if Path(cfg.tokenizer).expanduser().exists() else "does not exist"
         p.append(f"tokenizer dir {cfg.tokenizer!r} {state}")
+    p.extend(_load_path_problems(cfg, NM))
+    return p
+
+
+def _auto_problems(cfg: DistillConfig) -> list[str]:
+    kind = cfg.pattern.split(":")[0]
+    if kind not in ("unstructured", "channels"):
+        return [f"pattern {cfg.pattern!r}: auto searches a continuous sparsity, which only unstructured:auto and "
+                "channels:auto have (an n:m pattern is one fixed sparsity)"]
+    return []
+
+
+def _load_path_problems(cfg: DistillConfig, NM) -> list[str]:
+    from .core.patterns import is_auto, make_pattern
+
+    p = []
+    if cfg.allocation not in ("uniform", "loadpath"):
+        p.append(f"allocation must be uniform or loadpath, got {cfg.allocation!r}")
+    try:
+        pattern = None if is_auto(cfg.pattern) else make_pattern(cfg.pattern)
+    except ValueError:
+        return p  # reported above
+    kind = cfg.pattern.split(":")[0]
+    if is_auto(cfg.pattern) and (cfg.allocation != "uniform" or cfg.dense_layers is not None):
+        p.append(f"pattern {cfg.pattern} searches one global sparsity; it takes no allocation or dense_layers")
+        return p
+    if cfg.allocation == "loadpath" and (isinstance(pattern, NM) or kind == "channels"):
+        p.append(f"allocation loadpath sets a sparsity per layer, which {cfg.pattern} cannot take ("
+                 + ("use dense_layers K|auto to keep the most load-bearing layers dense" if isinstance(pattern, NM)
+                    else "every MLP must keep the same channel count to shrink into a standard model") + ")")
+    if cfg.dense_layers is not None:
+        if not isinstance(pattern, NM):
+            p.append(f"dense_layers is for n:m patterns (kept dense, the rest n:m); {cfg.pattern} takes allocation "
+                     "loadpath instead")
+        elif cfg.dense_layers != "auto" and not (cfg.dense_layers.isdigit()):
+            p.append(f"dense_layers takes a count ≥ 0 or auto, got {cfg.dense_layers!r}")
+    if cfg.loadpaths is not None and not Path(cfg.loadpaths).exists():
+        p.append(f"loadpaths {cfg.loadpaths!r} does not exist (make it with `sparsekd-deploy analyze`)")
     return p
 
 

@@ -12,7 +12,8 @@ from .error_handling import handle_errors
 # (flag, config field, click kwargs). `build` reuses the same list so it accepts every distill flag.
 DISTILL_OPTIONS = [
     ("--teacher", "teacher", dict(help="Local HF model dir (safetensors) or cached Hub id; default: the demo teacher.")),
-    ("--pattern", "pattern", dict(help="2:4 (any n:m), unstructured:S or channels:S. [default: 2:4]")),
+    ("--pattern", "pattern", dict(help="2:4 (any n:m), unstructured:S or channels:S; unstructured:auto / channels:auto "
+                                       "prune until the next stage would break --kl-budget. [default: 2:4]")),
     ("--stages", "stages", dict(type=int, help="Stages from dense to the target. [default: 3]")),
     ("--kl-budget", "kl_budget", dict(type=float, help="Accept a stage only if held-out KL ≤ this. [default: 0.15]")),
     ("--steps-per-stage", "steps_per_stage", dict(type=int, help="Distillation steps per stage. [default: 100]")),
@@ -36,6 +37,11 @@ DISTILL_OPTIONS = [
     ("--seed", "seed", dict(type=int, help="[default: 0]")),
     ("--include", "include", dict(multiple=True, help="Glob of layers to prune (repeatable). [default: *]")),
     ("--exclude", "exclude", dict(multiple=True, help="Glob of layers to keep dense (repeatable); default: embeddings, lm_head.")),
+    ("--allocation", "allocation", dict(type=click.Choice(["uniform", "loadpath"]),
+                                        help="unstructured: one sparsity for every layer, or per layer by load path "
+                                             "(less where pruning one layer alone costs the most KL). [default: uniform]")),
+    ("--dense-layers", "dense_layers", dict(help="n:m: keep the K most load-bearing layers dense, or auto.")),
+    ("--loadpaths", "loadpaths", dict(help="loadpaths.json from `sparsekd-deploy analyze` (default: analysed in the run).")),
     ("--sparsify-only-faster", "sparsify_only_faster",
      dict(help="profile.json from `sparsekd-deploy profile`: keep dense the layers where 2:4 is not faster.")),
     ("--precision", "precision", dict(type=click.Choice(["auto", "fp32", "bf16", "fp16"]),

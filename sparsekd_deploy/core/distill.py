@@ -19,13 +19,16 @@ from safetensors.torch import load_file
 
 from ..config import DistillConfig
 from ..errors import NonFiniteLossError
+from ..locks import dir_lock
 from ..models.adapters import shrink_mlp
 from ..models.loading import load_model, load_tokenizer, resolve_teacher
 from . import consistency
+from .auto_search import AutoSearch
 from .evaluate import heldout_metrics
+from .load_plan import LoadPlan, plan_load_paths
 from .losses import kd_loss, make_loss
 from .operators import make_operator
-from .patterns import NM, Channels, make_pattern
+from .patterns import NM, Channels, is_auto, make_pattern
 from .pruner import Masks, Pruner, apply_masks, check_integrity, sparsity_report
 from .recovery import Recovery, cosine_lr, recovery_lr
 from .rundir import STATE, RunDir, check_resume_config
@@ -82,12 +85,15 @@ class StagedDistiller:
     def __init__(self, cfg: DistillConfig, reporter=None):
         self.cfg = cfg
         self.reporter = reporter or NullReporter()
-        self.pattern = make_pattern(cfg.pattern)
+        # An auto pattern searches its sparsity stage by stage (auto_search.py); self.pattern is the current one.
+        self.search = AutoSearch.for_spec(cfg.pattern, cfg.stages) if is_auto(cfg.pattern) else None
+        self.pattern = self.search.pattern_at(0.5) if self.search else make_pattern(cfg.pattern)
         self.operator = make_operator(cfg.operator)
         self.loss_fn = make_loss(cfg.loss)
         self.teacher_dir = resolve_teacher(cfg.teacher)
-        self.teacher = load_model(self.teacher_dir)
-        self.tokenizer = load_tokenizer(self.teacher_dir)
+        self.teacher = load_model(self.teacher_dir, role="teacher")
+        # Text data needs the tokenizer; data-free runs work on token ids and go without one when the teacher has none.
+        self.tokenizer = load_tokenizer(self.teacher_dir, cfg.tokenizer, required=cfg.data is not None)
         self.keep_dense = {}
         if cfg.sparsify_only_faster:
             from .speed_profile import slower_layers
@@ -104,6 +110,7 @@ class StagedDistiller:
         self.optimizer: torch.optim.Optimizer | None = None
         self.pruner: Pruner | None = None
         self.masks: Masks = {}
+        self.load_plan: LoadPlan | None = None  # --allocation loadpath / --dense-layers (load_plan.py)
         self.train_ids: torch.Tensor | None = None  # [N, L] token ids distilled on
         self.heldout_ids: torch.Tensor | None = None  # [M, L] token ids every KL is measured on
         self.prompts: torch.Tensor | None = None  # consistency prompts (held-out prefixes)
@@ -195,6 +202,12 @@ class StagedDistiller:
 
     # -- the run ---------------------------------------------------------------------------------------
     def run_all(self, resume: bool = False, overwrite: bool = False) -> Result:
+        # A second run into the same output is refused while this one lives (the error names its pid and start);
+        # without the lock, `--overwrite` would replace this run's directory under its feet.
+        with dir_lock(self.cfg.out):
+            return self._run_locked(resume, overwrite)
+
+    def _run_locked(self, resume: bool, overwrite: bool) -> Result:
         self.run = RunDir(self.cfg.out)
         resuming = self.run.prepare(resume, overwrite)
         try:
@@ -259,28 +272,87 @@ class StagedDistiller:
         cfg = self.cfg
         accepted = self._setup(resuming)
         calib = list(self.train_ids[: cfg.calib_batches * cfg.batch_size].split(cfg.batch_size))
+        if self.search is not None:
+            return self._run_auto(accepted, calib)
+        self._plan_load_paths(calib)
         for stage in plan(self.pattern, cfg.stages, cfg.steps_per_stage, cfg.step_schedule, cfg.sparsity_schedule)[accepted:]:
             outcome = self.run_stage(stage, calib)
-            record = stage_record(stage, outcome, self.sparsity(), self.tokens_per_second)
+            record = self._record(stage, outcome)
             if not outcome.accepted:
-                self.trajectory.append(record)
-                self.reporter.stage_end(record)
                 self.restore(accepted)
                 return self._finish("stopped", stop_reason(stage, outcome, cfg.kl_budget, cfg.retries), accepted)
-            record["consistency"] = {"student": self.consistency_of(self.raw), "teacher": self.teacher_consistency}
-            self.trajectory.append(record)
-            self.run.save_checkpoint(stage.index, self.raw, self.masks)
-            accepted = stage.index
-            self.save_state(accepted)
-            self.reporter.stage_end(record)
+            accepted = self._accept(stage, record)
         return self._finish("complete", f"reached {self.pattern.spec} in {cfg.stages} stage(s)", accepted)
+
+    def _run_auto(self, accepted: int, calib: list[torch.Tensor]) -> Result:
+        """Stages add sparsity until the next would break the budget; a rejected one is undone and the step halved."""
+        cfg, search = self.cfg, self.search
+        for r in self.trajectory[1:]:  # a resumed search continues from its accepted stages
+            search.tried = r["stage"]
+            if r["accepted"]:
+                search.accept(r["target_sparsity"])
+        best_pattern = search.pattern_at(search.accepted_sparsity) if search.accepted_sparsity else None
+        while (nxt := search.next_stage(cfg.steps_per_stage)) is not None:
+            stage, pattern = nxt
+            self._use_pattern(pattern)
+            outcome = self.run_stage(stage, calib)
+            record = self._record(stage, outcome)
+            record["target_sparsity"] = pattern.target_sparsity()
+            if outcome.accepted:
+                search.accept(pattern.target_sparsity())
+                best_pattern = pattern
+                accepted = self._accept(stage, record)
+            else:
+                search.reject(pattern.target_sparsity(), outcome.recovery.metrics["kl"])
+                self.restore(accepted)
+        if best_pattern is None:
+            return self._finish("stopped", f"even {search.last_rejected[0]:.1%} {search.kind} broke the KL budget "
+                                           f"{cfg.kl_budget}; the student is the dense teacher", accepted)
+        self._use_pattern(best_pattern)
+        return self._finish("complete", search.reason(cfg.kl_budget), accepted)
+
+    def _use_pattern(self, pattern) -> None:
+        self.pattern = pattern
+        self.pruner = Pruner(self.raw, pattern, self.cfg.include, self.cfg.exclude, self.keep_dense)
+
+    def _plan_load_paths(self, calib: list[torch.Tensor]) -> None:
+        self.load_plan = plan_load_paths(self.cfg, self.teacher, self.teacher_dir, self.pattern, self.train_ids, calib)
+        if self.load_plan is None:
+            return
+        self.run.write_json("loadpaths.json", self.load_plan.report.to_dict())
+        if self.load_plan.dense:
+            self.keep_dense = {**self.keep_dense, **self.load_plan.dense}
+            self.pruner = Pruner(self.raw, self.pattern, self.cfg.include, self.cfg.exclude, self.keep_dense)
+            self.reporter.note(f"keeping {len(self.load_plan.dense)} load-bearing layer(s) dense: "
+                               + ", ".join(self.load_plan.dense))
+        if self.load_plan.allocation:
+            lo, hi = min(self.load_plan.allocation.values()), max(self.load_plan.allocation.values())
+            self.reporter.note(f"per-layer sparsity by load path: {lo:.1%}..{hi:.1%} around {self.pattern.spec}")
+
+    def _record(self, stage: Stage, outcome: StageOutcome) -> dict:
+        report = sparsity_report(self.pruner, self.raw)
+        record = stage_record(stage, outcome, report["overall_sparsity"], self.tokens_per_second)
+        record["layer_sparsity"] = {name: e["sparsity"] for name, e in report["layers"].items()}
+        if not outcome.accepted:
+            self.trajectory.append(record)
+            self.reporter.stage_end(record)
+        return record
+
+    def _accept(self, stage: Stage, record: dict) -> int:
+        record["consistency"] = {"student": self.consistency_of(self.raw), "teacher": self.teacher_consistency}
+        self.trajectory.append(record)
+        self.run.save_checkpoint(stage.index, self.raw, self.masks)
+        self.save_state(stage.index)
+        self.reporter.stage_end(record)
+        return stage.index
 
     def run_stage(self, stage: Stage, calib: list[torch.Tensor]) -> StageOutcome:
         """Prune to the stage's share of the pattern, then recover: train at an lr sized to the damage, keeping the
         best held-out state (the post-prune one included); retries (each longer) while it is over the budget."""
         cfg = self.cfg
         self.masks = prune_stage(self.raw, self.pruner, cfg.importance, stage.fraction, calib, self.masks,
-                                 kd_loss=lambda ids: self.loss_on(ids.to(self.device)))
+                                 kd_loss=lambda ids: self.loss_on(ids.to(self.device)),
+                                 allocation=self.load_plan.allocation if self.load_plan else None)
         self.optimizer.state.clear()  # momentum from the previous stage points at a different model
         after = self.measure()
         outcome = StageOutcome(after["kl"], recovery_lr(cfg.lr, after["kl"]), Recovery.start(self.raw, after))

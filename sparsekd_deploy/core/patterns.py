@@ -141,6 +141,11 @@ class Channels(Pattern):
         return self.sparsity
 
 
+def is_auto(spec: str) -> bool:
+    """``unstructured:auto`` / ``channels:auto``: the run searches the sparsity (see core/auto_search.py)."""
+    return isinstance(spec, str) and spec.strip().endswith(":auto")
+
+
 def make_pattern(spec: str) -> Pattern:
     """'2:4' / 'n:m', 'unstructured:0.5', 'channels:0.25'."""
     name, arg = split_spec(spec)

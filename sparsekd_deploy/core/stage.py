@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .allocation import allocated_masks
 from .importance import ScoringContext, score
 from .pruner import Masks, Pruner, apply_masks
 from .recovery import Recovery
@@ -16,10 +17,13 @@ from .schedule import Stage
 
 
 def prune_stage(model: nn.Module, pruner: Pruner, importance: str, fraction: float, calib: list[torch.Tensor],
-                masks: Masks, kd_loss: Callable[[torch.Tensor], torch.Tensor]) -> Masks:
-    """Score the current student and zero the weights outside ``fraction`` of the final pattern; returns the masks."""
+                masks: Masks, kd_loss: Callable[[torch.Tensor], torch.Tensor],
+                allocation: dict[str, float] | None = None) -> Masks:
+    """Score the current student and zero the weights outside ``fraction`` of the final pattern (each layer at its
+    own sparsity under a load-path ``allocation``); returns the masks."""
     ctx = ScoringContext(model, pruner.layers, calib, masks=masks, kd_loss=kd_loss)
-    new = pruner.stage_masks(score(importance, ctx), fraction)
+    scores = score(importance, ctx)
+    new = allocated_masks(pruner, scores, fraction, allocation) if allocation else pruner.stage_masks(scores, fraction)
     apply_masks(model, new)
     return new
 

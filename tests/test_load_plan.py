@@ -1,0 +1,93 @@
+"""Load paths inside a run (--allocation loadpath, --dense-layers) and the auto search (unstructured:auto), on the
+tiny models; plus their bad inputs."""
+
+import json
+import os
+
+import pytest
+
+from sparsekd_deploy.config import build_config
+from sparsekd_deploy.core.distill import distill
+from sparsekd_deploy.errors import ConfigError, SparseKDError
+
+
+def _cfg(fast_cfg, teacher, **kw):
+    return build_config(None, {**fast_cfg, "teacher": str(teacher), **kw})
+
+
+def test_loadpath_allocation_gives_layers_their_own_sparsity_at_the_global_target(tiny_dirs, fast_cfg):
+    res = distill(_cfg(fast_cfg, tiny_dirs["llama"], pattern="unstructured:0.5", allocation="loadpath"))
+    assert res.reached_target
+    last = res.trajectory[-1]
+    per_layer = last["layer_sparsity"]
+    assert max(per_layer.values()) - min(per_layer.values()) > 0.05  # not uniform
+    assert res.summary["sparsity"] == pytest.approx(0.5, abs=0.01)  # the same global sparsity
+    loads = {ly["name"]: ly["kl"] for ly in json.loads((res.out / "loadpaths.json").read_text())["layers"]}
+    heaviest, lightest = max(loads, key=loads.get), min(loads, key=loads.get)
+    assert per_layer[heaviest] < per_layer[lightest]  # less removed where the load is
+
+
+def test_dense_layers_keep_the_most_load_bearing_layers_dense(tiny_dirs, fast_cfg):
+    res = distill(_cfg(fast_cfg, tiny_dirs["llama"], pattern="2:4", dense_layers="2"))
+    assert res.reached_target
+    sp = json.loads((res.out / "sparsity.json").read_text())
+    kept = {name: why for name, why in sp["skipped"].items() if "load path" in why}
+    loads = sorted(json.loads((res.out / "loadpaths.json").read_text())["layers"], key=lambda ly: -ly["kl"])
+    assert set(kept) == {loads[0]["name"], loads[1]["name"]}
+    assert all(e["pattern_holds"] for e in sp["layers"].values())  # every other layer is 2:4
+
+
+def test_auto_prunes_until_the_budget_would_break(tiny_dirs, fast_cfg):
+    res = distill(_cfg(fast_cfg, tiny_dirs["llama"], pattern="unstructured:auto", kl_budget=0.05, retries=0))
+    assert res.reached_target and res.reason.startswith("reached unstructured")
+    stages = res.trajectory[1:]
+    accepted = [s for s in stages if s["accepted"]]
+    rejected = [s for s in stages if not s["accepted"]]
+    assert accepted and rejected  # it went as far as the budget allowed, and one step further was refused
+    assert all(s["kl"] <= 0.05 for s in accepted) and all(s["kl"] > 0.05 for s in rejected)
+    targets = [s["target_sparsity"] for s in accepted]
+    assert targets == sorted(targets)
+    assert res.summary["sparsity"] == pytest.approx(targets[-1], abs=0.01)  # the sparsest accepted student
+    # after a rejected target, the next one tried is a smaller step from the last accepted
+    first_bad = stages.index(rejected[0])
+    assert stages[first_bad + 1]["target_sparsity"] < rejected[0]["target_sparsity"]
+    assert GOLDEN_AUTO_SPARSITY == pytest.approx(res.summary["sparsity"], abs=0.01)
+
+
+GOLDEN_AUTO_SPARSITY = 0.75  # seed 0, tiny Llama, fast_cfg
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"pattern": "2:4:auto"}, "pattern"),
+    ({"pattern": "nm:auto"}, "only unstructured:auto and channels:auto"),
+    ({"pattern": "2:4", "allocation": "loadpath"}, "use dense_layers"),
+    ({"pattern": "channels:0.5", "allocation": "loadpath"}, "same channel count"),
+    ({"pattern": "unstructured:0.5", "dense_layers": "2"}, "dense_layers is for n:m"),
+    ({"pattern": "2:4", "dense_layers": "many"}, "count ≥ 0 or auto"),
+    ({"pattern": "unstructured:auto", "allocation": "loadpath"}, "takes no allocation"),
+    ({"loadpaths": "/nonexistent/loadpaths.json", "pattern": "2:4", "dense_layers": "1"}, "does not exist"),
+])
+def test_bad_load_path_and_auto_inputs(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(None, overrides)
+
+
+def test_data_free_run_on_a_teacher_without_tokenizer(tiny_dirs, fast_cfg, tmp_path):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    for f in tiny_dirs["llama"].iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy2(f, teacher / f.name)
+    res = distill(_cfg(fast_cfg, teacher, stages=1))
+    assert res.reached_target and (res.out / "student" / "model.safetensors").is_file()
+
+
+def test_a_second_run_into_a_live_runs_output_is_refused(tiny_dirs, fast_cfg):
+    from sparsekd_deploy.locks import dir_lock
+
+    cfg = _cfg(fast_cfg, tiny_dirs["llama"], stages=1)
+    with dir_lock(cfg.out):  # this process holds it, as a running distill would
+        with pytest.raises(SparseKDError, match=f"pid {os.getpid()}"):
+            distill(cfg, overwrite=True)
