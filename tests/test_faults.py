@@ -89,12 +89,14 @@ def test_interrupted_validate_gives_no_resume_hint(built, monkeypatch):
     assert r.exit_code == 130 and "interrupted" in r.output and "--resume" not in r.output
 
 
-def test_rebuild_with_resume_on_a_replaced_run_dir(built, tiny_dirs):
-    (built / "b.run" / "data.safetensors").unlink()
-    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(built / "b"), "--resume", "--overwrite",
-             *FAST, *LOOSE])
+def test_rebuild_with_resume_on_a_replaced_run_dir(built, tiny_dirs, tmp_path):
+    import shutil
+
+    shutil.copytree(built / "b.run", tmp_path / "b.run")  # the run dir of a bundle that was deleted since
+    (tmp_path / "b.run" / "data.safetensors").unlink()
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"), "--resume", *FAST, *LOOSE])
     one_clear_line(r)
-    assert "has no data.safetensors" in r.output
+    assert "has no data.safetensors" in r.output and not (tmp_path / "b").exists()
 
 
 def test_build_that_stops_short_of_its_target_says_so_not_pattern_lost(tiny_dirs, tmp_path):
@@ -105,3 +107,17 @@ def test_build_that_stops_short_of_its_target_says_so_not_pattern_lost(tiny_dirs
     assert "--kl-budget" in r.output  # and which flags would reach it
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["distillation"]["reached_target"] is False
+
+
+def test_rebuild_after_deleting_the_bundle_reuses_its_run_or_names_what_changed(built, tiny_dirs, tmp_path):
+    """Item 7: the run sits beside the bundle (b.run); a rebuild with the same flags reuses it, other flags are named."""
+    import shutil
+
+    shutil.copytree(built / "b.run", tmp_path / "b.run")  # the bundle b was deleted, its run stayed
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"), *FAST, *LOOSE])
+    assert r.exit_code == 0, r.output
+    assert "reusing the finished distillation run" in r.output
+    shutil.rmtree(tmp_path / "b")
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"), *FAST, *LOOSE, "--lr", "1e-3"])
+    one_clear_line(r)
+    assert "lr=0.0005 (now 0.001)" in r.output and "--overwrite" in r.output

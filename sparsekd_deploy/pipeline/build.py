@@ -95,8 +95,14 @@ def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptio
     from ..core.rundir import STATE, RunDir
 
     run = RunDir(cfg.out)
-    if opts.resume and (run.final / "summary.json").is_file() and not (run.partial / STATE).is_file():
-        reporter.note(f"reusing the finished distillation run in {run.final}")
+    finished = (run.final / "summary.json").is_file() and not (run.partial / STATE).is_file()
+    if finished and not opts.overwrite:
+        # A rebuild finds the run it made before: the same flags reuse it, other flags are named, never mixed.
+        differ = _differing_flags(run.final / STATE, cfg)
+        if differ:
+            raise BundleError(f"distillation run {run.final} was made with other settings ({differ}); pass "
+                              "--overwrite to redo it, or --run-dir to keep both")
+        reporter.note(f"reusing the finished distillation run in {run.final} (same settings; --overwrite redoes it)")
         result = Result.from_dir(run.final)
     else:
         result = distill(cfg, resume=opts.resume, overwrite=opts.overwrite, reporter=reporter)
@@ -129,6 +135,16 @@ def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptio
     res = BuildResult(out, run_dir, result.summary, shortfall=_shortfall(cfg, pattern, result, exported))
     _validate_on_target(res, opts, gates, reporter, teacher_dir)
     return res
+
+
+def _differing_flags(state_file: Path, cfg: DistillConfig) -> str:
+    """'lr=0.0005 (now 0.001), …' for every setting of a finished run that differs from ``cfg`` ('' when none)."""
+    try:
+        saved = json.loads(state_file.read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return f"its {state_file.name} is missing or unreadable"
+    now = cfg.to_dict()
+    return ", ".join(f"{k}={saved[k]} (now {now[k]})" for k in now if k != "out" and k in saved and saved[k] != now[k])
 
 
 def _write_engine_step(bundle_dir: Path, exported: ExportResult, opts: BuildOptions) -> None:
