@@ -16,12 +16,12 @@ from sparsekd_deploy.errors import ConfigError, OutputExistsError, PatternError,
 
 # Seeded golden values (CPU, fp32, fast_cfg): [(KL after the prune, kept KL)] per stage.
 GOLDEN = {
-    "llama-2:4": [(0.018417, 0.016601), (0.034879, 0.030513)],
+    "llama-2:4": [(0.018417, 0.015461), (0.034133, 0.028330)],
     "llama-2:4-best-step": [4, 4],  # both stages keep their last checkpoint
-    "opt-2:4": [(0.014536, 0.012152), (0.025779, 0.021339)],
-    # black-box teacher (its samples as targets): training never beat stage 1's post-prune state, which is kept
-    "qwen2-text": [(0.025859, 0.025859), (0.040105, 0.040031)],
-    "llama-data-dir": [(0.021421, 0.018966), (0.035152, 0.030912)],
+    "opt-2:4": [(0.014536, 0.010911), (0.023641, 0.018054)],
+    # black-box teacher (its samples as targets): training never beat either stage's post-prune state, which is kept
+    "qwen2-text": [(0.025859, 0.025859), (0.040105, 0.040105)],
+    "llama-data-dir": [(0.021421, 0.017184), (0.033216, 0.027856)],
 }
 
 
