@@ -96,8 +96,9 @@ def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptio
 
     run = RunDir(cfg.out)
     finished = (run.final / "summary.json").is_file() and not (run.partial / STATE).is_file()
-    if finished and not opts.overwrite:
-        # A rebuild finds the run it made before: the same flags reuse it, other flags are named, never mixed.
+    if finished and (opts.resume or not opts.overwrite):
+        # A rebuild finds the run it made before: the same flags reuse it, other flags are named, never mixed
+        # (--overwrite alone redoes it; with --resume it replaces only the bundle).
         differ = _differing_flags(run.final / STATE, cfg)
         if differ:
             raise BundleError(f"distillation run {run.final} was made with other settings ({differ}); pass "
