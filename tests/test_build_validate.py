@@ -9,7 +9,6 @@ from conftest import FAST, LOOSE
 
 from sparsekd_deploy.cli import main
 
-
 GOLDEN = {"distill_kl": 0.031308, "kl_topk": 0.0096188, "top1": 0.3672}
 
 
