@@ -6,7 +6,17 @@ from sparsekd_deploy.errors import ConfigError
 
 def test_defaults_are_valid():
     cfg = build_config()
-    assert cfg == DistillConfig()
+    assert cfg == DistillConfig(stages=1, steps_per_stage=300)  # 2:4: one stage (staging does not pay there)
+
+
+@pytest.mark.parametrize("overrides,stages,steps", [
+    ({}, 1, 300), ({"pattern": "1:4"}, 1, 300), ({"pattern": "unstructured:0.8"}, 3, 100),
+    ({"pattern": "channels:0.5"}, 3, 100), ({"stages": 2}, 2, 150), ({"pattern": "2:4", "stages": 3}, 3, 100),
+    ({"pattern": "unstructured:0.8", "steps_per_stage": 40}, 3, 40),
+])
+def test_stage_count_follows_the_pattern_and_the_step_budget_stays_300(overrides, stages, steps):
+    cfg = build_config(None, overrides)
+    assert (cfg.stages, cfg.steps_per_stage) == (stages, steps)
 
 
 def test_recipe_then_flags_override(tmp_path):

@@ -25,7 +25,7 @@ def test_list_where_a_number_belongs(tmp_path):
     assert _problems(_recipe(tmp_path, "consistency_temperatures: [[0.7]]\n")) == [
         "consistency_temperatures: expected a list of numbers, got [[0.7]]"
     ]
-    assert _problems(None, {"stages": [3]}) == ["stages: expected an integer, got [3]"]
+    assert _problems(None, {"stages": [3]}) == ["stages: expected an integer or nothing, got [3]"]
 
 
 def test_number_where_a_list_belongs(tmp_path):
@@ -69,7 +69,7 @@ def test_non_finite_temperature(tmp_path):
 
 def test_overrides_are_type_checked_too():
     assert _problems(None, {"stages": "3", "include": 5, "stagez": 1}) == [
-        "stages: expected an integer, got '3'",
+        "stages: expected an integer or nothing, got '3'",
         "include: expected a list of text, got 5",
         "unknown option 'stagez'",
     ]
