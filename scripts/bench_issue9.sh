@@ -10,8 +10,9 @@ STEPS=${1:-90}
 $PY scripts/bench_matrix.py --steps "$STEPS" --threads 1
 $PY scripts/bench_matrix.py --steps "$STEPS" --threads 1 --models demo --patterns unstructured:0.7 \
     --methods staged staged-loadpath --out runs/bench_alloc07
+# The default recipe at 2:4 is one stage (the oneshot-kd row); its lr sweep on the teacher it was not tuned on:
 for lr in 0.00025 0.0005 0.001 0.002; do
-  $PY scripts/bench_matrix.py --steps "$STEPS" --threads 1 --models wide --patterns 2:4 --methods staged \
+  $PY scripts/bench_matrix.py --steps "$STEPS" --threads 1 --models wide --patterns 2:4 --methods oneshot-kd \
       --lr "$lr" --out "runs/bench_lr_sweep/lr$lr"
 done
 .venv/bin/sparsekd-deploy distill --pattern unstructured:auto --kl-budget 0.05 --steps-per-stage "$STEPS" \
