@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from . import __version__
+from .digests import sha256_file
 from .errors import SparseKDError
 from .fsutil import swap_into_place, write_json_atomic
 
@@ -36,14 +36,6 @@ class BundleError(SparseKDError):
 
 class BundleReadOnlyError(BundleError):
     """The bundle directory cannot be written (read-only mount, no permission): nothing was recorded in it."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_mutable(rel: str) -> bool:
@@ -288,18 +280,21 @@ class Bundle:
 
     def read_validation(self) -> dict | None:
         """The last validation report, or None when the bundle was never validated."""
-        path = confined(self.path, VALIDATION, "validation report")
+        return self.read_json(VALIDATION, "validation report", "delete it and rerun `sparsekd-deploy validate`")
+
+    def read_json(self, rel: str, what: str, fix: str) -> dict | None:
+        """A JSON object file of the bundle (confined to it), or None when absent; a damaged one is one BundleError
+        saying what it is and how to ``fix`` it."""
+        path = confined(self.path, rel, what)
         if not path.exists():
             return None
         try:
-            report = json.loads(path.read_text())
+            obj = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{path} is not valid JSON ({e}); delete it and rerun `sparsekd-deploy validate`"
-                              ) from None
-        if not isinstance(report, dict):
-            raise BundleError(f"{path} is a JSON {_json_type(report)}, not a validation report; delete it and "
-                              "rerun `sparsekd-deploy validate`")
-        return report
+            raise BundleError(f"{path} is not valid JSON ({e}); {fix}") from None
+        if not isinstance(obj, dict):
+            raise BundleError(f"{path} is a JSON {_json_type(obj)}, not a {what}; {fix}")
+        return obj
 
     def write_validation(self, report: dict) -> Path:
         """Record the last validation; ``BundleReadOnlyError`` (nothing left behind) where the bundle is read-only."""

@@ -5,12 +5,18 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+CHUNK = 1 << 20
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+
+def _feed(h, path: Path) -> None:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        while block := f.read(CHUNK):
             h.update(block)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    _feed(h, path)
     return h.hexdigest()
 
 
@@ -18,7 +24,5 @@ def weights_digest(model_dir: str | Path) -> str:
     """One digest over a model dir's safetensors files (sorted by name), as recorded in a bundle's manifest."""
     h = hashlib.sha256()
     for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
+        _feed(h, f)
     return h.hexdigest()

@@ -15,7 +15,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..bundle import BundleError, confined
 from ..errors import ConfigError
 from ..exporters.engine_step import STEP_FILE
 from ..exporters.trt_compat import EngineMismatchError, read_plan_header, this_machine, version_tuple
@@ -108,17 +107,7 @@ def engine_record(plan: Path, log_text: str | None, step: dict, *, compute_capab
 
 def _read_step(bundle) -> dict:
     """The bundle's engine_build.json (the on-device step), or {} when it has none."""
-    path = confined(bundle.path, STEP_FILE, "engine step")
-    if not path.is_file():
-        return {}
-    try:
-        step = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path} is not valid JSON ({e}); rebuild the bundle with `build --target tensorrt`"
-                          ) from None
-    if not isinstance(step, dict):
-        raise BundleError(f"{path} is not a JSON object; rebuild the bundle with `build --target tensorrt`")
-    return step
+    return bundle.read_json(STEP_FILE, "engine step", "rebuild the bundle with `build --target tensorrt`") or {}
 
 
 def register_engine(bundle, plan: Path, *, log: Path | None = None, layers: Path | None = None,
