@@ -44,7 +44,7 @@ def _is_mutable(rel: str) -> bool:
 
 def _escape(root: Path, rel) -> str | None:
     """Why ``root / rel`` is not a path inside ``root`` (None when it is)."""
-    if not isinstance(rel, str) or not rel.strip():
+    if not isinstance(rel, str) or not rel.strip() or "\x00" in rel:
         return f"{rel!r} is not a file name"
     pure, win = PurePosixPath(rel), PureWindowsPath(rel)
     if pure.is_absolute() or win.is_absolute() or win.drive:
@@ -195,7 +195,8 @@ class Bundle:
             manifest = json.loads(mf.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             where = f" at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
-            raise BundleError(f"{mf} is not valid JSON ({getattr(e, 'msg', e.reason)}{where})") from None
+            why = e.msg if isinstance(e, json.JSONDecodeError) else e.reason
+            raise BundleError(f"{mf} is not valid JSON ({why}{where})") from None
         Manifest.parse(manifest, str(mf))
         bundle = cls(path, manifest)
         if verify:

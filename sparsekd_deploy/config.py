@@ -120,6 +120,8 @@ def _problems(cfg: DistillConfig) -> list[str]:
     if cfg.tokenizer is not None and not Path(cfg.tokenizer).expanduser().is_dir():
         state = "is not a directory" if Path(cfg.tokenizer).expanduser().exists() else "does not exist"
         p.append(f"tokenizer dir {cfg.tokenizer!r} {state}")
+    if cfg.out is not None and Path(cfg.out).name in ("", ".", ".."):
+        p.append(f"out {cfg.out!r} names a directory by a relative step; name the run dir, e.g. runs/my-run")
     p.extend(_load_path_problems(cfg, NM))
     return p
 

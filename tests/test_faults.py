@@ -121,3 +121,94 @@ def test_rebuild_after_deleting_the_bundle_reuses_its_run_or_names_what_changed(
     r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"), *FAST, *LOOSE, "--lr", "1e-3"])
     one_clear_line(r)
     assert "lr=0.0005 (now 0.001)" in r.output and "--overwrite" in r.output
+
+
+def test_full_disk_during_distill_is_one_line_and_leaves_no_output(tiny_dirs, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) at path "x"')
+
+    monkeypatch.setattr("sparsekd_deploy.core.rundir.save_file", full)
+    r = run(["distill", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "run"), *FAST])
+    one_clear_line(r)
+    assert "No space left on device" in r.output and "nothing was left half-written" in r.output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.lock").exists()
+
+
+def test_manifest_that_is_not_json_is_one_line(tmp_path):
+    (tmp_path / "manifest.json").write_text("{garbage")
+    for cmd in ("inspect", "validate"):
+        r = run([cmd, str(tmp_path)])
+        one_clear_line(r)
+        assert "manifest.json is not valid JSON" in r.output
+
+
+def test_validate_on_a_read_only_file_system_still_prints_the_verdict(built, monkeypatch):
+    """The plots are written first; on a read-only mount they fail with EROFS before validation.json does."""
+    def ro(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", "validation/kl_per_prompt.png")
+
+    monkeypatch.setattr("sparsekd_deploy.validate.report.plot", ro)
+    r = run(["validate", str(built / "b"), *LOOSE])
+    one_clear_line(r, code=0)
+    assert "PASS" in r.output and "not recorded" in r.output
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda m: m.update(teacher=["x"]), "is not the teacher"),
+    (lambda m: m.update(engine="engine.plan"), "engine section is malformed"),
+])
+def test_malformed_manifest_sections_are_one_line(built, tmp_path, tiny_dirs, damage, message):
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(built / "b", b)
+    m = json.loads((b / "manifest.json").read_text())
+    damage(m)
+    (b / "manifest.json").write_text(json.dumps(m))
+    args = ["--teacher", str(tiny_dirs["llama"])] if "teacher" in message else ["--runtime", "tensorrt"]
+    r = run(["validate", str(b), *args])
+    one_clear_line(r)
+    assert message in r.output
+
+
+def test_references_that_load_but_lack_fields_are_one_line(built, tmp_path):
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(built / "b", b)
+    (b / "references" / "references.json").write_text("{}")
+    from sparsekd_deploy.bundle import file_table
+
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"] = file_table(b)  # checksums recomputed: only the shape check can catch it
+    (b / "manifest.json").write_text(json.dumps(m))
+    r = run(["validate", str(b)])
+    one_clear_line(r)
+    assert "lack or mistype key prefix" in r.output
+
+
+def test_a_manifest_path_with_a_nul_byte_is_refused(tmp_path):
+    from sparsekd_deploy.bundle import BundleError, confined
+
+    with pytest.raises(BundleError, match="is not a file name"):
+        confined(tmp_path, "a\x00b", "file")
+
+
+@pytest.mark.parametrize("cmd", ["build", "distill"])
+def test_out_dot_is_refused_in_one_line(cmd, tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = run([cmd, "--teacher", str(tiny_dirs["llama"]), "--out", ".", *FAST])
+    one_clear_line(r)
+    assert "relative step" in r.output and list(tmp_path.iterdir()) == []
+
+
+def test_rebuild_over_a_run_with_a_damaged_summary_is_one_line(built, tiny_dirs, tmp_path):
+    import shutil
+
+    shutil.copytree(built / "b.run", tmp_path / "b.run")
+    (tmp_path / "b.run" / "summary.json").write_text("{half")
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"), *FAST, *LOOSE])
+    one_clear_line(r)
+    assert "summary.json is missing or damaged" in r.output and "--overwrite" in r.output

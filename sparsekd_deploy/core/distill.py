@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ..config import DistillConfig
-from ..errors import NonFiniteLossError
+from ..errors import NonFiniteLossError, OutputExistsError
 from ..locks import dir_lock
 from ..models.adapters import shrink_mlp
 from ..models.loading import load_model, load_tokenizer, resolve_teacher
@@ -31,7 +31,7 @@ from .operators import make_operator
 from .patterns import NM, Channels, is_auto, make_pattern
 from .pruner import Masks, Pruner, apply_masks, check_integrity, sparsity_report
 from .recovery import Recovery, cosine_lr, recovery_lr
-from .rundir import STATE, RunDir, check_resume_config
+from .rundir import STATE, RunDir, check_resume_config, read_run_json, writing
 from .schedule import Stage, plan
 from .stage import StageOutcome, prune_stage, stage_record, stop_reason
 
@@ -61,11 +61,13 @@ class Result:
     @classmethod
     def from_dir(cls, out: Path) -> Result:
         """A finished run, read back from its directory (``build --resume`` reuses it instead of retraining)."""
-        import json
-
-        summary = json.loads((out / "summary.json").read_text())
-        trajectory = json.loads((out / "trajectory.json").read_text())["stages"]
-        return cls(summary["status"], summary["reason"], out, trajectory, summary)
+        summary = read_run_json(out / "summary.json")
+        trajectory = read_run_json(out / "trajectory.json").get("stages")
+        try:
+            return cls(summary["status"], summary["reason"], out, list(trajectory), summary)
+        except (KeyError, TypeError):
+            raise OutputExistsError(f"run {out} has a damaged summary.json or trajectory.json; pass --overwrite to "
+                                    "redo it") from None
 
 
 def make_accelerator(precision: str):
@@ -99,6 +101,10 @@ class StagedDistiller:
             from .speed_profile import slower_layers
 
             self.keep_dense = slower_layers(cfg.sparsify_only_faster)
+        if cfg.loadpaths and not self.search:  # a file from another teacher or pattern fails before any sampling
+            from .loadpaths import load_report
+
+            load_report(cfg.loadpaths, self.teacher_dir, self.pattern.spec)
         # The pruner is built on a throw-away view first so a pattern that fits nothing fails before any I/O.
         Pruner(self.teacher, self.pattern, cfg.include, cfg.exclude, self.keep_dense)
         # Built by _setup (they need the device, the student and the data):
@@ -399,7 +405,8 @@ class StagedDistiller:
             report["intermediate_size"] = shrink_mlp(self.raw, self.pruner.channel_keeps(self.masks))
         report["parameters"] = {"teacher": params_before, "student": sum(p.numel() for p in self.raw.parameters())}
         student_dir = out / "student"
-        self.raw.to("cpu").save_pretrained(student_dir, safe_serialization=True)
+        with writing(student_dir):
+            self.raw.to("cpu").save_pretrained(student_dir, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(student_dir)
         self.run.write_json("sparsity.json", report)

@@ -4,8 +4,10 @@ so a failed or killed run never leaves a half-written ``<out>`` and never destro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -16,6 +18,33 @@ from ..errors import ConfigError, OutputExistsError
 from ..fsutil import swap_into_place, write_json_atomic
 
 STATE = "state.json"
+
+
+def read_run_json(path: Path) -> dict:
+    """A JSON object the run wrote (state, summary, trajectory); a damaged one is one error saying how to start over."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise OutputExistsError(f"{path} is missing or damaged ({e}); pass --overwrite to start the run over") from None
+    if not isinstance(obj, dict):
+        raise OutputExistsError(f"{path} is not a JSON object; pass --overwrite to start the run over")
+    return obj
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """safetensors reports a failed write (a full disk, a read-only mount) as SafetensorError with the OS error in its
+    text; turn it back into the OSError it is, so the CLI answers it as one line like any other I/O failure."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)|code: (\d+)", str(e))  # "... I/O error: No space left (os error 28)"
+        if code is None:
+            raise
+        n = int(code.group(1) or code.group(2))
+        raise OSError(n, os.strerror(n), str(path)) from None
 
 
 class RunDir:
@@ -49,11 +78,12 @@ class RunDir:
         return self.partial / name
 
     def read_state(self) -> dict:
-        return json.loads((self.partial / STATE).read_text())
+        return read_run_json(self.partial / STATE)
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         tmp = self.partial / (name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        with writing(tmp):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, self.partial / name)
 
     def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
@@ -66,8 +96,9 @@ class RunDir:
         final = self.checkpoint_dir(stage)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        save_file({k: v.to(torch.uint8).contiguous() for k, v in masks.items()}, str(tmp / "masks.safetensors"))
+        with writing(tmp):
+            model.save_pretrained(tmp, safe_serialization=True)
+            save_file({k: v.to(torch.uint8).contiguous() for k, v in masks.items()}, str(tmp / "masks.safetensors"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         return final

@@ -64,6 +64,9 @@ def default_run_dir(out: Path) -> Path:
 
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse an unusable bundle path before hours of distillation, not after."""
+    if out.name in ("", ".", ".."):
+        raise BundleError(f"--out {out} names an existing directory by a relative step; name the bundle dir, e.g. "
+                          "dist/my-model")
     if out.exists() and not out.is_dir():
         raise BundleError(f"--out {out} is a file; name a directory for the bundle")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

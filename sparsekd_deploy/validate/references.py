@@ -74,6 +74,12 @@ def record(teacher, heldout: torch.Tensor, out_dir: Path, s: RefSettings | None 
     return meta
 
 
+# What validation reads from the references (written by ``record`` above).
+REQUIRED_TENSORS = ("input_ids", "topk_idx", "topk_logp", "tail_logp", "nll", "greedy")
+REQUIRED_META = {"prefix": int, "greedy_tokens": int, "samples": int, "sample_tokens": int, "temperature": (int, float),
+                 "m": int, "seeds": list, "teacher_consistency": dict}
+
+
 @dataclass
 class References:
     tensors: dict[str, np.ndarray]
@@ -97,4 +103,10 @@ class References:
                               ) from None
         if not isinstance(meta, dict):
             raise BundleError(f"bundle {bundle.path}: {META} is not a JSON object; rebuild the bundle with `build`")
+        missing = [f"tensor {k}" for k in REQUIRED_TENSORS if k not in tensors]
+        missing += [f"key {k}" for k, kind in REQUIRED_META.items() if not isinstance(meta.get(k), kind)
+                    or isinstance(meta.get(k), bool)]
+        if missing:
+            raise BundleError(f"bundle {bundle.path}: the teacher references lack or mistype {', '.join(missing)}; "
+                              "rebuild the bundle with `build`")
         return cls(tensors, meta)

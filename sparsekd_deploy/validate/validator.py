@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import platform
 from dataclasses import asdict, dataclass, field
 
@@ -45,7 +46,11 @@ def _model_for(bundle: Bundle, runtime: str, model: str | None) -> tuple[str, di
             raise BundleError(f"bundle {bundle.path} has no engine yet; build it on the device with "
                               f"`sparsekd-deploy engine build {bundle.path}` (or add one built by trtexec with "
                               f"`sparsekd-deploy engine add`; the lines are in engine_build.json)")
-        return bundle.manifest["engine"]["plan"], {"engine": bundle.manifest["engine"]}
+        engine = bundle.manifest["engine"]
+        if not isinstance(engine, dict) or not isinstance(engine.get("plan"), str):
+            raise BundleError(f"bundle {bundle.path}: manifest's engine section is malformed (no plan file named); "
+                              "re-add the engine with `engine build` or `engine add`")
+        return engine["plan"], {"engine": engine}
     if runtime == "torch":
         if not bundle.has("student/config.json"):
             raise BundleError(f"bundle {bundle.path} has no student weights; build it with --target torch")
@@ -64,7 +69,8 @@ def full_kl(bundle: Bundle, student_logits, refs: References, teacher_dir) -> fl
     path = Path(teacher_dir)
     if not (path / "config.json").is_file():
         raise BundleError(f"--teacher {path} is not a model dir (no config.json)")
-    recorded = bundle.manifest.get("teacher", {}).get("weights_sha256")
+    teacher = bundle.manifest.get("teacher")
+    recorded = teacher.get("weights_sha256") if isinstance(teacher, dict) else None
     if weights_digest(path) != recorded:
         raise BundleError(f"--teacher {path} is not the teacher this bundle was distilled from (its weights' sha256 "
                           f"differs from the manifest's {str(recorded)[:12]}…)")
@@ -106,7 +112,9 @@ def validate_bundle(bundle: Bundle, runtime: str = "onnxruntime", provider: str 
         report.plots = [str(p) for p in plot(report.to_dict(), bundle.writable_dir("validation"))]
         report.recorded = True
         bundle.write_validation(report.to_dict())
-    except (BundleReadOnlyError, PermissionError) as e:  # PermissionError: plots into an existing read-only dir
+    except (BundleReadOnlyError, OSError) as e:  # the plots go first: on a read-only bundle they fail first
+        if not isinstance(e, BundleReadOnlyError) and e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
         report.plots, report.recorded = [], False
         report.not_recorded_because = str(e) if isinstance(e, BundleReadOnlyError) else \
             f"bundle {bundle.path} is not writable ({e.strerror}): the verdict was not recorded"
