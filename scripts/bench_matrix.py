@@ -64,10 +64,15 @@ STAGED_STAGES = 3
 METHODS: dict[str, dict] = {
     "magnitude": {"label": "magnitude one-shot", "kind": "oneshot", "importance": "magnitude"},
     "wanda": {"label": "Wanda one-shot", "kind": "oneshot", "importance": "wanda"},
-    "oneshot-kd": {"label": "one-shot Wanda + KD", "kind": "trained", "staged": False},
-    "staged": {"label": "staged", "kind": "trained", "staged": True},
+    # uniform named explicitly: these rows keep meaning one sparsity for every layer whatever the config's default
+    "oneshot-kd": {"label": "one-shot Wanda + KD", "kind": "trained", "staged": False,
+                   "overrides": {"allocation": "uniform"}},
+    "staged": {"label": "staged (uniform)", "kind": "trained", "staged": True, "overrides": {"allocation": "uniform"}},
     "staged-loadpath": {"label": "staged + load-path", "kind": "trained", "staged": True,
                         "overrides": {"allocation": "loadpath"}, "only": ("unstructured",)},
+    # Separates what load-path allocation buys from what staging buys (not in the default matrix; --methods).
+    "oneshot-kd-loadpath": {"label": "one-shot + KD + load-path", "kind": "trained", "staged": False,
+                            "overrides": {"allocation": "loadpath"}, "only": ("unstructured",)},
 }
 
 MODELS: dict[str, dict] = {
