@@ -6,7 +6,15 @@ from sparsekd_deploy.errors import ConfigError
 
 def test_defaults_are_valid():
     cfg = build_config()
-    assert cfg == DistillConfig(stages=1, steps_per_stage=300)  # 2:4: one stage (staging does not pay there)
+    # 2:4: one stage (staging does not pay there), one sparsity for every layer
+    assert cfg == DistillConfig(stages=1, steps_per_stage=300, allocation="uniform")
+
+
+@pytest.mark.parametrize("pattern,allocation", [("2:4", "uniform"), ("unstructured:0.8", "loadpath"),
+                                                ("channels:0.5", "uniform"), ("unstructured:auto", "uniform")])
+def test_allocation_default_follows_the_pattern(pattern, allocation):
+    assert build_config(None, {"pattern": pattern}).allocation == allocation
+    assert build_config(None, {"pattern": pattern, "allocation": "uniform"}).allocation == "uniform"
 
 
 @pytest.mark.parametrize("overrides,stages,steps", [

@@ -39,7 +39,8 @@ DISTILL_OPTIONS = [
     ("--exclude", "exclude", dict(multiple=True, help="Glob of layers to keep dense (repeatable); default: embeddings, lm_head.")),
     ("--allocation", "allocation", dict(type=click.Choice(["uniform", "loadpath"]),
                                         help="unstructured: one sparsity for every layer, or per layer by load path "
-                                             "(less where pruning one layer alone costs the most KL). [default: uniform]")),
+                                             "(less where pruning one layer alone costs the most KL). [default: "
+                                             "loadpath for unstructured:S, else uniform]")),
     ("--dense-layers", "dense_layers", dict(help="n:m: keep the K most load-bearing layers dense, or auto.")),
     ("--loadpaths", "loadpaths", dict(help="loadpaths.json from `sparsekd-deploy analyze` (default: analysed in the run).")),
     ("--sparsify-only-faster", "sparsify_only_faster",
