@@ -19,10 +19,12 @@ def test_allocation_default_follows_the_pattern(pattern, allocation):
 
 @pytest.mark.parametrize("overrides,stages,steps", [
     ({}, 1, 300), ({"pattern": "1:4"}, 1, 300), ({"pattern": "unstructured:0.8"}, 3, 100),
-    ({"pattern": "channels:0.5"}, 3, 100), ({"stages": 2}, 2, 150), ({"pattern": "2:4", "stages": 3}, 3, 100),
+    ({"pattern": "channels:0.5"}, 1, 300), ({"pattern": "unstructured:0.5"}, 1, 300),
+    ({"pattern": "channels:0.7"}, 3, 100), ({"pattern": "unstructured:auto"}, 3, 100),
+    ({"stages": 2}, 2, 150), ({"pattern": "2:4", "stages": 3}, 3, 100),
     ({"pattern": "unstructured:0.8", "steps_per_stage": 40}, 3, 40),
 ])
-def test_stage_count_follows_the_pattern_and_the_step_budget_stays_300(overrides, stages, steps):
+def test_stage_count_follows_the_removal_and_the_step_budget_stays_300(overrides, stages, steps):
     cfg = build_config(None, overrides)
     assert (cfg.stages, cfg.steps_per_stage) == (stages, steps)
 
