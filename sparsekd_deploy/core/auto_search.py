@@ -56,8 +56,8 @@ class AutoSearch:
         if self.accepted_sparsity >= MAX_SPARSITY:
             return f"{got} (the search's ceiling)"
         why = []
-        if self.last_rejected:
-            s, kl = self.last_rejected
+        if self.last_rejected and self.last_rejected[0] > self.accepted_sparsity:
+            s, kl = self.last_rejected  # (a rejected step from a less sparse state may later pass from a sparser one)
             why.append(f"{s:.1%} broke it (KL {kl:.4f})")
         why.append(f"the step fell below {MIN_STEP:.1%}" if self.step < MIN_STEP
                    else f"{self.tried} stage attempts used (raise --stages for more)")
