@@ -156,22 +156,7 @@ def allocated_masks(pruner: Pruner, scores: dict[str, torch.Tensor], fraction: f
     if isinstance(pruner.pattern, NM):
         raise AllocationError(f"pattern {pruner.pattern.spec} has no continuous sparsity; use dense_layers")
     if pruner.blocks:
-        masks: Masks = {}
-        for block in pruner.blocks:
-            pat = Channels(allocation[block.name]) if block.name in allocation else pruner.pattern
-            ch = sum(scores[ly.name].sum(1) for ly in block.inputs) + scores[block.output.name].sum(0)
-            keep = pat.channel_keep(ch, fraction)
-            for ly in block.inputs:
-                masks[ly.param_name] = ly.to_native(keep[:, None].expand(ly.shape_oi).clone())
-                if getattr(ly.module, "bias", None) is not None:
-                    masks[f"{ly.name}.bias"] = keep.clone()
-            masks[block.output.param_name] = block.output.to_native(keep[None, :].expand(block.output.shape_oi).clone())
-        return masks
-    masks = {}
-    for ly in pruner.layers:
-        s = allocation.get(ly.name)
-        pat = pruner.pattern if s is None else (Unstructured(s) if s > 0 else None)
-        keep = (torch.ones(ly.shape_oi, dtype=torch.bool) if pat is None
-                else pat.keep_mask(scores[ly.name], fraction))
-        masks[ly.param_name] = ly.to_native(keep)
-    return masks
+        patterns = {name: Channels(sp) for name, sp in allocation.items()}
+    else:
+        patterns = {name: Unstructured(sp) if sp > 0 else None for name, sp in allocation.items()}
+    return pruner.stage_masks(scores, fraction, patterns)

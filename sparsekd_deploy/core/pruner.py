@@ -41,21 +41,27 @@ class Pruner:
                 detail = "; ".join(f"{n}: {r}" for n, r in list(self.skipped.items())[:3]) or "no Linear/Conv1D layer matched"
                 raise PatternError(f"pattern {pattern.spec} fits no layer of this model ({detail})")
 
-    def stage_masks(self, scores: dict[str, torch.Tensor], fraction: float) -> Masks:
-        """Keep-masks (native layout) for ``fraction`` of the final pattern."""
+    def stage_masks(self, scores: dict[str, torch.Tensor], fraction: float,
+                    patterns: dict[str, Pattern | None] | None = None) -> Masks:
+        """Keep-masks (native layout) for ``fraction`` of the final pattern. ``patterns`` overrides the pruner's
+        pattern per layer (per MLP block for channels), e.g. a load-path allocation; a None value keeps it dense."""
+        patterns = patterns or {}
         if self.blocks:
-            return self._channel_masks(scores, fraction)
-        return {
-            layer.param_name: layer.to_native(self.pattern.keep_mask(scores[layer.name], fraction))
-            for layer in self.layers
-        }
+            return self._channel_masks(scores, fraction, patterns)
+        masks: Masks = {}
+        for layer in self.layers:
+            pat = patterns.get(layer.name, self.pattern)
+            keep = (torch.ones(layer.shape_oi, dtype=torch.bool) if pat is None
+                    else pat.keep_mask(scores[layer.name], fraction))
+            masks[layer.param_name] = layer.to_native(keep)
+        return masks
 
-    def _channel_masks(self, scores, fraction) -> Masks:
+    def _channel_masks(self, scores, fraction, patterns) -> Masks:
         masks: Masks = {}
         for block in self.blocks:
             # A channel's load: its rows in every input projection plus its column in the output projection.
             ch = sum(scores[layer.name].sum(1) for layer in block.inputs) + scores[block.output.name].sum(0)
-            keep = self.pattern.channel_keep(ch, fraction)
+            keep = patterns.get(block.name, self.pattern).channel_keep(ch, fraction)
             for layer in block.inputs:
                 masks[layer.param_name] = layer.to_native(keep[:, None].expand(layer.shape_oi).clone())
                 if getattr(layer.module, "bias", None) is not None:
