@@ -1,0 +1,1 @@
+"""Ship bundles to edge devices over SSH: upload, verify there, steps there, atomic activation, rollback."""
