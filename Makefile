@@ -11,7 +11,8 @@ $(BIN)/sparsekd-deploy: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: this is the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# [full]: everything the build host needs (the base install is the lean device one; see README, Install).
+	$(BIN)/python -m pip install -q -e '.[full,dev]'
 	touch $@
 
 install: $(BIN)/sparsekd-deploy

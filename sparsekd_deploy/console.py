@@ -63,8 +63,11 @@ class RichReporter:
 
 
 def print_error(message: str) -> None:
-    # One line, no traceback: these are user mistakes or verdicts, not bugs.
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    # One line, no traceback: these are user mistakes or verdicts, not bugs. The message is text, not markup
+    # (a hint such as `pip install 'sparsekd-deploy[full]'` must keep its brackets).
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def stdout_json(obj) -> None:

@@ -50,3 +50,29 @@ class IntegrityError(SparseKDError):
 
 class ModelLoadError(SparseKDError):
     """A model (or tokenizer) dir that exists but cannot be loaded as it is: corrupt, incomplete or not a causal LM."""
+
+
+# Packages only the build host's install brings (`[full]`), and the extra that brings each device-side one.
+FULL_ONLY = ("torch", "transformers", "optimum", "accelerate", "matplotlib", "onnx", "onnxscript", "tokenizers")
+DEVICE_EXTRAS = {"onnxruntime": "device", "cuda": "tensorrt", "asyncssh": "full"}
+
+
+class MissingDependencyError(SparseKDError):
+    """A command needs a package this (lean, device-side) install lacks; the message names the extra to install."""
+
+    def __init__(self, package: str, extra: str):
+        self.package, self.extra = package, extra
+        what = "the build host's full install" if extra == "full" else f"the [{extra}] extra"
+        alt = " (or [gpu] for onnxruntime-gpu)" if extra == "device" else ""
+        super().__init__(f"this needs {package}, which is not installed here (it comes with {what}): "
+                         f"pip install 'sparsekd-deploy[{extra}]'{alt}")
+
+    @classmethod
+    def from_import_error(cls, e: ImportError) -> MissingDependencyError | None:
+        """The error for a missing optional package, or None when the missing module is not one of ours to name."""
+        root = (getattr(e, "name", None) or "").split(".")[0]
+        if root in FULL_ONLY:
+            return cls(root, "full")
+        if root in DEVICE_EXTRAS:
+            return cls("cuda-python" if root == "cuda" else root, DEVICE_EXTRAS[root])
+        return None

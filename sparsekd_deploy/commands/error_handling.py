@@ -24,19 +24,28 @@ def os_error_line(e: OSError) -> str:
 
 
 def handle_errors(fn=None, *, resumable: bool = False):
-    """Wrap a click command: ``SparseKDError`` → its message and exit code; a user-fixable ``OSError`` → one line
-    and exit 2; Ctrl-C → exit 130, with the resume hint only on commands that can resume (``resumable``)."""
+    """Wrap a click command: ``SparseKDError`` → its message and exit code; a package missing from a lean install
+    (torch & co.) → one line naming the extra, exit 2; a user-fixable ``OSError`` → one line and exit 2; Ctrl-C →
+    exit 130, with the resume hint only on commands that can resume (``resumable``)."""
 
     def decorate(f):
         @functools.wraps(f)
         def wrapper(*args, **kwargs):
-            from ..errors import SparseKDError
+            from ..errors import MissingDependencyError, SparseKDError
 
             try:
                 return f(*args, **kwargs)
             except SparseKDError as e:
                 print_error(str(e))
                 sys.exit(e.exit_code)
+            except ModuleNotFoundError as e:
+                # A lean (device-side) install lacks torch & co.: the commands import them lazily, so the failure
+                # surfaces here, once for every command, as one line naming the extra to install.
+                missing = MissingDependencyError.from_import_error(e)
+                if missing is None:
+                    raise
+                print_error(str(missing))
+                sys.exit(missing.exit_code)
             except OSError as e:
                 if e.errno not in _USER_OSERRORS:
                     raise

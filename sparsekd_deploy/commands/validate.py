@@ -20,9 +20,10 @@ from .gates import gate_options, gates_from
 @click.option("--teacher", type=click.Path(), help="The teacher's model dir: also measure the full-vocabulary KL "
               "(it must be the teacher the bundle was distilled from).")
 @click.option("--json", "as_json", is_flag=True, help="Print validation.json on stdout.")
+@click.option("--no-plots", is_flag=True, help="Write no PNG plots (they need matplotlib; skipped anyway without it).")
 @gate_options
 @handle_errors
-def validate_cmd(bundle, runtime, provider, model, teacher, as_json, **kw):
+def validate_cmd(bundle, runtime, provider, model, teacher, as_json, no_plots, **kw):
     """Validate BUNDLE against its stored teacher references. Exit 0 pass, 1 fail, 2 usage/bundle error."""
     from ..bundle import Bundle
     from ..validate.report import print_table
@@ -30,11 +31,13 @@ def validate_cmd(bundle, runtime, provider, model, teacher, as_json, **kw):
 
     gates = gates_from(kw)
     b = Bundle.open(bundle)
-    report = validate_bundle(b, runtime, provider, gates, model=model, teacher=teacher)
+    report = validate_bundle(b, runtime, provider, gates, model=model, teacher=teacher, plots=not no_plots)
     if as_json:
         stdout_json(report.to_dict())
     else:
         print_table(report.to_dict(), err_console)
+    if report.plots_skipped_because:
+        err_console.print(f"note: {report.plots_skipped_because}", markup=False, highlight=False)
     if not report.recorded:
         print_error(f"{report.not_recorded_because}; the exit code still gives the verdict")
     sys.exit(0 if report.passed else 1)

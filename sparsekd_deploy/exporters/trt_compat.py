@@ -82,15 +82,9 @@ def this_machine() -> dict:
         info["tensorrt_version"] = trt.__version__
     except ImportError:
         pass
-    try:
-        import torch
+    from ..cuda_memory import device_facts  # cuda-python on a lean device install, else torch
 
-        if torch.cuda.is_available():
-            info["compute_capability"] = compute_capability()
-            info["device_name"] = torch.cuda.get_device_name()
-            info["cuda_version"] = torch.version.cuda
-    except ImportError:
-        pass
+    info.update(device_facts())
     return info
 
 

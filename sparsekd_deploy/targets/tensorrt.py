@@ -1,5 +1,6 @@
-"""TensorRT target: run an engine plan with the KV cache through I/O tensors; device buffers are torch CUDA
-tensors (present key/values stay on the GPU and feed the next step as past key/values).
+"""TensorRT target: run an engine plan with the KV cache through I/O tensors. Device buffers come from whichever CUDA
+binding is installed (``cuda_memory``: cuda-python on a lean device install, else torch); present key/values stay on
+the GPU and feed the next step as past key/values.
 
 Compatibility (TensorRT version, compute capability, the plan header) is checked *before* deserialisation.
 """
@@ -18,7 +19,8 @@ from .base import TARGETS, ShapeLimits, Target, TargetError, decoder_feed
 
 def tensor_address(tensor, fallback) -> int:
     """TensorRT needs a non-null address even for an empty tensor (the first step's zero-length past);
-    torch gives empty tensors a null data pointer, so those get a small live buffer's address instead."""
+    torch (and ``cuda_memory``) give empty buffers a null data pointer, so those get a small live buffer's address
+    instead."""
     return tensor.data_ptr() if tensor.numel() else fallback.data_ptr()
 
 
@@ -27,14 +29,15 @@ class TensorRTTarget(Target):
     name = "tensorrt"
 
     def __init__(self, model_path: str | Path, engine: dict | None = None, max_positions: int | None = None, **_):
-        import torch
+        from ..cuda_memory import backend, choose
 
         trt = import_tensorrt(RUN_HINT)
+        choose()  # no CUDA binding installed: say so, rather than "no GPU" from the checks below
         plan = Path(model_path)
         engine = engine or {}
         check_compat(engine, this_machine())
         check_plan_file(plan, engine)
-        self.trt, self.torch = trt, torch
+        self.trt = trt
         log: list[str] = []
         self._logger = list_logger(trt, log)  # must outlive the engine
         runtime = trt.Runtime(self._logger)
@@ -44,8 +47,8 @@ class TensorRTTarget(Target):
             detail = f" ({mismatch['kind']}: engine {mismatch['engine']}, runtime {mismatch['runtime']})" if mismatch else ""
             raise TargetError(f"TensorRT could not deserialize {plan.name}{detail}; rebuild it with `sparsekd-deploy engine build`")
         self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-        self._placeholder = torch.empty(256, dtype=torch.uint8, device="cuda")  # address for empty tensors
+        self.mem = backend()
+        self._placeholder = self.mem.empty((256,), np.uint8)  # address for empty tensors
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
@@ -57,13 +60,13 @@ class TensorRTTarget(Target):
     def describe(self) -> dict:
         return {"runtime": "tensorrt", "version": self.trt.__version__, "provider": "tensorrt", **this_machine()}
 
-    def _dtype(self, name):
-        t, trt = self.torch, self.trt
-        return {trt.DataType.FLOAT: t.float32, trt.DataType.HALF: t.float16, trt.DataType.INT64: t.int64,
-                trt.DataType.INT32: t.int32, trt.DataType.BOOL: t.bool}[self.engine.get_tensor_dtype(name)]
+    def _dtype(self, name) -> type:
+        trt = self.trt
+        return {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16, trt.DataType.INT64: np.int64,
+                trt.DataType.INT32: np.int32, trt.DataType.BOOL: np.bool_}[self.engine.get_tensor_dtype(name)]
 
     def _forward(self, ids: np.ndarray, past: dict | None, past_len: int) -> tuple[np.ndarray, dict]:
-        torch = self.torch
+        mem = self.mem
         B = ids.shape[0]
         host = decoder_feed(ids, past_len)
         keep = []
@@ -71,21 +74,21 @@ class TensorRTTarget(Target):
             if name in self.past_names:
                 if past is None:
                     shape = list(self.engine.get_tensor_shape(name))
-                    tensor = torch.zeros((B, shape[1], 0, shape[3]), dtype=self._dtype(name), device="cuda")
+                    tensor = mem.empty((B, shape[1], 0, shape[3]), self._dtype(name))  # zero elements
                 else:
                     tensor = past[name]
             else:
-                tensor = torch.from_numpy(host[name]).to("cuda", self._dtype(name))
+                tensor = mem.from_host(host[name].astype(self._dtype(name), copy=False))
             tensor = tensor.contiguous()
             keep.append(tensor)
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, tensor_address(tensor, self._placeholder))
         outs = {}
         for name in self.outputs:
-            outs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self._dtype(name), device="cuda")
+            outs[name] = mem.empty(tuple(self.context.get_tensor_shape(name)), self._dtype(name))
             self.context.set_tensor_address(name, tensor_address(outs[name], self._placeholder))
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
+        if not self.context.execute_async_v3(mem.stream_handle()):
             raise TargetError("TensorRT execution failed")
-        self.stream.synchronize()
+        mem.synchronize()
         new_past = {p: outs[p.replace("past_key_values.", "present.")] for p in self.past_names}
-        return outs["logits"].float().cpu().numpy(), new_past
+        return mem.to_host(outs["logits"]).astype(np.float32), new_past

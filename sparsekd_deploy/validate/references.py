@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from ..core import consistency
-from ..core.sampling import sample
 from ..errors import SparseKDError
-from ..numerics import log_softmax_torch, topk_bucket_torch
+
+if TYPE_CHECKING:
+    import torch
 
 TENSORS = "references/references.safetensors"
 META = "references/references.json"
@@ -44,10 +44,21 @@ class RefSettings:
     m: int = 2
 
 
-@torch.no_grad()
 def record(teacher, heldout: torch.Tensor, out_dir: Path, s: RefSettings | None = None) -> dict:
     """Run the teacher on held-out prompts and write the references into ``out_dir/references``."""
-    s = s or RefSettings()
+    import torch  # the build host's job: loading references (on the device) needs no torch
+
+    with torch.no_grad():
+        return _record(teacher, heldout, out_dir, s or RefSettings())
+
+
+def _record(teacher, heldout: torch.Tensor, out_dir: Path, s: RefSettings) -> dict:
+    import torch
+
+    from ..core import consistency
+    from ..core.sampling import sample
+    from ..numerics import log_softmax_torch, topk_bucket_torch
+
     teacher.eval()
     ids = heldout[: s.prompts, : s.length].clone()
     if len(ids) == 0:

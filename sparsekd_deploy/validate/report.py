@@ -27,6 +27,16 @@ def print_table(report: dict, console: Console) -> None:
     console.print(f"verdict: {'[bold green]PASS[/bold green]' if report['passed'] else '[bold red]FAIL[/bold red]'}")
 
 
+PLOTS_SKIPPED = "plots skipped: matplotlib is not installed (a lean device install; it comes with [full])"
+
+
+def can_plot() -> bool:
+    """Plots are optional: a device-side install has no matplotlib, and validation works without them."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot(report: dict, out_dir: Path) -> list[Path]:
     import matplotlib
 

@@ -30,6 +30,7 @@ class ValidationReport:
     plots: list[str] = field(default_factory=list)
     recorded: bool = False  # written into the bundle (False: the bundle is read-only)
     not_recorded_because: str | None = None
+    plots_skipped_because: str | None = None  # e.g. no matplotlib on a lean device install
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,10 +87,11 @@ def full_kl(bundle: Bundle, student_logits, refs: References, teacher_dir) -> fl
 
 
 def validate_bundle(bundle: Bundle, runtime: str = "onnxruntime", provider: str = "cpu", gates: Gates | None = None,
-                    model: str | None = None, teacher=None) -> ValidationReport:
+                    model: str | None = None, teacher=None, plots: bool = True) -> ValidationReport:
     """Run the bundle's model on ``runtime`` against the stored teacher references and apply ``gates``. With
     ``teacher`` (the teacher's model dir) the full-vocabulary KL is measured too. The report is recorded in the
-    bundle's ``validation.json``; where the bundle is read-only it is returned with ``recorded`` False."""
+    bundle's ``validation.json``; where the bundle is read-only it is returned with ``recorded`` False. ``plots``
+    False (or no matplotlib installed) writes no PNGs."""
     gates = gates or Gates()
     gates.check_ranges()
     refs = References.load(bundle)
@@ -106,10 +108,14 @@ def validate_bundle(bundle: Bundle, runtime: str = "onnxruntime", provider: str 
         device={"machine": platform.machine(), "node": platform.node(), "processor": platform.processor()},
         thresholds=gates.to_dict(), metrics=metrics, gates=rows, passed=all(r["passed"] for r in rows))
     from ..bundle import BundleReadOnlyError
-    from .report import plot
+    from .report import PLOTS_SKIPPED, can_plot, plot
 
     try:
-        report.plots = [str(p) for p in plot(report.to_dict(), bundle.writable_dir("validation"))]
+        out = bundle.writable_dir("validation")
+        if plots and can_plot():
+            report.plots = [str(p) for p in plot(report.to_dict(), out)]
+        elif plots:
+            report.plots_skipped_because = PLOTS_SKIPPED
         report.recorded = True
         bundle.write_validation(report.to_dict())
     except (BundleReadOnlyError, OSError) as e:  # the plots go first: on a read-only bundle they fail first
