@@ -93,6 +93,22 @@ def _client_class(spec: HostSpec, verdict: dict):
     return _Client
 
 
+class _DeadSocketFilter:
+    """asyncio logs "socket.send() raised exception." for every write after a link died; ship already reports the
+    lost connection in one line, so the repeats are noise."""
+
+    def filter(self, record) -> bool:
+        return "socket.send() raised exception" not in record.getMessage()
+
+
+def _quiet_dead_socket_warnings() -> None:
+    import logging
+
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DeadSocketFilter) for f in log.filters):
+        log.addFilter(_DeadSocketFilter())
+
+
 class Remote:
     """An open connection to one device: ``run`` a command, ``sftp`` for files."""
 
@@ -105,6 +121,7 @@ class Remote:
 
         import asyncssh
 
+        _quiet_dead_socket_warnings()
         verdict: dict = {}
         path = spec.known_hosts_path
         kw = {}

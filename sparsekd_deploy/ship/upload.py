@@ -35,8 +35,8 @@ def files_to_ship(bundle_dir: Path, manifest: dict) -> list[ShipFile]:
     mf = bundle_dir / "manifest.json"
     files.append(ShipFile("manifest.json", mf.stat().st_size, sha256_file(mf)))
     for f in files:
-        if "\\" in f.rel or any(ord(c) < 32 for c in f.rel):
-            raise ShipError(f"cannot ship a file named {f.rel!r} (backslash or control character in its name)")
+        if "\\" in f.rel or f.rel.startswith("-") or any(ord(c) < 32 for c in f.rel):
+            raise ShipError(f"cannot ship a file named {f.rel!r} (a backslash, control character or leading '-')")
     return files
 
 
@@ -98,12 +98,19 @@ async def upload(remote: Remote, bundle_dir: Path, files: list[ShipFile], dest_d
     return stats, sent_in_full
 
 
+# OpenSSL's sha256 uses the CPU's SHA extensions (SHA-NI, ARMv8 crypto on Jetson) and runs several times faster
+# than coreutils' sha256sum; both print "<hex> [*]<name>". The script is a fixed literal; file names are arguments.
+_HASH_SCRIPT = ('if command -v openssl >/dev/null 2>&1; then exec openssl dgst -sha256 -r "$@"; '
+                'else exec sha256sum -- "$@"; fi')
+
+
 async def device_sha256(remote: Remote, dest_dir: str, rels: list[str]) -> dict[str, str]:
-    """sha256 of each file as the device reads it (absent files are missing from the answer)."""
-    line = shell_line(["cd", dest_dir]) + " && " + shell_line(["sha256sum", "--", *rels])
+    """sha256 of each file as the device reads it back from its storage (absent files are missing from the answer)."""
+    line = shell_line(["cd", dest_dir]) + " && " + shell_line(["sh", "-c", _HASH_SCRIPT, "sh", *rels])
     done = await remote.conn.run(line, check=False)
     if done.exit_status == 127:
-        raise ShipError(f"{remote.spec.label}: the device has no `sha256sum` (coreutils); cannot verify the upload")
+        raise ShipError(f"{remote.spec.label}: the device has neither `openssl` nor `sha256sum`; cannot verify the "
+                        "upload")
     out = {}
     for row in (done.stdout or "").splitlines():
         digest, _, name = row.partition(" ")
