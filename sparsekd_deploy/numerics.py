@@ -194,3 +194,38 @@ def draw_torch(probs: torch.Tensor, generator: torch.Generator | None = None) ->
     import torch
 
     return torch.multinomial(probs.cpu(), 1, generator=generator)
+
+
+# -- stability: distances between next-token distributions, calibration, intervals ----------------------------
+def total_variation(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Total variation distance ½ Σ |p - q| over the last axis (probabilities); one value per position, in [0, 1]."""
+    return 0.5 * np.abs(np.asarray(p, dtype=np.float64) - np.asarray(q, dtype=np.float64)).sum(-1)
+
+
+def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error over ``bins`` equal-width confidence bins on [0, 1]:
+    Σ_b (n_b / n) · |accuracy_b - mean confidence_b|. A confidence of exactly 1 falls in the last bin."""
+    conf = np.asarray(confidence, dtype=np.float64).ravel()
+    ok = np.asarray(correct, dtype=np.float64).ravel()
+    if conf.size == 0:
+        return float("nan")
+    b = np.minimum((conf * bins).astype(np.int64), bins - 1)
+    gap = np.abs(np.bincount(b, ok, minlength=bins) - np.bincount(b, conf, minlength=bins))  # n_b·|acc_b - conf_b|
+    return float(gap.sum() / conf.size)
+
+
+def bootstrap_interval(statistic, n_units: int, resamples: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(idx)``, where ``idx`` is a resample (with replacement) of the
+    ``n_units`` independent units' indices. Seeded: the same seed and ``n_units`` draw the same resamples, so two
+    statistics of paired data (teacher and student on the same prompts) and their ratio see the same resamples.
+    Resamples whose statistic is not finite are dropped; none finite gives (nan, nan)."""
+    if n_units <= 0:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, n_units, size=(resamples, n_units))
+    vals = np.array([statistic(i) for i in idx], dtype=np.float64)
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2
+    return float(np.quantile(vals, tail)), float(np.quantile(vals, 1.0 - tail))

@@ -11,6 +11,16 @@ GATE_OPTIONS = [
     ("--max-ppl-ratio", "max_ppl_ratio", float, "Fail if student/teacher perplexity exceeds this. [default: 1.5]"),
     ("--min-consistency-ratio", "min_consistency_ratio", float,
      "Fail if teacher/student sampling entropy falls below this. [default: 0.8]"),
+    # Stability gates: off unless given (the ratios are always reported); each counts only beside a passing kl_topk.
+    ("--max-jitter-ratio", "max_jitter_ratio", float,
+     "Fail if student/teacher repeat-prompt jitter (1 - pairwise agreement) exceeds this; counts only with kl_topk "
+     "passing. [default: off]"),
+    ("--max-sensitivity-ratio", "max_sensitivity_ratio", float,
+     "Fail if student/teacher KL between a prompt's and its edited variants' next-token distributions exceeds this; "
+     "counts only with kl_topk passing. [default: off]"),
+    ("--max-low-confidence-ratio", "max_low_confidence_ratio", float,
+     "Fail if student/teacher share of positions with top-1 probability < 0.3 exceeds this; counts only with "
+     "kl_topk passing. [default: off]"),
 ]
 
 

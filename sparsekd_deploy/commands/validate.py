@@ -21,9 +21,13 @@ from .gates import gate_options, gates_from
               "(it must be the teacher the bundle was distilled from).")
 @click.option("--json", "as_json", is_flag=True, help="Print validation.json on stdout.")
 @click.option("--no-plots", is_flag=True, help="Write no PNG plots (they need matplotlib; skipped anyway without it).")
+@click.option("--samples", type=click.IntRange(min=2), default=None,
+              help="Repeat-prompt samples per prompt for the jitter measurement, with 95% bootstrap intervals; run in "
+                   "chunks that fit the runtime, compared with the teacher's stored samples (at most 256). "
+                   "[default: the references' 16]")
 @gate_options
 @handle_errors
-def validate_cmd(bundle, runtime, provider, model, teacher, as_json, no_plots, **kw):
+def validate_cmd(bundle, runtime, provider, model, teacher, as_json, no_plots, samples, **kw):
     """Validate BUNDLE against its stored teacher references. Exit 0 pass, 1 fail, 2 usage/bundle error."""
     from ..bundle import Bundle
     from ..validate.report import print_table
@@ -31,7 +35,8 @@ def validate_cmd(bundle, runtime, provider, model, teacher, as_json, no_plots, *
 
     gates = gates_from(kw)
     b = Bundle.open(bundle)
-    report = validate_bundle(b, runtime, provider, gates, model=model, teacher=teacher, plots=not no_plots)
+    report = validate_bundle(b, runtime, provider, gates, model=model, teacher=teacher, plots=not no_plots,
+                             samples=samples)
     if as_json:
         stdout_json(report.to_dict())
     else:

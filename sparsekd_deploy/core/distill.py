@@ -33,6 +33,7 @@ from .pruner import Masks, Pruner, apply_masks, check_integrity, sparsity_report
 from .recovery import Recovery, cosine_lr, recovery_lr
 from .rundir import STATE, RunDir, check_resume_config, read_run_json, writing
 from .schedule import Stage, plan
+from .stability import StageStability
 from .stage import StageOutcome, prune_stage, stage_record, stop_reason
 
 
@@ -120,6 +121,7 @@ class StagedDistiller:
         self.train_ids: torch.Tensor | None = None  # [N, L] token ids distilled on
         self.heldout_ids: torch.Tensor | None = None  # [M, L] token ids every KL is measured on
         self.prompts: torch.Tensor | None = None  # consistency prompts (held-out prefixes)
+        self.stability: StageStability | None = None  # per accepted stage: jitter, confidence, sensitivity
         self.trajectory: list[dict] = []
         self.teacher_consistency: dict = {}
         self.tokens_per_second = 0.0  # training throughput since the last reset_throughput() (one per stage)
@@ -231,6 +233,7 @@ class StagedDistiller:
         self._prepare_student()
         accepted = self._load_state() if resuming else self._start_state()
         self.prompts = self.heldout_ids[: self.cfg.consistency_prompts, : max(1, min(16, self.cfg.seq_len // 2))]
+        self.stability = StageStability(self.teacher, self.prompts, self.tokenizer)
         if not resuming:
             self.teacher_consistency = self.consistency_of(self.teacher)
             self.trajectory = [{
@@ -346,6 +349,7 @@ class StagedDistiller:
 
     def _accept(self, stage: Stage, record: dict) -> int:
         record["consistency"] = {"student": self.consistency_of(self.raw), "teacher": self.teacher_consistency}
+        record["stability"] = self.stability.entry(self.raw, record.pop("confidence", {}), record["consistency"])
         self.trajectory.append(record)
         self.run.save_checkpoint(stage.index, self.raw, self.masks)
         self.save_state(stage.index)

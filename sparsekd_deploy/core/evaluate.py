@@ -1,22 +1,35 @@
-"""Held-out measurement of a student against its teacher: full-vocabulary KL(teacher‖student) and top-1 agreement."""
+"""Held-out measurement of a student against its teacher: full-vocabulary KL(teacher‖student) and top-1 agreement,
+and from the same forward passes (no extra cost) the stability side of confidence: the share of positions whose top-1
+probability is below ``stability.LOW_CONFIDENCE`` (student and teacher) and the ECE of the student's top-1 against
+the teacher's."""
 
 from __future__ import annotations
 
 import torch
 
 from ..numerics import kl_torch, log_softmax_torch
+from .stability import ECE_BINS, LOW_CONFIDENCE
 
 
 @torch.no_grad()
 def heldout_metrics(teacher, student, heldout: torch.Tensor, batch_size: int, device) -> dict[str, float]:
     teacher.eval()
     student.eval()
-    kl_sum = agree = count = 0.0
+    kl_sum = agree = count = low_s = low_t = 0.0
+    gap = torch.zeros(ECE_BINS, dtype=torch.float64)  # per confidence bin: Σ correct - Σ confidence
     for ids in heldout.split(batch_size):
         ids = ids.to(device)
         logp = log_softmax_torch(teacher(input_ids=ids).logits.float())
         logq = log_softmax_torch(student(input_ids=ids).logits.float())
         kl_sum += kl_torch(logp, logq).sum().item()
-        agree += (logp.argmax(-1) == logq.argmax(-1)).sum().item()
+        t_top, t_idx = logp.max(-1)
+        s_top, s_idx = logq.max(-1)
+        correct = (t_idx == s_idx).double().flatten().cpu()
+        agree += correct.sum().item()
         count += ids.numel()
-    return {"kl": kl_sum / count, "top1": agree / count}
+        conf = s_top.exp().double().flatten().cpu()
+        low_s += (conf < LOW_CONFIDENCE).sum().item()
+        low_t += (t_top.exp() < LOW_CONFIDENCE).sum().item()
+        gap += torch.bincount((conf * ECE_BINS).long().clamp(max=ECE_BINS - 1), correct - conf, minlength=ECE_BINS)
+    return {"kl": kl_sum / count, "top1": agree / count, "low_confidence": low_s / count,
+            "teacher_low_confidence": low_t / count, "ece": gap.abs().sum().item() / count}

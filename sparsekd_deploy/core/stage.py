@@ -53,6 +53,8 @@ def stage_record(stage: Stage, outcome: StageOutcome, sparsity: float, tokens_pe
         "steps": rec.steps, "attempts": outcome.attempts, "accepted": outcome.accepted,
         "lr": outcome.lr, "best_step": rec.step, "checkpoints": rec.checkpoints,
         "tokens_per_second": round(tokens_per_second, 1),
+        # the kept state's held-out confidence (same passes as its KL); an accepted stage turns it into "stability"
+        "confidence": {k: rec.metrics.get(k) for k in ("low_confidence", "teacher_low_confidence", "ece")},
     }
 
 

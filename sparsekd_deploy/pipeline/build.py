@@ -126,11 +126,13 @@ def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptio
         if opts.target == "tensorrt":
             _write_engine_step(writer.dir, exported, opts)
         reporter.note("recording teacher references")
-        from ..models.loading import load_model, resolve_teacher
+        from ..models.loading import load_model, load_tokenizer, resolve_teacher
         from ..validate.references import record
 
         teacher_dir = resolve_teacher(cfg.teacher)
-        record(load_model(teacher_dir, role="teacher"), heldout, writer.dir)
+        # The tokenizer (when there is one) makes the prompt edits of the sensitivity references.
+        record(load_model(teacher_dir, role="teacher"), heldout, writer.dir,
+               tokenizer=load_tokenizer(teacher_dir, cfg.tokenizer, required=False))
         sparsity = json.loads((result.out / "sparsity.json").read_text())
         writer.commit(build_manifest(out.name, cfg, opts, gates, result, exported, sparsity, teacher_dir, run_dir))
     except BaseException:

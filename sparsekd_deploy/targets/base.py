@@ -54,6 +54,14 @@ class Generation:
     entropies: np.ndarray  # [B, new_tokens] nats of each step's sampling distribution (0 for greedy)
 
 
+@dataclass
+class SampledRows(Generation):
+    """``Target.sample_repeated``'s rows, and how they were run."""
+
+    chunks: int = 1
+    rows_per_chunk: int = 0
+
+
 class Target:
     """A runtime that can run a bundle's model."""
 
@@ -61,6 +69,9 @@ class Target:
     max_positions: int | None = None
     vocab_size: int | None = None
     limits = ShapeLimits()
+    # Rows decoded at once by ``sample_repeated``: bounds the memory of the KV cache (1024 rows of the demo model's
+    # 32 positions: ~130 MB in fp32) whatever ``validate --samples`` asks for.
+    sample_rows: int = 1024
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         ids = self._check_ids(input_ids)
@@ -74,22 +85,47 @@ class Target:
     def generate(self, prompt_ids: np.ndarray, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seeds: list[int] | None = None) -> Generation:
         """Greedy (temperature 0) or seeded sampling, one seed per row (row i always draws from seeds[i])."""
-        ids = self._check_ids(prompt_ids)
-        if self.max_positions and ids.shape[1] + max_new_tokens > self.max_positions:
-            raise TargetError(f"prompt ({ids.shape[1]}) + {max_new_tokens} new tokens exceeds the model's "
-                              f"{self.max_positions} positions")
+        ids = self._check_decode(prompt_ids, max_new_tokens)
         B = ids.shape[0]
         seeds = list(seeds) if seeds is not None else list(range(B))
         if len(seeds) != B:
             raise TargetError(f"{len(seeds)} seeds for {B} prompts")
-        # The last step runs with prompt + max_new_tokens - 2 cached positions.
-        self._check_limits(ids.shape[1], max(0, ids.shape[1] + max_new_tokens - 2) if max_new_tokens > 1 else 0)
         if self.limits.batch and B > self.limits.batch:
             # Each row draws from its own seed, so chunking changes no token.
             parts = [self.generate(ids[r], max_new_tokens, temperature, top_k, top_p, seeds[r]) for r in self._chunks(B)]
             return Generation(np.concatenate([g.tokens for g in parts]), np.concatenate([g.entropies for g in parts]))
-        rngs = row_generators(seeds)
-        state = self._start(ids)
+        return self._decode(self._start(ids), max_new_tokens, temperature, top_k, top_p, row_generators(seeds))
+
+    def sample_repeated(self, prompt_ids: np.ndarray, n: int, max_new_tokens: int, temperature: float,
+                        seeds: list[int] | None = None, top_k: int = 0, top_p: float = 1.0) -> SampledRows:
+        """``n`` seeded samples of every prompt (row j of a prompt draws from ``seeds[j]``, default 0..n-1), rows
+        grouped by prompt (n consecutive rows each). Each prompt's prefix runs once and its KV cache is shared by its
+        rows; rows run in chunks of at most ``sample_rows`` (and the profile's batch max), so any ``n`` fits. Each
+        row keeps its own seed, so chunking changes no token."""
+        ids = self._check_decode(prompt_ids, max_new_tokens)
+        seeds = list(range(n)) if seeds is None else list(seeds)
+        if n < 1 or len(seeds) != n:
+            raise TargetError(f"need n ≥ 1 and one seed per sample, got n={n} and {len(seeds)} seeds")
+        cap = min(x for x in (self.limits.batch, self.sample_rows) if x)
+        prompt_of = np.repeat(np.arange(len(ids)), n)
+        row_seeds = seeds * len(ids)
+        parts = []
+        for rows in [slice(i, min(i + cap, len(prompt_of))) for i in range(0, len(prompt_of), cap)]:
+            used, local = np.unique(prompt_of[rows], return_inverse=True)
+            state = self._start(ids[used])
+            past = self._gather_past(state.past, local) if state.past is not None else None
+            if state.past is not None and past is None:  # this runtime cannot copy cache rows: run the prefix per row
+                state = self._start(ids[prompt_of[rows]])
+            else:
+                state = DecodeState(state.last_logits[local], past, state.ids[local])
+            parts.append(self._decode(state, max_new_tokens, temperature, top_k, top_p,
+                                      row_generators(row_seeds[rows])))
+        return SampledRows(np.concatenate([g.tokens for g in parts]), np.concatenate([g.entropies for g in parts]),
+                           chunks=len(parts), rows_per_chunk=cap)
+
+    def _decode(self, state: DecodeState, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                rngs: list) -> Generation:
+        B = state.last_logits.shape[0]
         toks = np.zeros((B, max_new_tokens), dtype=np.int64)
         ents = np.zeros((B, max_new_tokens), dtype=np.float64)
         for t in range(max_new_tokens):
@@ -104,6 +140,15 @@ class Target:
             if t + 1 < max_new_tokens:
                 state = self._step(state, nxt[:, None].astype(np.int64))
         return Generation(toks, ents)
+
+    def _check_decode(self, prompt_ids, max_new_tokens: int) -> np.ndarray:
+        ids = self._check_ids(prompt_ids)
+        if self.max_positions and ids.shape[1] + max_new_tokens > self.max_positions:
+            raise TargetError(f"prompt ({ids.shape[1]}) + {max_new_tokens} new tokens exceeds the model's "
+                              f"{self.max_positions} positions")
+        # The last step runs with prompt + max_new_tokens - 2 cached positions.
+        self._check_limits(ids.shape[1], max(0, ids.shape[1] + max_new_tokens - 2) if max_new_tokens > 1 else 0)
+        return ids
 
     def _chunks(self, n: int) -> list[slice]:
         step = self.limits.batch or n
@@ -137,6 +182,11 @@ class Target:
 
     def _logits(self, ids: np.ndarray) -> np.ndarray:
         return self._forward(ids, None, 0)[0]
+
+    def _gather_past(self, past, rows: np.ndarray):
+        """The KV cache with its batch rows taken by index ``rows`` (repeats allowed), or None when this runtime
+        cannot (then ``sample_repeated`` runs the prompt once per row instead of sharing its cache)."""
+        return None
 
     def _start(self, ids: np.ndarray) -> DecodeState:
         logits, past = self._forward(ids, None, 0)

@@ -89,6 +89,9 @@ class OnnxRuntimeTarget(Target):
         new_past = {p: named[self.present_for[p]] for p in self.past_names} if self.past_names else None
         return named["logits"].astype(np.float32), new_past
 
+    def _gather_past(self, past, rows):
+        return {name: np.take(v, rows, axis=0) for name, v in past.items()}
+
     def _step(self, state, next_ids):
         if self.has_kv_cache:
             return super()._step(state, next_ids)

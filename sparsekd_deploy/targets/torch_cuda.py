@@ -87,6 +87,23 @@ class TorchTarget(Target):
         self.vocab_size = cfg.vocab_size
         self.dtype = dtype
 
+    @classmethod
+    def from_model(cls, model: nn.Module) -> TorchTarget:
+        """A loaded PyTorch LM as a target, dense, on its own device and dtype: the build host measures the teacher's
+        references through the same ``Target`` code (sampling, seeds) that measures the student on the device."""
+        self = cls.__new__(cls)
+        self.model, self.device = model.eval(), str(next(model.parameters()).device)
+        self.layers, self.notes = {}, []
+        self.dtype = {v: k for k, v in DTYPES.items()}.get(next(model.parameters()).dtype, "fp32")
+        from ..models.loading import max_positions as positions_of
+
+        self.max_positions, self.vocab_size = positions_of(model.config), model.config.vocab_size
+        return self
+
+    def _gather_past(self, past, rows):
+        past.reorder_cache(torch.as_tensor(rows, device=self.device))  # in place: the unshared cache is not reused
+        return past
+
     def describe(self) -> dict:
         return {"runtime": "torch", "version": torch.__version__, "provider": self.device, "dtype": self.dtype,
                 "sparse_layers": sum(v == "sparse" for v in self.layers.values()), "notes": self.notes}

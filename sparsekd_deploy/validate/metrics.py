@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..core import consistency
 from ..numerics import bucket_kl, log_softmax
+from . import stability
 
 if TYPE_CHECKING:
     from .references import References
@@ -33,26 +33,24 @@ def distribution_metrics(logits: np.ndarray, ref: References) -> dict:
     }
 
 
-def run_all(target, ref: References, logits: np.ndarray | None = None) -> dict:
+def run_all(target, ref: References, logits: np.ndarray | None = None, samples: int | None = None) -> dict:
     """Every validation metric of ``target`` against the references: the distribution metrics above (kl_topk,
-    top1_agreement, ppl, ppl_ratio), greedy match, repeat-prompt consistency (student and teacher) and
-    determinism. ``logits``: the target's logits on the reference prompts, if already run."""
+    top1_agreement, ppl, ppl_ratio), greedy match, repeat-prompt consistency at ``samples`` per prompt (default: the
+    references' count) and the other stability measurements (``stability.py``: jitter, sensitivity, confidence,
+    with intervals, and their student / teacher ratios) and determinism. ``logits``: the target's logits on the
+    reference prompts, if already run."""
     t, meta = ref.tensors, ref.meta
-    out = distribution_metrics(target.logits(t["input_ids"]) if logits is None else logits, ref)
+    logits = target.logits(t["input_ids"]) if logits is None else logits
+    out = distribution_metrics(logits, ref)
     prefix = t["input_ids"][:, : meta["prefix"]]
     greedy = target.generate(prefix, meta["greedy_tokens"]).tokens
     out["greedy_match"] = float((greedy == t["greedy"]).all(-1).mean())
     out["greedy_token_agreement"] = float((greedy == t["greedy"]).mean())
-    n = meta["samples"]
-    rows = np.repeat(prefix, n, axis=0)
-    seeds = [s for _ in range(len(prefix)) for s in meta["seeds"]]
-    gen = target.generate(rows, meta["sample_tokens"], temperature=meta["temperature"], seeds=seeds)
-    student = consistency.summarize(gen.tokens, gen.entropies, n, meta["m"])
-    teacher = meta["teacher_consistency"]
-    out["consistency"] = {"temperature": meta["temperature"], "student": student, "teacher": teacher}
+    out["consistency"], out["stability"], repeatable = stability.measure(target, ref, logits, samples)
+    out.update(stability.ratios(out["stability"]))
+    student, teacher = out["consistency"]["student"], out["consistency"]["teacher"]
     # Steadiness relative to the teacher: teacher entropy / student entropy (≥ 1: the student jitters no more).
     out["consistency_ratio"] = float(teacher["mean_entropy"] / max(student["mean_entropy"], 1e-9))
-    again = target.generate(rows[:n], meta["sample_tokens"], temperature=meta["temperature"], seeds=seeds[:n])
     greedy_again = target.generate(prefix, meta["greedy_tokens"]).tokens
-    out["deterministic"] = bool(np.array_equal(again.tokens, gen.tokens[:n]) and np.array_equal(greedy_again, greedy))
+    out["deterministic"] = bool(repeatable and np.array_equal(greedy_again, greedy))
     return out

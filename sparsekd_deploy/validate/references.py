@@ -42,20 +42,25 @@ class RefSettings:
     # τ=0.7, m=2: at τ=1 a small teacher's first 4 tokens almost never repeat, which measures nothing.
     temperature: float = 0.7
     m: int = 2
+    # Stability references (validate/stability_record.py): the teacher's samples of the first `stability_prompts`
+    # prefixes, `stability_samples` per prompt (the most `validate --samples` can compare against), and the
+    # prompt edits for sensitivity.
+    stability_prompts: int = 16
+    stability_samples: int = 256
 
 
-def record(teacher, heldout: torch.Tensor, out_dir: Path, s: RefSettings | None = None) -> dict:
-    """Run the teacher on held-out prompts and write the references into ``out_dir/references``."""
+def record(teacher, heldout: torch.Tensor, out_dir: Path, s: RefSettings | None = None, tokenizer=None) -> dict:
+    """Run the teacher on held-out prompts and write the references into ``out_dir/references``. Without a
+    ``tokenizer`` the sensitivity references are skipped (the prompt edits are made on text) and say so."""
     import torch  # the build host's job: loading references (on the device) needs no torch
 
     with torch.no_grad():
-        return _record(teacher, heldout, out_dir, s or RefSettings())
+        return _record(teacher, heldout, out_dir, s or RefSettings(), tokenizer)
 
 
-def _record(teacher, heldout: torch.Tensor, out_dir: Path, s: RefSettings) -> dict:
+def _record(teacher, heldout: torch.Tensor, out_dir: Path, s: RefSettings, tokenizer=None) -> dict:
     import torch
 
-    from ..core import consistency
     from ..core.sampling import sample
     from ..numerics import log_softmax_torch, topk_bucket_torch
 
@@ -71,15 +76,18 @@ def _record(teacher, heldout: torch.Tensor, out_dir: Path, s: RefSettings) -> di
     prefix = ids[:, : s.prefix]
     greedy, _ = sample(teacher, prefix, s.greedy_tokens, temperature=0.0)
     seeds = list(range(s.samples))
-    stats = consistency.measure(teacher, prefix, s.samples, s.sample_tokens, s.temperature, s.m, seed=0)
+    from .stability_record import record_stability
+
+    # The teacher's consistency statistics (teacher_consistency in the meta) come with its stability references.
+    stab_tensors, stab_meta = record_stability(teacher, heldout, s, tokenizer, topk_logp[..., 0].numpy())
     ref_dir = out_dir / "references"
     ref_dir.mkdir(parents=True, exist_ok=True)
     save_file({
         "input_ids": ids.numpy(), "topk_idx": topk_idx.numpy().astype(np.int64),
         "topk_logp": topk_logp.numpy(), "tail_logp": tail.numpy(), "nll": nll.numpy(),
-        "greedy": greedy.numpy().astype(np.int64),
+        "greedy": greedy.numpy().astype(np.int64), **stab_tensors,
     }, str(out_dir / TENSORS))
-    meta = {**s.__dict__, "seeds": seeds, "teacher_consistency": stats,
+    meta = {**s.__dict__, "seeds": seeds, **stab_meta,
             "teacher_ppl": float(torch.exp(nll.mean())), "teacher_top1_self": 1.0}
     (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
     return meta

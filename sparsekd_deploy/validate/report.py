@@ -7,6 +7,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .stability import stability_lines
+
 
 def print_table(report: dict, console: Console) -> None:
     table = Table(title=f"validation on {report['runtime'].get('runtime')} ({report['runtime'].get('provider', '')})")
@@ -22,6 +24,8 @@ def print_table(report: dict, console: Console) -> None:
     m = next(k for k in c["student"] if k.startswith("pairwise"))
     console.print(f"consistency at τ={c['temperature']}: entropy student {c['student']['mean_entropy']:.3f} / teacher "
                   f"{c['teacher']['mean_entropy']:.3f} nats; {m} {c['student'][m]:.3f} / {c['teacher'][m]:.3f}")
+    for line in stability_lines(report["metrics"].get("stability") or {}):
+        console.print(line, markup=False, highlight=False)
     if report["metrics"].get("kl_full") is not None:
         console.print(f"full-vocabulary KL (teacher present): {report['metrics']['kl_full']:.4f}")
     console.print(f"verdict: {'[bold green]PASS[/bold green]' if report['passed'] else '[bold red]FAIL[/bold red]'}")

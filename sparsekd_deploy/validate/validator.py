@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from ..bundle import Bundle
 from ..targets.base import make_target
 from . import metrics as M
-from .gate import Gates, evaluate
+from .gate import Gates, evaluate, skipped_gates
 from .references import References
 
 
@@ -87,11 +87,13 @@ def full_kl(bundle: Bundle, student_logits, refs: References, teacher_dir) -> fl
 
 
 def validate_bundle(bundle: Bundle, runtime: str = "onnxruntime", provider: str = "cpu", gates: Gates | None = None,
-                    model: str | None = None, teacher=None, plots: bool = True) -> ValidationReport:
+                    model: str | None = None, teacher=None, plots: bool = True, samples: int | None = None
+                    ) -> ValidationReport:
     """Run the bundle's model on ``runtime`` against the stored teacher references and apply ``gates``. With
     ``teacher`` (the teacher's model dir) the full-vocabulary KL is measured too. The report is recorded in the
     bundle's ``validation.json``; where the bundle is read-only it is returned with ``recorded`` False. ``plots``
-    False (or no matplotlib installed) writes no PNGs."""
+    False (or no matplotlib installed) writes no PNGs. ``samples``: repeat-prompt samples per prompt for the jitter
+    measurement (default: the references' count; chunked to fit the runtime)."""
     gates = gates or Gates()
     gates.check_ranges()
     refs = References.load(bundle)
@@ -99,9 +101,10 @@ def validate_bundle(bundle: Bundle, runtime: str = "onnxruntime", provider: str 
     target = make_target(runtime, bundle.file(rel), provider=provider,
                          max_positions=bundle.manifest["model"].get("max_positions"), **options)
     logits = target.logits(refs.tensors["input_ids"])  # one pass serves the top-k and the full KL
-    metrics = M.run_all(target, refs, logits)
+    metrics = M.run_all(target, refs, logits, samples=samples)
     metrics["kl_full"] = full_kl(bundle, logits, refs, teacher) if teacher is not None else None
     rows = evaluate(metrics, gates)
+    metrics["stability"]["notes"] += skipped_gates(metrics, gates)
     report = ValidationReport(
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), bundle=str(bundle.path), model=rel,
         runtime=target.describe(),

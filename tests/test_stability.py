@@ -1,0 +1,272 @@
+"""Stability measurements (issue 11): jitter with bootstrap intervals, sensitivity to prompt edits, low confidence and
+calibration — golden values of the pieces, the gates, the shared-cache sampling, and the CLI on new and old bundles."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import FAST, LOOSE
+
+from sparsekd_deploy import numerics as N
+from sparsekd_deploy.core import consistency
+from sparsekd_deploy.core import stability as S
+from sparsekd_deploy.core.edits import (
+    EDITS,
+    double_space,
+    edit_prompt,
+    edited_prompts,
+    first_letter_case,
+    leading_space,
+    token_split,
+    trailing_punctuation,
+)
+from sparsekd_deploy.validate.gate import Gates, evaluate, skipped_gates
+
+# -- golden values of the pieces ---------------------------------------------------------------------------------
+
+
+def test_bootstrap_interval_golden_and_paired():
+    v = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.5, 0.9, 0.3])
+    # seeded: resamples of the 8 units with numpy's default_rng(0), 2000 of them, 2.5 / 97.5 % percentiles
+    assert N.bootstrap_interval(lambda i: v[i].mean(), len(v), 2000, 0) == pytest.approx((0.275, 0.63125))
+    assert S.interval(v) == pytest.approx({"value": 0.44375, "low": 0.275, "high": 0.63125})
+    assert N.bootstrap_interval(lambda i: np.full(5, 0.3)[i].mean(), 5) == pytest.approx((0.3, 0.3))
+    # paired: the same prompts are resampled for both sides, so a student that is the teacher scaled by ½ on every
+    # prompt has the ratio 0.5 in every resample (an unpaired interval would be wide)
+    assert S.ratio_interval(v / 2, v) == pytest.approx({"value": 0.5, "low": 0.5, "high": 0.5})
+    assert S.ratio_interval([0.2, 0.4, 0.5, 0.1], [0.4, 0.4, 0.5, 0.2]) == pytest.approx(
+        {"value": 0.8, "low": 0.5, "high": 1.0})
+
+
+def test_calibration_error_hand_computed():
+    # bins of width 0.1: {0.9, 0.9} → acc ½ vs conf 0.9 (weight 2/4), {0.6} → 1 vs 0.6, {0.2} → 0 vs 0.2
+    assert N.calibration_error([0.9, 0.9, 0.6, 0.2], [1, 0, 1, 0]) == pytest.approx(0.4 * 2 / 4 + 0.4 / 4 + 0.2 / 4)
+    assert N.calibration_error([1.0, 1.0, 0.05], [1, 1, 0]) == pytest.approx(0.05 / 3)  # conf 1.0 is in the last bin
+    assert N.total_variation([0.5, 0.5, 0.0], [0.25, 0.25, 0.5]) == pytest.approx(0.5)
+
+
+def test_text_edits_of_a_fixed_string():
+    s = "hello world. foo"
+    assert leading_space(s) == " hello world. foo"
+    assert first_letter_case(s) == "Hello world. foo"
+    assert first_letter_case("  42 Ab") == "  42 ab"
+    assert first_letter_case("123 (") is None
+    assert trailing_punctuation(s) == "hello world. foo."
+    assert trailing_punctuation("Done!") == "Done"
+    assert trailing_punctuation("?") is None
+    assert double_space(s) == "hello  world. foo"
+    assert double_space("nospace") is None
+    assert EDITS == ("leading_space", "first_letter_case", "trailing_punctuation", "double_space", "token_split")
+
+
+def bpe_tokenizer():
+    """A byte-level BPE with merges (the tests' tiny tokenizer has none, so it cannot show a token split)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world"] * 10, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_prompt_edits_through_a_tokenizer_are_exactly_these_rows():
+    tok = bpe_tokenizer()
+    ids = tok.encode("hello world", add_special_tokens=False)
+    pieces = lambda r: [tok.decode([i]) for i in r]  # noqa: E731
+    assert pieces(ids) == ["hello", " world"]
+    # the longest token " world" re-encoded as " wo" + "rld": the same text in more tokens
+    assert pieces(token_split(tok, ids)) == ["hello", " ", "w", "o", "r", "ld"]
+    rows = edit_prompt(tok, [tok.bos_token_id, *ids])  # the leading BOS is kept, never edited
+    text = [tok.decode(r, clean_up_tokenization_spaces=False) for r in rows]
+    assert text == ["<s>hello world", "<s> hello world", "<s>Hello world", "<s>hello world.", "<s>hello  world",
+                    "<s>hello world"]
+    assert rows[-1] != rows[0]
+    # a row with an id outside the model's vocabulary is not applicable (length 0), the others stay
+    cut = edited_prompts(tok, [[tok.bos_token_id, *ids]], vocab_size=267)
+    assert cut.lengths.tolist() == [0, 0, 0, 0, 0, 7] and cut.per_prompt == 6
+
+
+def test_sensitivity_cells_golden():
+    lp = np.log(np.array([[0.5, 0.5], [0.25, 0.75], [0.9, 0.1], [0.9, 0.1]]))
+    cells = S.sensitivity_cells(lp, np.array([3, 4, 3, 0]), per_prompt=2)  # prompt 1's edit not applicable
+    assert cells["kl"][0, 0] == pytest.approx(0.5 * math.log(4 / 3))
+    assert cells["tv"][0, 0] == pytest.approx(0.25) and cells["flip"][0, 0] == 1.0
+    assert np.isnan(cells["kl"][1, 0])
+    summary = S.sensitivity_summary(cells, {k: v * 2 for k, v in cells.items()}, ("e",))
+    assert summary["prompts"] == 1 and summary["ratio"]["value"] == pytest.approx(0.5)
+
+
+def test_jitter_per_prompt_golden():
+    toks = np.array([[1, 2], [1, 2], [1, 3], [4, 5],  # prompt 0: heads@1 {1: 3, 4: 1}
+                     [7, 7], [7, 7], [7, 7], [7, 7]])  # prompt 1: always the same
+    per = consistency.per_prompt(toks, np.ones((8, 2)), 4, 1)
+    assert per["pairwise_agreement@1"] == pytest.approx([6 / 12, 1.0])  # 3·2 of 4·3 ordered pairs agree
+    assert per["jitter@1"] == pytest.approx([0.5, 0.0])
+    assert per["modal_share@1"] == pytest.approx([0.75, 1.0])
+    # the O(N) formula is the share of agreeing pairs, as the pair list counted it
+    assert consistency.pairwise_agreement([(1,), (1,), (1,), (4,)], 1) == pytest.approx(3 / 6)
+
+
+# -- gates -------------------------------------------------------------------------------------------------------
+def metrics(kl=0.01, **ratios):
+    m = {"kl_topk": kl, "top1_agreement": 0.9, "greedy_match": 0.5, "ppl_ratio": 1.0, "consistency_ratio": 1.0,
+         "deterministic": True, "jitter_ratio": 1.0, "sensitivity_ratio": 1.0, "low_confidence_ratio": 1.0}
+    return {**m, **ratios}
+
+
+def test_stability_gates_fail_above_the_ratio_and_only_count_beside_kl():
+    rows = {r["gate"]: r for r in evaluate(metrics(jitter_ratio=1.2), Gates(max_jitter_ratio=1.1))}
+    assert not rows["jitter_ratio"]["passed"] and rows["kl_topk"]["passed"]
+    rows = {r["gate"]: r for r in evaluate(metrics(jitter_ratio=1.05), Gates(max_jitter_ratio=1.1))}
+    assert rows["jitter_ratio"]["passed"]
+    # off by default: no row, whatever the ratio
+    assert "sensitivity_ratio" not in {r["gate"] for r in evaluate(metrics(sensitivity_ratio=50.0), Gates())}
+    # a collapsed student: steady (ratio 0.1) but far from the teacher — the stability gate does not pass it
+    rows = {r["gate"]: r for r in evaluate(metrics(kl=3.0, low_confidence_ratio=0.1),
+                                           Gates(max_low_confidence_ratio=1.0))}
+    assert not rows["kl_topk"]["passed"] and not rows["low_confidence_ratio"]["passed"]
+    assert "kl_topk failed" in rows["low_confidence_ratio"]["note"]
+    # asked for but not measured (old references): no row, one note
+    m = metrics(sensitivity_ratio=None)
+    assert "sensitivity_ratio" not in {r["gate"] for r in evaluate(m, Gates(max_sensitivity_ratio=1.0))}
+    assert skipped_gates(m, Gates(max_sensitivity_ratio=1.0)) == [
+        "--max-sensitivity-ratio not applied: sensitivity_ratio was not measured on this bundle (see the notes above)"]
+    with pytest.raises(Exception, match="--max-jitter-ratio must be a finite number > 0"):
+        Gates(max_jitter_ratio=-1.0).check_ranges()
+
+
+# -- shared-cache sampling on a target ---------------------------------------------------------------------------
+def test_sample_repeated_shares_the_prompt_cache_and_chunking_changes_nothing(exported):
+    from sparsekd_deploy.targets.onnxruntime import OnnxRuntimeTarget
+
+    _, onnx_path = exported["llama"]
+    t = OnnxRuntimeTarget(onnx_path, max_positions=64)
+    prompts = np.random.default_rng(3).integers(0, 256, (3, 6))
+    calls = []
+    forward = t._forward
+    t._forward = lambda ids, past, n: calls.append(ids.shape) or forward(ids, past, n)
+    got = t.sample_repeated(prompts, 5, 4, 1.0)
+    assert calls[0] == (3, 6) and calls[1] == (15, 1)  # each prompt's prefix once, then 15 rows from its cache
+    # the same tokens as the plain path (every row prefilled on its own), row j of each prompt with seed j
+    plain = t.generate(np.repeat(prompts, 5, axis=0), 4, temperature=1.0, seeds=list(range(5)) * 3)
+    np.testing.assert_array_equal(got.tokens, plain.tokens)
+    np.testing.assert_allclose(got.entropies, plain.entropies, rtol=1e-6)
+    t.sample_rows = 4  # 15 rows in chunks of 4
+    chunked = t.sample_repeated(prompts, 5, 4, 1.0)
+    assert chunked.chunks == 4 and chunked.rows_per_chunk == 4
+    np.testing.assert_array_equal(chunked.tokens, got.tokens)
+    t._gather_past = lambda past, rows: None  # a runtime that cannot copy cache rows: the prefix runs per row
+    np.testing.assert_array_equal(t.sample_repeated(prompts, 5, 4, 1.0).tokens, got.tokens)
+
+
+# -- through the CLI ---------------------------------------------------------------------------------------------
+def run(args):
+    return CliRunner().invoke(main_cli(), args, catch_exceptions=False)
+
+
+def main_cli():
+    from sparsekd_deploy.cli import main
+
+    return main
+
+
+def report_of(r):
+    return json.loads(r.stdout[r.stdout.index("{"):])
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stability")
+    r = run(["build", "--target", "onnxruntime", "--teacher", str(tiny_dirs["llama"]), "--out", str(root / "b"),
+             "--run-dir", str(root / "run"), *FAST, *LOOSE])
+    assert r.exit_code == 0, r.output
+    return root / "b"
+
+
+def test_build_records_teacher_stability_and_the_trajectory_carries_it(bundle):
+    meta = json.loads((bundle / "references" / "references.json").read_text())
+    ts = meta["teacher_stability"]
+    assert meta["stability_samples"] == 256 and set(ts["jitter"]) == {"16", "256"}
+    j = ts["jitter"]["256"]["jitter@2"]
+    assert j["low"] <= j["value"] <= j["high"]
+    assert 0 <= ts["low_confidence"]["value"] <= 1 and meta["low_confidence_threshold"] == 0.3
+    assert "sensitivity_edits" in meta or "sensitivity_skipped" in meta
+    stages = json.loads((bundle / "trajectory.json").read_text())["stages"]
+    accepted = [s for s in stages[1:] if s["accepted"]]
+    assert accepted and all({"jitter", "low_confidence", "sensitivity"} <= set(s["stability"]) for s in accepted)
+    lc = accepted[-1]["stability"]["low_confidence"]
+    assert lc["ratio"] == pytest.approx(S.ratio(lc["student"], lc["teacher"]))
+
+
+def test_validate_samples_is_chunked_and_compared_with_the_stored_teacher(bundle, tmp_path, monkeypatch):
+    from sparsekd_deploy.targets.base import Target
+
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    monkeypatch.setattr(Target, "sample_rows", 1000)
+    r = run(["validate", str(b), "--samples", "300", "--json", *LOOSE])
+    assert r.exit_code == 0, r.output
+    rep = report_of(r)
+    j = rep["metrics"]["stability"]["jitter"]
+    # 16 prompts × 300 rows run in chunks of 1000; the teacher stored 256 per prompt, so the ratio is taken there
+    assert (j["samples"], j["prompts"], j["chunks"], j["rows_per_chunk"], j["compared_at"]) == (300, 16, 5, 1000, 256)
+    assert any("first 256 of the student's 300" in n for n in rep["metrics"]["stability"]["notes"])
+    monkeypatch.setattr(Target, "sample_rows", 100_000)
+    one = report_of(run(["validate", str(b), "--samples", "300", "--json", *LOOSE]))["metrics"]["stability"]["jitter"]
+    assert one["chunks"] == 1 and one["student"] == j["student"] and one["ratio"] == j["ratio"]
+    for stat in j["student"].values():
+        assert stat["low"] <= stat["value"] <= stat["high"]
+    r = run(["validate", str(b), "--samples", "1"])
+    assert r.exit_code == 2 and "--samples" in r.output
+
+
+def test_jitter_gate_through_the_cli(bundle, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    rep = report_of(run(["validate", str(b), "--json", *LOOSE]))
+    ratio = rep["metrics"]["jitter_ratio"]
+    assert ratio == rep["metrics"]["stability"]["jitter"]["ratio"]["value"]
+    r = run(["validate", str(b), "--json", "--max-jitter-ratio", str(ratio * 0.5), *LOOSE])
+    assert r.exit_code == 1 and not next(g for g in report_of(r)["gates"] if g["gate"] == "jitter_ratio")["passed"]
+    r = run(["validate", str(b), "--json", "--max-jitter-ratio", str(ratio * 2), *LOOSE])
+    assert r.exit_code == 0 and next(g for g in report_of(r)["gates"] if g["gate"] == "jitter_ratio")["passed"]
+
+
+def test_a_bundle_recorded_before_the_stability_references_gets_one_note_and_a_verdict(bundle, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from sparsekd_deploy.bundle import file_table
+
+    b = tmp_path / "old"
+    shutil.copytree(bundle, b)
+    ref = b / "references"
+    new_keys = ("stability_prompts", "teacher_samples", "teacher_sample_entropy", "sensitivity_ids", "sensitivity_len",
+                "teacher_sensitivity_kl", "teacher_sensitivity_tv", "teacher_sensitivity_flip")
+    tensors = {k: v for k, v in load_file(str(ref / "references.safetensors")).items() if k not in new_keys}
+    save_file(tensors, str(ref / "references.safetensors"))
+    meta = json.loads((ref / "references.json").read_text())
+    for k in ("stability_samples", "teacher_stability", "sensitivity_edits", "sensitivity_skipped",
+              "low_confidence_threshold", "stability_prompts"):
+        meta.pop(k, None)
+    (ref / "references.json").write_text(json.dumps(meta))
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"] = file_table(b)
+    (b / "manifest.json").write_text(json.dumps(m))
+
+    r = run(["validate", str(b), "--max-sensitivity-ratio", "1.0", *LOOSE])
+    assert r.exit_code == 0, r.output  # the verdict comes from the rest
+    out = " ".join(r.output.split())
+    assert out.count("predate the stability references") == 1
+    assert "jitter intervals and sensitivity not measured" in out and "--resume --overwrite" in out
+    assert "--max-sensitivity-ratio not applied" in out and "verdict: PASS" in out
+    v = json.loads((b / "validation.json").read_text())["metrics"]
+    assert v["stability"]["jitter"] is None and v["stability"]["sensitivity"] is None
+    assert v["jitter_ratio"] is None and v["sensitivity_ratio"] is None
+    assert v["low_confidence_ratio"] is not None  # computed from the top-k references every bundle has
