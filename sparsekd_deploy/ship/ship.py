@@ -51,6 +51,7 @@ class ShipResult:
     message: str = ""
     notes: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (connect, upload+verify, steps, …)
 
     @property
     def ok(self) -> bool:
@@ -64,7 +65,8 @@ class ShipResult:
         return {"host": self.host, "path": self.path, "version": self.version, "verdict": self.verdict,
                 "ok": self.ok, "steps": [s.to_dict() for s in self.steps], "bytes_total": self.bytes_total,
                 "bytes_sent": self.bytes_sent, "seconds": round(self.seconds, 2), "message": self.message,
-                "notes": self.notes, "removed": self.removed}
+                "notes": self.notes, "removed": self.removed,
+                "timings": {k: round(v, 3) for k, v in self.timings.items()}}
 
 
 @dataclass
@@ -108,8 +110,16 @@ async def ship_to(bundle: LocalBundle, spec: HostSpec, opts: ShipOptions,
                         bytes_total=sum(f.bytes for f in bundle.files))
     phase = "connecting"
     remote = None
+    clock = [time.monotonic()]
+
+    def lap(name: str) -> None:
+        now_ = time.monotonic()
+        result.timings[name] = result.timings.get(name, 0.0) + now_ - clock[0]
+        clock[0] = now_
+
     try:
         remote = await Remote.open(spec)
+        lap("connect")
         phase = "preparing the device path"
         layout = await open_layout(remote, result.path)
         result.path = layout.root
@@ -121,10 +131,14 @@ async def ship_to(bundle: LocalBundle, spec: HostSpec, opts: ShipOptions,
             phase = "checking the device's sparsekd-deploy"
             if opts.build_engine or opts.validate:
                 result.steps.append(await check_device_tool(remote, opts.remote_bin, bundle.manifest))
+            lap("lock")
             phase = "uploading"
             await _place_release(remote, layout, bundle, result, progress, after_upload)
+            lap("upload_and_verify")
             phase = "running the steps on the device"
-            if not await _run_steps(remote, layout, bundle, opts, result):
+            ok = await _run_steps(remote, layout, bundle, opts, result)
+            lap("steps")
+            if not ok:
                 return result
             phase = "activating"
             if await current_version(remote, layout) == bundle.version:
@@ -132,10 +146,12 @@ async def ship_to(bundle: LocalBundle, spec: HostSpec, opts: ShipOptions,
             else:
                 await activate(remote, layout, bundle.version)
                 result.verdict = "activated"
+            lap("activate")
             phase = "removing old releases"
             for old in to_remove(await list_releases(remote, layout), opts.keep):
                 await remove_release(remote, layout, old.version)
                 result.removed.append(old.version)
+            lap("retention")
     except ReleaseRefused as e:
         result.verdict, result.message = "refused", str(e)
     except ShipError as e:
