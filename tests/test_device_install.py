@@ -319,3 +319,20 @@ def test_device_extra_in_a_fresh_venv(ort_bundle, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert FULL_LINE.match(lines[0]), lines
+
+    # The device path end to end: `ship --validate` to a loopback sshd whose sparsekd-deploy is this lean venv's.
+    from sshd_server import SSHD, start_server
+
+    if SSHD is None:
+        return  # test_ship.py skips with the reason; the lean venv itself is checked above
+    srv = start_server(tmp_path / "sshd")
+    try:
+        dest = tmp_path / "device"
+        r = subprocess.run([str(Path(sys.executable).with_name("sparsekd-deploy")), "ship", str(ort_bundle), *srv.host_args(),
+                            "--path", str(dest), "--remote-bin", cli, "--validate", "--json"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        device = json.loads(r.stdout)["devices"][0]
+        assert device["verdict"] == "activated" and device["steps"][-1]["summary"].startswith("PASS"), device
+    finally:
+        srv.stop()
