@@ -22,11 +22,12 @@ def _register():
     from .commands.export import export_cmd
     from .commands.inspect import inspect_cmd
     from .commands.profile import profile_cmd
+    from .commands.report import report_cmd
     from .commands.ship import releases_cmd, rollback_cmd, ship_cmd
     from .commands.validate import validate_cmd
 
     for cmd in (distill_cmd, build_cmd, export_cmd, validate_cmd, inspect_cmd, engine_group, profile_cmd, analyze_cmd,
-                ship_cmd, releases_cmd, rollback_cmd):
+                ship_cmd, releases_cmd, rollback_cmd, report_cmd):
         main.add_command(cmd)
 
 

@@ -8,24 +8,30 @@ import shutil
 from pathlib import Path
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write ``obj`` to ``path.tmp`` and rename it over ``path``; on any failure the tmp file is removed.
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path.tmp`` and rename it over ``path``; on any failure the tmp file is removed.
 
     The tmp file is created fresh (O_CREAT|O_EXCL): a leftover ``.tmp`` — or a symlink planted under that name —
     is unlinked first, never written through. The rename replaces ``path`` itself, never what it may link to.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    text = json.dumps(obj, indent=2) + "\n"  # serialise first: a TypeError leaves nothing on disk
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """``obj`` as indented JSON, written atomically (``write_bytes_atomic``)."""
+    text = json.dumps(obj, indent=2) + "\n"  # serialise first: a TypeError leaves nothing on disk
+    write_bytes_atomic(path, text.encode())
 
 
 def swap_into_place(work: Path, final: Path) -> Path:

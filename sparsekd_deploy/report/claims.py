@@ -1,0 +1,100 @@
+"""Plain sentences saying which of SparseKD's claims held for this student, and which did not.
+
+A stability claim is judged on its interval, not its point value: "held" only when the whole 95 % interval of the
+student/teacher ratio lies at or below 1 (the student is at least as steady), "did not hold" when it lies above 1,
+"not shown" when it straddles 1 (the data cannot tell). And it counts only beside the KL claim: a collapsed model is
+"stable" too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .collect import ReportData
+
+HELD, NOT_HELD, NOT_SHOWN, NOT_MEASURED = "held", "did not hold", "not shown", "not measured"
+
+# The stability measurements validate records (metrics.stability.<key>), what "steadier" means for each.
+STABILITY = {
+    "jitter": "more consistent answers to repeated prompts",
+    "sensitivity": "less erratic responses to small, meaning-preserving input edits",
+    "confidence": "fewer low-confidence positions (where hallucinations start)",
+}
+
+
+@dataclass
+class Claim:
+    name: str
+    verdict: str
+    sentence: str
+
+
+def _interval(x) -> tuple[float, float, float] | None:
+    if isinstance(x, dict) and all(isinstance(x.get(k), (int, float)) for k in ("value", "low", "high")):
+        return float(x["value"]), float(x["low"]), float(x["high"])
+    return None
+
+
+def _kl_claim(data: ReportData) -> Claim:
+    stages = [s for s in data.trajectory.get("stages", []) if isinstance(s, dict)]
+    budget = data.trajectory.get("budget")
+    accepted = [s for s in stages if s.get("accepted") and s.get("stage", 0) > 0]
+    if not accepted:
+        return Claim("heavy removal without collapse", NOT_HELD,
+                     f"No pruning stage was accepted ({data.trajectory.get('reason', 'no reason recorded')}).")
+    last = accepted[-1]
+    kl, sp = last.get("kl"), last.get("sparsity")
+    within = isinstance(kl, (int, float)) and isinstance(budget, (int, float)) and kl <= budget
+    reached = data.status == "complete"
+    verdict = HELD if within and reached else NOT_HELD
+    how = f"{sp:.0%} of the prunable weights removed" if isinstance(sp, (int, float)) else "weights removed"
+    text = (f"{how}, held-out KL {kl:.4f} nats against a budget of {budget}" if isinstance(kl, (int, float))
+            else how)
+    if not reached:
+        text += f"; the run stopped before its target ({data.trajectory.get('reason', data.status)})"
+    return Claim("heavy removal without collapse", verdict, text + ".")
+
+
+def _validation_claim(data: ReportData) -> Claim | None:
+    v = data.validation
+    if not v:
+        return None
+    failed = [g.get("gate") for g in v.get("gates", []) if not g.get("passed")]
+    rt = (v.get("runtime") or {}).get("runtime", "?")
+    kl = (v.get("metrics") or {}).get("kl_topk")
+    kl_s = f", top-k KL {kl:.4f}" if isinstance(kl, (int, float)) else ""
+    if v.get("passed"):
+        return Claim(f"close to the teacher on {rt}", HELD, f"Every gate passed on {rt}{kl_s}.")
+    return Claim(f"close to the teacher on {rt}", NOT_HELD, f"Gates failed on {rt}: {', '.join(failed)}{kl_s}.")
+
+
+def _stability_claims(data: ReportData, kl_ok: bool) -> list[Claim]:
+    stab = ((data.validation or {}).get("metrics") or {}).get("stability")
+    out = []
+    for key, promise in STABILITY.items():
+        m = stab.get(key) if isinstance(stab, dict) else None
+        ratio = _interval(m.get("ratio")) if isinstance(m, dict) else None
+        if ratio is None:
+            why = "the bundle was not validated" if not data.validation else \
+                "its references were recorded before this measurement existed, or it was skipped"
+            out.append(Claim(promise, NOT_MEASURED, f"Not measured: {why}."))
+            continue
+        value, lo, hi = ratio
+        span = f"student/teacher ratio {value:.3f} (95 % interval {lo:.3f}–{hi:.3f})"
+        if hi <= 1.0:
+            verdict, text = HELD, f"The student is at least as steady as the teacher: {span}."
+        elif lo > 1.0:
+            verdict, text = NOT_HELD, f"The student is less steady than the teacher: {span}."
+        else:
+            verdict, text = NOT_SHOWN, f"The data cannot tell the two apart: {span} includes 1."
+        if verdict == HELD and not kl_ok:
+            verdict, text = NOT_SHOWN, text + " It does not count: the KL claim did not hold (a collapsed model is steady too)."
+        out.append(Claim(promise, verdict, text))
+    return out
+
+
+def claims(data: ReportData) -> list[Claim]:
+    kl = _kl_claim(data)
+    val = _validation_claim(data)
+    kl_ok = kl.verdict == HELD and (val is None or val.verdict == HELD)
+    return [kl, *([val] if val else []), *_stability_claims(data, kl_ok)]
