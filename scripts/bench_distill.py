@@ -24,6 +24,7 @@ from sparsekd_deploy.core.distill import StagedDistiller, distill
 from sparsekd_deploy.core.evaluate import heldout_metrics
 from sparsekd_deploy.core.importance import ScoringContext, score
 from sparsekd_deploy.core.losses import kd_loss
+from sparsekd_deploy.core.oneshot import one_shot as prune_once
 from sparsekd_deploy.core.pruner import apply_masks
 from sparsekd_deploy.core.rundir import RunDir
 
@@ -39,14 +40,7 @@ def base(tmp: Path, name: str, **kw):
 
 def one_shot(cfg, criterion: str) -> dict:
     """Prune straight to 2:4 with no training (the classic post-training baselines)."""
-    d = StagedDistiller(cfg)
-    d.run = RunDir(cfg.out)
-    d.run.prepare(False, True)
-    d._setup(False)
-    calib = list(d.train_ids[: cfg.calib_batches * cfg.batch_size].split(cfg.batch_size))
-    ctx = ScoringContext(d.raw, d.pruner.layers, calib, kd_loss=lambda ids: d.loss_on(ids))
-    masks = d.pruner.stage_masks(score(criterion, ctx), 1.0)
-    apply_masks(d.raw, masks)
+    d = prune_once(cfg, criterion)
     m = heldout_metrics(d.teacher, d.raw, d.heldout_ids, cfg.batch_size, d.device)
     return {**m, "consistency": d.consistency_of(d.raw), "teacher_consistency": d.teacher_consistency}
 

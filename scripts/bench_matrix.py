@@ -271,20 +271,11 @@ def prime_distillation_set(teacher_path: Path, teacher, tokenizer, seed: int, si
 
 # -- running one cell ----------------------------------------------------------------------------------------
 def run_oneshot(cfg: DistillConfig, importance: str) -> tuple[torch.nn.Module, dict]:
-    """Prune straight to the pattern with no training (as ``one_shot()`` in bench_distill.py)."""
-    from sparsekd_deploy.core.distill import StagedDistiller
-    from sparsekd_deploy.core.importance import ScoringContext, score
-    from sparsekd_deploy.core.pruner import apply_masks, sparsity_report
-    from sparsekd_deploy.core.rundir import RunDir
+    """Prune straight to the pattern with no training (``core.oneshot``, as bench_distill.py's baseline)."""
+    from sparsekd_deploy.core.oneshot import one_shot
+    from sparsekd_deploy.core.pruner import sparsity_report
 
-    d = StagedDistiller(cfg)
-    d.run = RunDir(cfg.out)
-    d.run.prepare(False, True)
-    d._setup(False)
-    calib = list(d.train_ids[: cfg.calib_batches * cfg.batch_size].split(cfg.batch_size))
-    ctx = ScoringContext(d.raw, d.pruner.layers, calib, kd_loss=lambda ids: d.loss_on(ids))
-    d.masks = d.pruner.stage_masks(score(importance, ctx), 1.0)
-    apply_masks(d.raw, d.masks)
+    d = one_shot(cfg, importance)
     held = d.measure()
     summary = {"heldout_kl": held["kl"], "heldout_top1": held["top1"], "reached_target": True, "final_stage": 1,
                "sparsity": sparsity_report(d.pruner, d.raw)["overall_sparsity"], "steps": 0}

@@ -1,0 +1,29 @@
+"""One-shot pruning: score once and prune straight to the pattern, no training — the baseline that staged SparseKD
+is measured against (and, followed by plain KD, "one-shot + KD")."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import DistillConfig
+
+
+def one_shot(cfg: DistillConfig, importance: str):
+    """Prepare a distiller for ``cfg`` (teacher, student, data, run dir), prune its student to the full target by
+    ``importance`` scored on the calibration batches, and return the distiller (``.raw`` is the pruned student,
+    ``.masks`` its masks, ``.measure()`` the held-out metrics)."""
+    from .distill import StagedDistiller
+    from .importance import ScoringContext, score
+    from .pruner import apply_masks
+    from .rundir import RunDir
+
+    d = StagedDistiller(cfg)
+    d.run = RunDir(cfg.out)
+    d.run.prepare(False, True)
+    d._setup(False)
+    calib = list(d.train_ids[: cfg.calib_batches * cfg.batch_size].split(cfg.batch_size))
+    ctx = ScoringContext(d.raw, d.pruner.layers, calib, kd_loss=lambda ids: d.loss_on(ids))
+    d.masks = d.pruner.stage_masks(score(importance, ctx), 1.0)
+    apply_masks(d.raw, d.masks)
+    return d
