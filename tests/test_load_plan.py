@@ -91,3 +91,20 @@ def test_a_second_run_into_a_live_runs_output_is_refused(tiny_dirs, fast_cfg):
     with dir_lock(cfg.out):  # this process holds it, as a running distill would
         with pytest.raises(SparseKDError, match=f"pid {os.getpid()}"):
             distill(cfg, overwrite=True)
+
+
+def test_dense_layers_with_a_speed_profile_say_what_each_costs(tiny_dirs, fast_cfg, tmp_path):
+    from sparsekd_deploy.core.patterns import NM
+    from sparsekd_deploy.core.pruner import Pruner
+    from sparsekd_deploy.models.loading import load_model
+
+    names = [ly.name for ly in Pruner(load_model(tiny_dirs["llama"]), NM(2, 4)).layers]
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"device": "H200", "target": "torch", "tokens": 4096,
+                                   "layers": {n: {"speedup": 1.3} for n in names}}))
+    res = distill(_cfg(fast_cfg, tiny_dirs["llama"], pattern="2:4", dense_layers="2",
+                       sparsify_only_faster=str(profile)))
+    kept = {n: why for n, why in json.loads((res.out / "sparsity.json").read_text())["skipped"].items()}
+    assert len(kept) == 2
+    assert all("load path" in why and "forgoes its measured 2:4 speedup of 1.30x (H200, torch, 4096 tokens)" in why
+               for why in kept.values()), kept

@@ -39,6 +39,11 @@ def plan_load_paths(cfg, teacher: torch.nn.Module, teacher_dir, pattern: Pattern
     plan = LoadPlan(report)
     if isinstance(pattern, NM):
         plan.dense = dense_reasons(report, dense_layers(report, cfg.dense_layers or 0))
+        if cfg.sparsify_only_faster and plan.dense:  # a speed profile at hand: say what each kept layer costs
+            from .speed_profile import dense_tradeoffs
+
+            costs = dense_tradeoffs(cfg.sparsify_only_faster, list(plan.dense))
+            plan.dense = {n: f"{why}; {costs[n]}" for n, why in plan.dense.items()}
     else:
         target = pattern.target_sparsity()
         plan.allocation = allocate(report, target, *default_bounds(target))
