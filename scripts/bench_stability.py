@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         teacher = load_model(path, role="teacher")
         tokenizer = load_tokenizer(path, required=False)
         test = BM.make_test_set(teacher, tokenizer, SEED, sizes)
-        refs = teacher_references(teacher, tokenizer, test.ids, args.samples, args.prompts, root / model / "references")
+        refs = teacher_references(teacher, tokenizer, test.ids, args.samples, args.prompts, root / model)
         BM.prime_distillation_set(path, teacher, tokenizer, SEED, sizes)
         rows = []
         for method in ["teacher", *args.methods]:

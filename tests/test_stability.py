@@ -91,6 +91,8 @@ def test_prompt_edits_through_a_tokenizer_are_exactly_these_rows():
     # a row with an id outside the model's vocabulary is not applicable (length 0), the others stay
     cut = edited_prompts(tok, [[tok.bos_token_id, *ids]], vocab_size=267)
     assert cut.lengths.tolist() == [0, 0, 0, 0, 0, 7] and cut.per_prompt == 6
+    # a special token inside the text is not split into its spelling (same text, not the same token)
+    assert token_split(tok, [tok.eos_token_id, *tok.encode("a", add_special_tokens=False)]) is None
 
 
 def test_sensitivity_cells_golden():
@@ -197,7 +199,10 @@ def test_build_records_teacher_stability_and_the_trajectory_carries_it(bundle):
     j = ts["jitter"]["256"]["jitter@2"]
     assert j["low"] <= j["value"] <= j["high"]
     assert 0 <= ts["low_confidence"]["value"] <= 1 and meta["low_confidence_threshold"] == 0.3
-    assert "sensitivity_edits" in meta or "sensitivity_skipped" in meta
+    # the tests' tokenizer has no merges: the four text edits apply, the token split never does
+    assert meta["sensitivity_edits"] == list(EDITS)
+    sens = ts["sensitivity"]
+    assert sens["teacher"]["per_edit"]["kl"]["token_split"] is None and sens["teacher"]["kl"]["value"] > 0
     stages = json.loads((bundle / "trajectory.json").read_text())["stages"]
     accepted = [s for s in stages[1:] if s["accepted"]]
     assert accepted and all({"jitter", "low_confidence", "sensitivity"} <= set(s["stability"]) for s in accepted)
@@ -270,3 +275,23 @@ def test_a_bundle_recorded_before_the_stability_references_gets_one_note_and_a_v
     assert v["stability"]["jitter"] is None and v["stability"]["sensitivity"] is None
     assert v["jitter_ratio"] is None and v["sensitivity_ratio"] is None
     assert v["low_confidence_ratio"] is not None  # computed from the top-k references every bundle has
+
+
+def test_references_without_a_tokenizer_skip_sensitivity_with_the_reason(tmp_path):
+    import torch
+    from conftest import build_tiny
+
+    from sparsekd_deploy.validate import stability
+    from sparsekd_deploy.validate.references import References, RefSettings, record
+    from sparsekd_deploy.validate.stability_record import NO_TOKENIZER
+
+    model = build_tiny("llama")
+    heldout = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
+    meta = record(model, heldout, tmp_path, RefSettings(prompts=2, length=24, prefix=8, samples=3,
+                                                        stability_prompts=3, stability_samples=5), tokenizer=None)
+    assert meta["sensitivity_skipped"] == NO_TOKENIZER and "sensitivity_edits" not in meta
+    assert meta["stability_samples"] == 5 and set(meta["teacher_stability"]["jitter"]) == {"3", "5"}
+    refs = References({}, meta)
+    assert stability.sensitivity(None, refs) == {"skipped": NO_TOKENIZER}
+    assert "sensitivity skipped: the bundle has no tokenizer" in " ".join(
+        stability.stability_lines({"sensitivity": {"skipped": NO_TOKENIZER}}))

@@ -68,8 +68,10 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def token_split(tokenizer, ids: list[int]) -> list[int] | None:
     """``ids`` with its longest token (first of equals) replaced by the encodings of its two halves; None when no
-    token has 2+ characters or the split does not decode to the same text."""
-    pieces = [_decode(tokenizer, [t]) for t in ids]
+    token has 2+ characters or the split does not decode to the same text. Special tokens are never split: "</s>"
+    spelled out in plain characters decodes to the same text but is not the same token to the model."""
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    pieces = ["" if t in special else _decode(tokenizer, [t]) for t in ids]
     i = max(range(len(pieces)), key=lambda j: (len(pieces[j]), -j), default=None)
     if i is None or len(pieces[i]) < 2:
         return None
