@@ -299,3 +299,36 @@ def test_fleet_canary_failure_leaves_the_others_untouched(server, bundles, tmp_p
     r = run(["ship", str(bundles["good"]), "--fleet", str(fleet), "--parallel", "2", *common])
     assert r.exit_code == 0, r.output
     assert [d["verdict"] for d in json.loads(r.stdout)["devices"]] == ["activated"] * 3
+
+
+FAKE_TRTEXEC = '''#!{python}
+"""trtexec's stand-in: the banner, and with --saveEngine a plan with a real header layout + the layer info."""
+import json, sys
+sys.path.insert(0, {tests!r})
+from test_engine_add import LAYERS, TRTEXEC_LOG, plan_bytes
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+if "saveEngine" not in args:
+    print("&&&& RUNNING TensorRT.trtexec [TensorRT v101601] [b11] # trtexec")
+    sys.exit(1)
+open(args["saveEngine"], "wb").write(plan_bytes(10, 16, 1))
+open(args["exportLayerInfo"], "w").write(json.dumps(LAYERS))
+print(TRTEXEC_LOG)
+'''
+
+
+def test_build_engine_falls_back_to_trtexec_and_engine_add(server, device_step_bundle, tmp_path):
+    """A device whose Python has no TensorRT but which has trtexec (JetPack): the recorded trtexec line runs in the
+    release, then `engine add` records the engine there — and the release goes live with it."""
+    fake = tmp_path / "trtexec"
+    fake.write_text(FAKE_TRTEXEC.format(python=sys.executable, tests=str(Path(__file__).parent)))
+    fake.chmod(0o755)
+    dest = tmp_path / "dev"
+    r, out = ship(server, device_step_bundle[0], dest, "--build-engine", "--remote-trtexec", str(fake))
+    assert r.exit_code == 0, r.output
+    step = out["devices"][0]["steps"][-1]
+    assert step["name"] == "engine-build" and step["summary"] == "built by trtexec (TensorRT 10) + engine add"
+    from sparsekd_deploy.bundle import Bundle
+
+    live = Bundle.open(dest / "current")
+    assert live.manifest["engine"]["tensorrt_version"].startswith("10.16") and live.has("engine.plan")
+    assert "engine build" in Path(step["log"]).read_text()  # the Python builder's failure is in the log first

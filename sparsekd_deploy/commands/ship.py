@@ -59,6 +59,8 @@ def _run(coro):
               "[default: tensorrt with --build-engine, else onnxruntime]")
 @click.option("--remote-bin", default="sparsekd-deploy", show_default=True,
               help="The device's sparsekd-deploy (e.g. a venv's bin/sparsekd-deploy).")
+@click.option("--remote-trtexec", help="The device's trtexec, used by --build-engine where the device's Python has no "
+              "TensorRT package. [default: trtexec on its PATH, else /usr/src/tensorrt/bin/trtexec]")
 @click.option("--keep", type=click.IntRange(min=1), default=3, show_default=True,
               help="Releases to keep (current and the previous one are never removed).")
 @click.option("--canary", type=click.IntRange(min=0), default=1, show_default=True,
@@ -68,7 +70,7 @@ def _run(coro):
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @handle_errors
 def ship_cmd(bundle, target, port, identity, known_hosts, accept_new_host_key, fleet, path, build_engine, do_validate,
-             runtime, remote_bin, keep, canary, parallel, as_json):
+             runtime, remote_bin, remote_trtexec, keep, canary, parallel, as_json):
     """Ship BUNDLE to a device (--host) or a fleet (--fleet): upload (resumable), verify every sha256 there, run the
     optional steps there, then switch `current` atomically. A failure leaves the active release untouched."""
     from ..ship.fleet import Device, load_fleet, ship_fleet
@@ -81,7 +83,7 @@ def ship_cmd(bundle, target, port, identity, known_hosts, accept_new_host_key, f
         raise ShipError("--port/--identity are per device in --fleet's file (hosts: [{host:, port:, identity:}])")
     local = LocalBundle.open(bundle)
     opts = ShipOptions(path=path, build_engine=build_engine, validate=do_validate, runtime=runtime,
-                       remote_bin=remote_bin, keep=keep)
+                       remote_bin=remote_bin, remote_trtexec=remote_trtexec, keep=keep)
     if fleet:
         devices = load_fleet(fleet, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key)
     else:

@@ -35,6 +35,7 @@ class ShipOptions:
     validate: bool = False
     runtime: str | None = None  # for --validate: default tensorrt with --build-engine, else onnxruntime
     remote_bin: str = "sparsekd-deploy"
+    remote_trtexec: str | None = None  # default: trtexec on the PATH, else JetPack's /usr/src/tensorrt/bin/trtexec
     keep: int = 3
 
 
@@ -204,7 +205,7 @@ async def _run_steps(remote: Remote, layout: Layout, bundle: LocalBundle, opts: 
                              "unchecked")
     steps = []
     if opts.build_engine:
-        steps.append(lambda: build_engine(remote, layout, v, opts.remote_bin))
+        steps.append(lambda: build_engine(remote, layout, v, opts.remote_bin, opts.remote_trtexec))
     if opts.validate:
         runtime = opts.runtime or ("tensorrt" if opts.build_engine else "onnxruntime")
         steps.append(lambda: validate(remote, layout, v, opts.remote_bin, runtime, bundle.manifest))

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from .. import __version__
 from .layout import Layout
-from .remote import Remote, ShipError
+from .remote import Remote, ShipError, shell_line
 
 _VERSION = re.compile(r"(\d+)\.(\d+)\.(\d+)")
 INSTALL_HINT = ("install it there with `python3 -m pip install 'sparsekd-deploy[device]=={v}'` (add the `tensorrt` "
@@ -61,25 +61,88 @@ async def check_device_tool(remote: Remote, remote_bin: str, manifest: dict) -> 
     return StepResult("device-tool", True, time.monotonic() - t0, 0, f"sparsekd-deploy {'.'.join(map(str, have))}")
 
 
-async def _run_step(remote: Remote, layout: Layout, version: str, name: str, argv: list[str],
-                    timeout: float) -> tuple[StepResult, str]:
-    t0 = time.monotonic()
-    done = await remote.run(argv, timeout=timeout)
-    output = f"$ {' '.join(argv)}\n--- stdout ---\n{done.stdout or ''}\n--- stderr ---\n{done.stderr or ''}"
+async def _exec(remote: Remote, argv: list[str], timeout: float, cwd: str | None = None):
+    """Run ``argv`` on the device (in ``cwd``); returns (completed process, its output as a log section)."""
+    line = (shell_line(["cd", cwd]) + " && " if cwd else "") + shell_line(argv)
+    done = await remote.conn.run(line, check=False, timeout=timeout)
+    return done, f"$ {' '.join(argv)}\n--- stdout ---\n{done.stdout or ''}\n--- stderr ---\n{done.stderr or ''}\n"
+
+
+async def _finish(remote: Remote, layout: Layout, version: str, name: str, t0: float, done, log_text: str,
+                  summary_ok: str = "ok") -> StepResult:
     log = layout.log(version, name)
     async with remote.sftp.open(log, "wb") as f:
-        await f.write(output.encode())
+        await f.write(log_text.encode())
     last = (done.stderr or done.stdout or "").strip().splitlines()
     ok = done.exit_status == 0
     return StepResult(name, ok, time.monotonic() - t0, done.exit_status,
-                      "ok" if ok else (last[-1][:160] if last else f"exit {done.exit_status}"), log), done.stdout or ""
+                      summary_ok if ok else (last[-1][:160] if last else f"exit {done.exit_status}"), log)
 
 
-async def build_engine(remote: Remote, layout: Layout, version: str, remote_bin: str,
+async def _run_step(remote: Remote, layout: Layout, version: str, name: str, argv: list[str],
+                    timeout: float) -> tuple[StepResult, str]:
+    t0 = time.monotonic()
+    done, text = await _exec(remote, argv, timeout)
+    return await _finish(remote, layout, version, name, t0, done, text), done.stdout or ""
+
+
+# JetPack installs trtexec here, off the PATH.
+TRTEXEC_CANDIDATES = ("trtexec", "/usr/src/tensorrt/bin/trtexec")
+_TRT_BANNER = re.compile(r"TensorRT v(\d+)")
+
+
+async def _find_trtexec(remote: Remote, given: str | None) -> str | None:
+    for cand in ([given] if given else TRTEXEC_CANDIDATES):
+        done = await remote.run(["sh", "-c", 'command -v "$1"', "sh", cand])
+        if done.exit_status == 0 and (done.stdout or "").strip():
+            return done.stdout.strip().splitlines()[0]
+    return None
+
+
+def _trtexec_major(banner: str) -> int | None:
+    """trtexec prints ``TensorRT v101601`` (10.16.1) or, before 10, ``v8601`` (8.6.1)."""
+    m = _TRT_BANNER.search(banner or "")
+    if not m:
+        return None
+    n = int(m.group(1))
+    return n // 10000 if n >= 100000 else n // 1000
+
+
+async def build_engine(remote: Remote, layout: Layout, version: str, remote_bin: str, trtexec: str | None = None,
                        timeout: float = 3600) -> StepResult:
-    step, _ = await _run_step(remote, layout, version, "engine-build",
-                              [remote_bin, "engine", "build", layout.release(version)], timeout)
-    return step
+    """The bundle's engine-build step on the device: its Python builder (``engine build``, needs TensorRT's Python
+    package); where that fails and the device has ``trtexec`` (JetPack ships it without the Python package in every
+    venv), the bundle's recorded trtexec line for the device's TensorRT major, then ``engine add``."""
+    from .lock import read_json
+
+    t0 = time.monotonic()
+    release = layout.release(version)
+    done, log = await _exec(remote, [remote_bin, "engine", "build", release], timeout)
+    if done.exit_status == 0:
+        return await _finish(remote, layout, version, "engine-build", t0, done, log, "built by the Python builder")
+    path = await _find_trtexec(remote, trtexec)
+    recipe = await read_json(remote, release + "/engine_build.json")
+    if path is None or recipe is None:
+        why = "no trtexec on the device" if path is None else "the bundle has no engine_build.json"
+        return await _finish(remote, layout, version, "engine-build", t0, done, log + f"\n(no fallback: {why})\n")
+    probe, text = await _exec(remote, [path], 60)
+    log += "\n" + text
+    major = _trtexec_major((probe.stdout or "") + (probe.stderr or ""))
+    key = "trtexec_tensorrt11" if major is not None and major >= 11 else "trtexec_tensorrt10"
+    line, register = recipe.get(key), recipe.get("trtexec_register")
+    if not (isinstance(line, list) and isinstance(register, list) and all(isinstance(a, str) for a in line + register)):
+        return await _finish(remote, layout, version, "engine-build", t0, done,
+                             log + f"\n(no fallback: engine_build.json lacks {key} / trtexec_register)\n")
+    # trtexec's output is the log `engine add` reads (its sparsity lines, device, precision): captured into the file.
+    built = await remote.conn.run(shell_line(["cd", release]) + " && " + shell_line([path, *line[1:]])
+                                  + " > trtexec.log 2>&1", check=False, timeout=timeout)
+    log += f"\n$ {' '.join([path, *line[1:]])} > trtexec.log 2>&1\nexit {built.exit_status}\n"
+    if built.exit_status != 0:
+        return await _finish(remote, layout, version, "engine-build", t0, built, log)
+    args = [remote_bin, *[release if a == "<BUNDLE>" else a for a in register[1:]]]
+    added, text = await _exec(remote, args, timeout, cwd=release)
+    return await _finish(remote, layout, version, "engine-build", t0, added, log + "\n" + text,
+                         f"built by trtexec (TensorRT {major}) + engine add")
 
 
 def gate_flags(manifest: dict) -> list[str]:
