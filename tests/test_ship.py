@@ -332,3 +332,45 @@ def test_build_engine_falls_back_to_trtexec_and_engine_add(server, device_step_b
     live = Bundle.open(dest / "current")
     assert live.manifest["engine"]["tensorrt_version"].startswith("10.16") and live.has("engine.plan")
     assert "engine build" in Path(step["log"]).read_text()  # the Python builder's failure is in the log first
+
+
+def test_live_release_is_never_relabelled_nor_rebuilt(server, bundles, tmp_path):
+    dest = tmp_path / "dev"
+    assert ship(server, bundles["good"], dest)[0].exit_code == 0
+    assert ship(server, bundles["second"], dest)[0].exit_code == 0
+    live = current(dest)
+    failing = tmp_path / "bin-failing-validate"
+    failing.write_text(f'#!/bin/sh\nif [ "$1" = validate ]; then echo "gate failed" >&2; exit 1; fi\n'
+                       f'exec {REMOTE_BIN} "$@"\n')
+    failing.chmod(0o755)
+    r = run(["ship", str(bundles["second"]), *server.host_args(), "--path", str(dest), "--validate",
+             "--remote-bin", str(failing), "--json"])
+    dev = json.loads(r.stdout)["devices"][0]
+    assert r.exit_code == 1 and "LIVE release" in dev["message"] and "stays current" in dev["message"]
+    assert current(dest) == live
+    rel = {x["version"]: x for x in json.loads(run(["releases", *server.host_args(), "--path", str(dest),
+                                                     "--json"]).stdout)["releases"]}
+    assert rel[live.split("/")[1]]["status"] == "ready" and rel[live.split("/")[1]]["current"]
+    r, out = ship(server, bundles["second"], dest, "--build-engine")
+    assert r.exit_code == 1 and "is live; its engine is not rebuilt in place" in out["devices"][0]["message"]
+    # retention still protects the previous release by its activation history
+    assert ship(server, bundles["third"], dest, "--keep", "1")[0].exit_code == 0
+    assert (dest / live).is_dir()
+
+
+def test_device_state_problems_are_found_before_anything_is_sent(server, bundles, tmp_path):
+    dest = tmp_path / "dev"
+    (dest / "current").mkdir(parents=True)
+    r, out = ship(server, bundles["good"], dest)
+    assert r.exit_code == 2 and "is a directory, not the symlink ship switches" in out["devices"][0]["message"]
+    assert not any((dest / "releases").iterdir())
+    never = tmp_path / "never-shipped"
+    for cmd in (["releases"], ["rollback"]):
+        r = run([*cmd, *server.host_args(), "--path", str(never)])
+        assert r.exit_code == 2 and "nothing was ever shipped there" in r.output and not never.exists()
+    garbage = tmp_path / "kh"
+    garbage.write_bytes(b"\xff\xfe@revoked\n|1|abc|def ssh-ed25519\n")
+    r = run(["ship", str(bundles["good"]), "--host", f"{server.user}@127.0.0.1", "--port", str(server.port),
+             "--identity", str(server.user_key), "--known-hosts", str(garbage), "--path", str(never)])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "cannot be read" in lines[0] and not never.exists()

@@ -95,3 +95,42 @@ def test_fleet_file_problems_reported_together(tmp_path):
     f.write_text("hosts: [\n")
     with pytest.raises(ShipError, match="not valid YAML"):
         load_fleet(f)
+
+
+def test_home_relative_paths_and_ports():
+    assert check_remote_path("~/models/x") == "models/x" and check_remote_path("~") == "."
+    with pytest.raises(ShipError, match="only ~/"):
+        check_remote_path("~bob/x")
+    for port in (0, True, 22.5, "22", 70000):
+        with pytest.raises(ShipError, match="not a TCP port"):
+            HostSpec.parse("h", port=port)
+
+
+def test_rollback_only_to_a_release_whose_steps_passed():
+    rs = [_rel("v-000000000001", "1", status="verified", activated=["1"]),
+          _rel("v-000000000002", "2", activated=["2"], current=True)]
+    with pytest.raises(ShipError, match="never completed its steps"):
+        rollback_target(rs, None)
+
+
+def test_fleet_refuses_duplicates_directories_and_non_text(tmp_path):
+    f = tmp_path / "fleet.yaml"
+    f.write_text("hosts:\n  - {host: a, path: /m}\n  - {host: a, path: /m}\n  - {host: b, known_hosts: [1]}\n")
+    with pytest.raises(ShipError) as e:
+        load_fleet(f)
+    assert "listed twice" in str(e.value) and "known_hosts must be text" in str(e.value)
+    with pytest.raises(ShipError, match="a directory"):
+        load_fleet(tmp_path)
+
+
+def test_fleet_exit_code_says_whether_anything_changed():
+    from sparsekd_deploy.ship.fleet import fleet_exit_code
+    from sparsekd_deploy.ship.ship import ShipResult
+
+    def r(verdict):
+        return ShipResult("h", "/p", "v-000000000001", verdict)
+
+    assert fleet_exit_code([r("activated"), r("already-current")]) == 0
+    assert fleet_exit_code([r("error"), r("skipped")]) == 2  # nothing changed anywhere
+    assert fleet_exit_code([r("activated"), r("error")]) == 1  # some devices changed
+    assert fleet_exit_code([r("failed"), r("skipped")]) == 1

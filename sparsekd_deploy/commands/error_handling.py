@@ -23,7 +23,7 @@ def os_error_line(e: OSError) -> str:
     return f"could not write or read{where}: {e.strerror or e}"
 
 
-def handle_errors(fn=None, *, resumable: bool = False):
+def handle_errors(fn=None, *, resumable: bool = False, interrupt_hint: str = ""):
     """Wrap a click command: ``SparseKDError`` → its message and exit code; a package missing from a lean install
     (torch & co.) → one line naming the extra, exit 2; a user-fixable ``OSError`` → one line and exit 2; Ctrl-C →
     exit 130, with the resume hint only on commands that can resume (``resumable``)."""
@@ -56,6 +56,7 @@ def handle_errors(fn=None, *, resumable: bool = False):
                 sys.exit(2)
             except KeyboardInterrupt:
                 hint = "; accepted stages are checkpointed: rerun with --resume to continue" if resumable else ""
+                hint = f"; {interrupt_hint}" if interrupt_hint else hint
                 print_error(f"interrupted{hint}")
                 sys.exit(130)
 

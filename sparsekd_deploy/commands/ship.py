@@ -68,17 +68,21 @@ def _run(coro):
 @click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
               help="With --fleet: devices at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-@handle_errors
+@handle_errors(interrupt_hint="the device's current release is untouched; ship again to resume the upload")
 def ship_cmd(bundle, target, port, identity, known_hosts, accept_new_host_key, fleet, path, build_engine, do_validate,
              runtime, remote_bin, remote_trtexec, keep, canary, parallel, as_json):
     """Ship BUNDLE to a device (--host) or a fleet (--fleet): upload (resumable), verify every sha256 there, run the
     optional steps there, then switch `current` atomically. A failure leaves the active release untouched."""
-    from ..ship.fleet import Device, load_fleet, ship_fleet
+    from ..ship.fleet import Device, fleet_exit_code, load_fleet, ship_fleet
     from ..ship.remote import ShipError
     from ..ship.ship import LocalBundle, ShipOptions
 
     if bool(target) == bool(fleet):
         raise ShipError("name the device with --host user@host, or many with --fleet fleet.yaml (one of the two)")
+    if path is not None and not path.strip():
+        raise ShipError("--path is empty; leave it out for the default (sparsekd/<bundle name> in the login's home)")
+    if runtime and not do_validate:
+        raise ShipError("--runtime chooses the runtime of --validate; add --validate (or drop --runtime)")
     if fleet and (port or identity):
         raise ShipError("--port/--identity are per device in --fleet's file (hosts: [{host:, port:, identity:}])")
     local = LocalBundle.open(bundle)
@@ -96,7 +100,7 @@ def ship_cmd(bundle, target, port, identity, known_hosts, accept_new_host_key, f
         stdout_json({"bundle": str(local.dir), "version": local.version, "devices": [r.to_dict() for r in results]})
     else:
         _print_results(results)
-    sys.exit(max((r.exit_code for r in results), default=0))
+    sys.exit(results[0].exit_code if len(results) == 1 else fleet_exit_code(results))
 
 
 class _upload_progress:

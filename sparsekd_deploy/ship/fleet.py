@@ -32,10 +32,12 @@ def load_fleet(path: str | Path, known_hosts: str | None = None, accept_new_host
     import yaml
 
     p = Path(path)
+    if not p.is_file():
+        raise ShipError(f"--fleet {p}: " + ("a directory, not a fleet file" if p.is_dir() else "no such file"))
     try:
         doc = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise ShipError(f"--fleet {p}: no such file") from None
+    except OSError as e:
+        raise ShipError(f"--fleet {p}: cannot be read ({e.strerror})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ShipError(f"--fleet {p} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("hosts"), list) or not doc["hosts"]:
@@ -56,18 +58,28 @@ def load_fleet(path: str | Path, known_hosts: str | None = None, accept_new_host
         for key in set(entry) - _KEYS:
             problems.append(f"hosts[{i}]: unknown key {key!r} (allowed: {', '.join(sorted(_KEYS))})")
         merged = {**defaults, **entry}
+        bad = [k for k in ("host", "user", "path", "identity", "known_hosts")
+               if merged.get(k) is not None and not isinstance(merged[k], str)]
+        if bad:
+            problems.append(f"hosts[{i}]: {', '.join(bad)} must be text")
+            continue
         target = str(merged["host"])
         if merged.get("user") and "@" not in target:
             target = f"{merged['user']}@{target}"
         try:
             identity = str(Path(str(merged["identity"])).expanduser()) if merged.get("identity") else None
+            kh = merged.get("known_hosts") or known_hosts
             spec = HostSpec.parse(target, port=merged.get("port"), identity=identity,
-                                  known_hosts=merged.get("known_hosts") or known_hosts,
+                                  known_hosts=str(Path(kh).expanduser()) if kh else None,
                                   accept_new_host_key=accept_new_host_key)
         except (ShipError, TypeError, ValueError) as e:
             problems.append(f"hosts[{i}]: {e}")
             continue
-        devices.append(Device(spec, str(merged["path"]) if merged.get("path") else None))
+        device = Device(spec, merged.get("path"))
+        if any((d.spec.host, d.spec.port, d.path) == (spec.host, spec.port, device.path) for d in devices):
+            problems.append(f"hosts[{i}]: {spec.label} {device.path or '(default path)'} is listed twice")
+            continue
+        devices.append(device)
     if problems:
         raise ShipError(f"--fleet {p}: " + "; ".join(problems))
     return devices
@@ -93,3 +105,10 @@ async def ship_fleet(bundle: LocalBundle, devices: list[Device], opts: ShipOptio
                            message=f"not touched: canary {failed[0].host} failed") for d in devices[canary:]]
         return [*first, *rest]
     return [*first, *await asyncio.gather(*(one(d) for d in devices[canary:]))]
+
+
+def fleet_exit_code(results: list[ShipResult]) -> int:
+    """0: every device runs the bundle; 2: nothing changed anywhere (every device failed before any step); else 1."""
+    if all(r.ok for r in results):
+        return 0
+    return 2 if all(r.verdict in ("error", "skipped") for r in results) else 1

@@ -6,6 +6,7 @@
     <path>/releases/<version>.<step>.log  a remote step's full output
     <path>/current -> releases/<version>  switched atomically (new symlink, then rename over the old one)
     <path>/.ship.lock                     held (flock) by the ship in progress; .ship.lock.json says who
+    <path>/.ship.steps.lock               held (flock) by a remote step while it runs
 
 The version is derived from the bundle's content (its manifest's sha256), so the same bundle shipped twice is
 recognised as the same release.
@@ -44,6 +45,11 @@ def check_remote_path(path: str) -> str:
         raise ShipError(f"--path {path!r} contains control characters")
     if path.startswith("-"):
         raise ShipError(f"--path {path!r} starts with '-'; write ./{path} if that is really the name")
+    if path == "~" or path.startswith("~/"):
+        # SFTP and remote commands both start in the login's home: a home-relative path is the relative path.
+        path = path[2:] or "."
+    elif path.startswith("~"):
+        raise ShipError(f"--path {path!r}: only ~/ (the login's own home) is understood; give the full path")
     return path.rstrip("/") or "/"
 
 
@@ -74,6 +80,11 @@ class Layout:
     @property
     def lock(self) -> str:
         return posixpath.join(self.root, ".ship.lock")
+
+    @property
+    def steps_lock(self) -> str:
+        """Held by each remote step: a step of a ship whose connection died can outlive it on the device."""
+        return posixpath.join(self.root, ".ship.steps.lock")
 
     @property
     def lock_info(self) -> str:

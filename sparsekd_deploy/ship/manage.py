@@ -14,7 +14,7 @@ from .upload import ShipFile, verify_on_device
 async def device_releases(spec: HostSpec, path: str) -> tuple[str, list[Release]]:
     remote = await Remote.open(spec)
     try:
-        layout = await open_layout(remote, path)
+        layout = await open_layout(remote, path, create=False)
         return layout.root, await list_releases(remote, layout)
     finally:
         await remote.close()
@@ -36,7 +36,7 @@ async def rollback(spec: HostSpec, path: str, to: str | None = None) -> Rollback
     file of that release against its own manifest on the device."""
     remote = await Remote.open(spec)
     try:
-        layout = await open_layout(remote, path)
+        layout = await open_layout(remote, path, create=False)
         async with DeviceLock(remote, layout):
             releases = await list_releases(remote, layout)
             target = rollback_target(releases, to)

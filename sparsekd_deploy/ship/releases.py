@@ -72,40 +72,50 @@ async def update_record(remote: Remote, layout: Layout, version: str, **fields) 
 
 async def activate(remote: Remote, layout: Layout, version: str) -> None:
     """Point ``current`` at the release in one step: a new symlink beside it, renamed over the old one
-    (rename(2) replaces atomically, so a reader sees the old release or the new one, never neither)."""
+    (rename(2) replaces atomically, so a reader sees the old release or the new one, never neither).
+
+    The activation is recorded *before* the switch: if the link dies between the two, the history names a release
+    that may not have become current (harmless: ``previous_of`` skips the current one), never the reverse — a live
+    release without history, which retention would then not protect."""
     import asyncssh
 
+    check_version(version)
+    record = await read_json(remote, layout.record(version)) or {}
+    await update_record(remote, layout, version, activated_at=[*record.get("activated_at", []), now()])
     tmp = layout.current + ".new"
     try:
         await remote.sftp.remove(tmp)
     except asyncssh.SFTPNoSuchFile:
         pass
-    await remote.sftp.symlink(posixpath.join("releases", check_version(version)), tmp)
+    await remote.sftp.symlink(posixpath.join("releases", version), tmp)
     await remote.sftp.posix_rename(tmp, layout.current)
-    record = await read_json(remote, layout.record(version)) or {}
-    await update_record(remote, layout, version, activated_at=[*record.get("activated_at", []), now()])
 
 
 def previous_of(releases: list[Release]) -> Release | None:
-    """The release active before the current one: the most recently activated that is not current or failed."""
-    candidates = [r for r in releases if not r.current and r.status != "failed" and r.record.get("activated_at")]
+    """The release that was live before the current one: the most recently activated other than the current one,
+    whatever its status since (activation history, not status, says what ran)."""
+    candidates = [r for r in releases if not r.current and r.record.get("activated_at")]
     return max(candidates, key=lambda r: r.last_activated, default=None)
 
 
 def rollback_target(releases: list[Release], to: str | None) -> Release:
+    """Only a release whose steps all passed (status ``ready``) can become current again."""
     by_version = {r.version: r for r in releases}
     if to is not None:
         check_version(to)
         if to not in by_version:
             raise ShipError(f"no release {to} on the device (there are: {', '.join(by_version) or 'none'})")
         target = by_version[to]
-        if target.status == "failed":
-            raise ShipError(f"release {to} failed its steps on the device; it cannot become current "
-                            f"(its logs are beside it)")
-        return target
-    target = previous_of(releases)
-    if target is None:
-        raise ShipError("nothing to roll back to: no earlier release was ever active on this path")
+    else:
+        target = previous_of(releases)
+        if target is None:
+            raise ShipError("nothing to roll back to: no earlier release was ever active on this path")
+    if target.status == "failed":
+        raise ShipError(f"release {target.version} failed its steps on the device; it cannot become current "
+                        f"(its logs are beside it)")
+    if target.status != "ready":
+        raise ShipError(f"release {target.version} never completed its steps on the device (status "
+                        f"{target.status}); ship it again to finish them")
     return target
 
 
@@ -127,3 +137,13 @@ async def remove_release(remote: Remote, layout: Layout, version: str) -> None:
             await remote.sftp.remove(path)
         except asyncssh.SFTPNoSuchFile:
             pass
+
+
+async def remove_stale_partials(remote: Remote, layout: Layout, keep: str) -> list[str]:
+    """Unfinished uploads of *other* bundles: once a ship has completed here they would only fill the disk."""
+    gone = []
+    for name in await remote.sftp.listdir(layout.releases):
+        if name.endswith(".partial") and name != f"{keep}.partial":
+            await remote.sftp.rmtree(posixpath.join(layout.releases, name), ignore_errors=True)
+            gone.append(name)
+    return gone

@@ -47,10 +47,11 @@ class HostSpec:
         user, _, host = target.rpartition("@")
         if not host or any(c.isspace() or ord(c) < 32 for c in target) or host.startswith("-"):
             raise ShipError(f"--host {target!r} is not a host; expected user@host or host")
-        port = kw.pop("port", None) or 22
-        if not 0 < int(port) < 65536:
-            raise ShipError(f"--port {port} is not a TCP port (1-65535)")
-        return cls(host=host, user=user or getpass.getuser(), port=int(port), **kw)
+        port = kw.pop("port", None)
+        port = 22 if port is None else port
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ShipError(f"port {port!r} is not a TCP port (1-65535)")
+        return cls(host=host, user=user or getpass.getuser(), port=port, **kw)
 
     @property
     def label(self) -> str:
@@ -58,7 +59,7 @@ class HostSpec:
 
     @property
     def known_hosts_path(self) -> Path:
-        return Path(self.known_hosts or Path("~/.ssh/known_hosts").expanduser())
+        return Path(self.known_hosts or "~/.ssh/known_hosts").expanduser()
 
 
 # AES-GCM first: with AES instructions (x86 AES-NI, ARMv8 crypto extensions on Jetson) it moves bulk data ~1.6x faster
@@ -130,6 +131,13 @@ class Remote:
         _quiet_dead_socket_warnings()
         verdict: dict = {}
         path = spec.known_hosts_path
+        if path.is_file():
+            try:  # a damaged file is one line here, not a traceback from deep inside the handshake
+                asyncssh.read_known_hosts(str(path))
+            except (ValueError, UnicodeDecodeError, asyncssh.KeyImportError) as e:
+                raise ShipError(f"known-hosts file {path} cannot be read ({e}); fix or remove the bad line") from None
+        elif path.exists():
+            raise ShipError(f"known-hosts file {path} is not a file")
         kw = {}
         if spec.identity:
             if not Path(spec.identity).is_file():

@@ -16,7 +16,16 @@ from pathlib import Path
 from ..errors import SparseKDError
 from .layout import Layout, bundle_version, check_remote_path
 from .lock import DeviceLock
-from .releases import activate, current_version, list_releases, now, remove_release, to_remove, update_record
+from .releases import (
+    activate,
+    current_version,
+    list_releases,
+    now,
+    remove_release,
+    remove_stale_partials,
+    to_remove,
+    update_record,
+)
 from .remote import HostSpec, Remote, ShipError, local_identity
 from .steps import StepResult, build_engine, check_device_tool, validate
 from .upload import ShipFile, files_to_ship, upload_verified, verify_on_device
@@ -95,10 +104,37 @@ class LocalBundle:
         return [f for f in self.files if f.rel != "manifest.json"]
 
 
-async def open_layout(remote: Remote, path: str) -> Layout:
+async def open_layout(remote: Remote, path: str, create: bool = True) -> Layout:
+    """The device layout under ``path`` (created by a ship; ``create=False`` for read-only commands, which refuse a
+    path no ship made rather than leave directories behind)."""
+    import asyncssh
+
     path = check_remote_path(path)
-    await remote.sftp.makedirs(posixpath.join(path, "releases"), exist_ok=True)
+    if create:
+        await remote.sftp.makedirs(posixpath.join(path, "releases"), exist_ok=True)
+    else:
+        try:
+            attrs = await remote.sftp.stat(path)
+        except asyncssh.SFTPNoSuchFile:
+            raise ShipError(f"{remote.spec.label}: {path} does not exist: nothing was ever shipped there") from None
+        if attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY or not await remote.sftp.isdir(posixpath.join(path,
+                                                                                                       "releases")):
+            raise ShipError(f"{remote.spec.label}: {path} is not a ship destination (no releases/ directory in it)")
     return Layout(await remote.sftp.realpath(path))
+
+
+async def _check_current_is_ours(remote: Remote, layout: Layout) -> None:
+    """``current`` must be the symlink ship manages (or absent) — found before anything is uploaded."""
+    import asyncssh
+
+    try:
+        attrs = await remote.sftp.lstat(layout.current)
+    except asyncssh.SFTPNoSuchFile:
+        return
+    if attrs.type != asyncssh.FILEXFER_TYPE_SYMLINK:
+        kind = "a directory" if attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY else "a file"
+        raise ShipError(f"{remote.spec.label}: {layout.current} is {kind}, not the symlink ship switches; move it "
+                        "away (ship makes current -> releases/<version> itself)")
 
 
 async def ship_to(bundle: LocalBundle, spec: HostSpec, opts: ShipOptions,
@@ -107,7 +143,7 @@ async def ship_to(bundle: LocalBundle, spec: HostSpec, opts: ShipOptions,
     import asyncssh
 
     t0 = time.monotonic()
-    result = ShipResult(spec.label, opts.path or bundle.default_path, bundle.version, "error",
+    result = ShipResult(spec.label, bundle.default_path if opts.path is None else opts.path, bundle.version, "error",
                         bytes_total=sum(f.bytes for f in bundle.files))
     phase = "connecting"
     remote = None
@@ -129,6 +165,7 @@ async def ship_to(bundle: LocalBundle, spec: HostSpec, opts: ShipOptions,
                 result.notes.append(f"the previous ship here ({lock.previous_holder.get('holder')}, since "
                                     f"{lock.previous_holder.get('since')}) ended without finishing; its lock was "
                                     "released when its connection closed; an unfinished upload resumes")
+            await _check_current_is_ours(remote, layout)
             phase = "checking the device's sparsekd-deploy"
             if opts.build_engine or opts.validate:
                 result.steps.append(await check_device_tool(remote, opts.remote_bin, bundle.manifest))
@@ -137,12 +174,13 @@ async def ship_to(bundle: LocalBundle, spec: HostSpec, opts: ShipOptions,
             await _place_release(remote, layout, bundle, result, progress, after_upload)
             lap("upload_and_verify")
             phase = "running the steps on the device"
-            ok = await _run_steps(remote, layout, bundle, opts, result)
+            live = await current_version(remote, layout) == bundle.version
+            ok = await _run_steps(remote, layout, bundle, opts, result, live)
             lap("steps")
             if not ok:
                 return result
             phase = "activating"
-            if await current_version(remote, layout) == bundle.version:
+            if live:
                 result.verdict = "already-current"
             else:
                 await activate(remote, layout, bundle.version)
@@ -152,6 +190,7 @@ async def ship_to(bundle: LocalBundle, spec: HostSpec, opts: ShipOptions,
             for old in to_remove(await list_releases(remote, layout), opts.keep):
                 await remove_release(remote, layout, old.version)
                 result.removed.append(old.version)
+            result.removed += await remove_stale_partials(remote, layout, keep=bundle.version)
             lap("retention")
     except ReleaseRefused as e:
         result.verdict, result.message = "refused", str(e)
@@ -159,8 +198,12 @@ async def ship_to(bundle: LocalBundle, spec: HostSpec, opts: ShipOptions,
         result.message = str(e)
     except (asyncssh.Error, OSError) as e:
         why = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e) or type(e).__name__
-        result.message = (f"{spec.label}: {why} while {phase}; nothing was activated"
-                          + ("; ship again to resume the upload" if phase == "uploading" else ""))
+        if result.verdict in ("activated", "already-current"):
+            # The switch happened; only the cleanup after it failed. Say so, and keep the verdict.
+            result.notes.append(f"{why} while {phase}; the release is active, old releases may remain")
+        else:
+            result.message = (f"{spec.label}: {why} while {phase}; nothing was activated"
+                              + ("; ship again to resume the upload" if phase == "uploading" else ""))
     finally:
         if remote is not None:
             await remote.close()
@@ -193,12 +236,19 @@ async def _place_release(remote: Remote, layout: Layout, bundle: LocalBundle, re
 
 
 async def _run_steps(remote: Remote, layout: Layout, bundle: LocalBundle, opts: ShipOptions,
-                     result: ShipResult) -> bool:
-    """Run the requested steps in the release; on a failure mark it failed (logs beside it) and return False."""
+                     result: ShipResult, live: bool) -> bool:
+    """Run the requested steps in the release; on a failure mark it failed (logs beside it) and return False.
+
+    The live release is never rebuilt nor relabelled: an engine build there is refused, and a failing re-validation
+    of it is reported (exit 1) with the release left current and its status untouched — the user decides to roll
+    back."""
     from .lock import read_json
 
     v = bundle.version
     record = await read_json(remote, layout.record(v)) or {}
+    if live and opts.build_engine:
+        raise ReleaseRefused(f"{remote.spec.label}: release {v} is live; its engine is not rebuilt in place. Ship a "
+                             "rebuilt bundle, or roll back first")
     if record.get("status") == "failed" and not (opts.build_engine or opts.validate):
         raise ReleaseRefused(f"{remote.spec.label}: release {v} failed its steps on this device before; ship it with "
                              "the steps again (--validate / --build-engine) to re-check it — it does not go live "
@@ -216,10 +266,16 @@ async def _run_steps(remote: Remote, layout: Layout, bundle: LocalBundle, opts: 
             await update_record(remote, layout, v, validation={"passed": step.ok, "summary": step.summary,
                                                                "at": now()})
         if not step.ok:
-            await update_record(remote, layout, v, status="failed", steps=[s.to_dict() for s in result.steps])
             result.verdict = "failed"
+            if live:
+                result.message = (f"{remote.spec.label}: the LIVE release {v} failed {step.name} on the device "
+                                  f"({step.summary}); it stays current — `sparsekd-deploy rollback` switches back; "
+                                  f"output in {step.log}")
+                return False
+            await update_record(remote, layout, v, status="failed", steps=[s.to_dict() for s in result.steps])
             result.message = (f"{remote.spec.label}: step {step.name} failed on the device ({step.summary}); "
                               f"`current` is unchanged; output kept in {step.log}")
             return False
-    await update_record(remote, layout, v, status="ready", steps=[s.to_dict() for s in result.steps])
+    if not live:
+        await update_record(remote, layout, v, status="ready", steps=[s.to_dict() for s in result.steps])
     return True

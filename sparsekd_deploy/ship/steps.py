@@ -61,11 +61,38 @@ async def check_device_tool(remote: Remote, remote_bin: str, manifest: dict) -> 
     return StepResult("device-tool", True, time.monotonic() - t0, 0, f"sparsekd-deploy {'.'.join(map(str, have))}")
 
 
-async def _exec(remote: Remote, argv: list[str], timeout: float, cwd: str | None = None):
-    """Run ``argv`` on the device (in ``cwd``); returns (completed process, its output as a log section)."""
-    line = (shell_line(["cd", cwd]) + " && " if cwd else "") + shell_line(argv)
-    done = await remote.conn.run(line, check=False, timeout=timeout)
-    return done, f"$ {' '.join(argv)}\n--- stdout ---\n{done.stdout or ''}\n--- stderr ---\n{done.stderr or ''}\n"
+_BUSY = 75  # flock -E: a step of an earlier ship still runs
+
+
+@dataclass
+class _Done:
+    """What a remote command left: its exit status (None: it did not finish) and output."""
+
+    exit_status: int | None
+    stdout: str
+    stderr: str
+
+
+async def _exec(remote: Remote, argv: list[str], timeout: float, cwd: str | None = None,
+                layout: Layout | None = None, redirect: str | None = None) -> tuple[_Done, str]:
+    """Run ``argv`` on the device (in ``cwd``; under the steps lock when ``layout`` is given; stdout+stderr into the
+    file ``redirect`` there). A timeout or a lost connection is an unfinished step, never an exception."""
+    import asyncssh
+
+    words = ["flock", "-n", "-E", str(_BUSY), layout.steps_lock, *argv] if layout is not None else argv
+    line = (shell_line(["cd", cwd]) + " && " if cwd else "") + shell_line(words)
+    if redirect:
+        line += " > " + shell_line([redirect]) + " 2>&1"
+    shown = " ".join(argv) + (f" > {redirect} 2>&1" if redirect else "")
+    try:
+        run = await remote.conn.run(line, check=False, timeout=timeout)
+        done = _Done(run.exit_status, run.stdout or "", run.stderr or "")
+    except asyncssh.TimeoutError:
+        done = _Done(None, "", f"timed out after {timeout:g} s on the device")
+    if layout is not None and done.exit_status == _BUSY:
+        done.stderr += ("\na step of an earlier ship (whose connection died) is still running in this path on the "
+                        "device; wait for it to finish, then ship again")
+    return done, f"$ {shown}\nexit {done.exit_status}\n--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}\n"
 
 
 async def _finish(remote: Remote, layout: Layout, version: str, name: str, t0: float, done, log_text: str,
@@ -82,7 +109,7 @@ async def _finish(remote: Remote, layout: Layout, version: str, name: str, t0: f
 async def _run_step(remote: Remote, layout: Layout, version: str, name: str, argv: list[str],
                     timeout: float) -> tuple[StepResult, str]:
     t0 = time.monotonic()
-    done, text = await _exec(remote, argv, timeout)
+    done, text = await _exec(remote, argv, timeout, layout=layout)
     return await _finish(remote, layout, version, name, t0, done, text), done.stdout or ""
 
 
@@ -117,7 +144,7 @@ async def build_engine(remote: Remote, layout: Layout, version: str, remote_bin:
 
     t0 = time.monotonic()
     release = layout.release(version)
-    done, log = await _exec(remote, [remote_bin, "engine", "build", release], timeout)
+    done, log = await _exec(remote, [remote_bin, "engine", "build", release], timeout, layout=layout)
     if done.exit_status == 0:
         return await _finish(remote, layout, version, "engine-build", t0, done, log, "built by the Python builder")
     path = await _find_trtexec(remote, trtexec)
@@ -134,13 +161,12 @@ async def build_engine(remote: Remote, layout: Layout, version: str, remote_bin:
         return await _finish(remote, layout, version, "engine-build", t0, done,
                              log + f"\n(no fallback: engine_build.json lacks {key} / trtexec_register)\n")
     # trtexec's output is the log `engine add` reads (its sparsity lines, device, precision): captured into the file.
-    built = await remote.conn.run(shell_line(["cd", release]) + " && " + shell_line([path, *line[1:]])
-                                  + " > trtexec.log 2>&1", check=False, timeout=timeout)
-    log += f"\n$ {' '.join([path, *line[1:]])} > trtexec.log 2>&1\nexit {built.exit_status}\n"
+    built, text = await _exec(remote, [path, *line[1:]], timeout, cwd=release, layout=layout, redirect="trtexec.log")
+    log += "\n" + text
     if built.exit_status != 0:
         return await _finish(remote, layout, version, "engine-build", t0, built, log)
     args = [remote_bin, *[release if a == "<BUNDLE>" else a for a in register[1:]]]
-    added, text = await _exec(remote, args, timeout, cwd=release)
+    added, text = await _exec(remote, args, timeout, cwd=release, layout=layout)
     return await _finish(remote, layout, version, "engine-build", t0, added, log + "\n" + text,
                          f"built by trtexec (TensorRT {major}) + engine add")
 

@@ -58,6 +58,20 @@ async def _remote_size(remote: Remote, path: str) -> int | None:
         return None
 
 
+async def _check_free_space(remote: Remote, dest_dir: str, needed: int) -> None:
+    """Refuse before sending what the device's file system cannot hold (a full disk mid-upload is worse)."""
+    import asyncssh
+
+    try:
+        vfs = await remote.sftp.statvfs(dest_dir)
+    except asyncssh.SFTPError:  # a server without statvfs@openssh.com: the upload itself will say
+        return
+    free = vfs.bavail * vfs.frsize
+    if needed > free:
+        raise ShipError(f"{remote.spec.label}: {dest_dir} has {free / 1e6:.1f} MB free; the upload needs "
+                        f"{needed / 1e6:.1f} MB more; free space there (or remove old releases) and ship again")
+
+
 async def _send(remote: Remote, local: Path, dest: str, offset: int, progress: Callable[[int], None]) -> int:
     from asyncssh import FXF_CREAT, FXF_TRUNC, FXF_WRITE
 
@@ -80,10 +94,12 @@ async def upload(remote: Remote, bundle_dir: Path, files: list[ShipFile], dest_d
     dirs = sorted({posixpath.dirname(posixpath.join(dest_dir, f.rel)) for f in files})
     for d in dirs:
         await remote.sftp.makedirs(d, exist_ok=True)
+    sizes = {f.rel: await _remote_size(remote, posixpath.join(dest_dir, f.rel)) for f in files}
+    await _check_free_space(remote, dest_dir, sum(f.bytes - min(sizes[f.rel] or 0, f.bytes) for f in files))
     sent_in_full = set()
     for f in files:
         dest = posixpath.join(dest_dir, f.rel)
-        have = await _remote_size(remote, dest)
+        have = sizes[f.rel]
         if have == f.bytes:
             stats.kept.append(f.rel)
             progress(f.bytes)
@@ -108,6 +124,9 @@ async def device_sha256(remote: Remote, dest_dir: str, rels: list[str]) -> dict[
     """sha256 of each file as the device reads it back from its storage (absent files are missing from the answer)."""
     line = shell_line(["cd", dest_dir]) + " && " + shell_line(["sh", "-c", _HASH_SCRIPT, "sh", *rels])
     done = await remote.conn.run(line, check=False)
+    if done.exit_status is None:  # killed, or the link died: nothing can be concluded about the files
+        raise ShipError(f"{remote.spec.label}: the connection was lost while the device hashed the upload; nothing "
+                        "was activated; ship again to finish")
     if done.exit_status == 127:
         raise ShipError(f"{remote.spec.label}: the device has neither `openssl` nor `sha256sum`; cannot verify the "
                         "upload")
