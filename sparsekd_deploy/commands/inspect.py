@@ -93,6 +93,21 @@ def inspect_cmd(bundle, as_json, no_verify):
                              f"greedy match {v('metrics.greedy_match', NUM):.2f}, ppl ratio "
                              f"{v('metrics.ppl_ratio', NUM):.3f}, consistency ratio "
                              f"{v('metrics.consistency_ratio', NUM):.3f}")
+        t.add_row("stability", _stability_line(v("metrics.stability", dict, default=None)))
     else:
         t.add_row("last validation", "never validated")
     con.print(t)
+
+
+def _stability_line(stab: dict | None) -> str:
+    """student/teacher ratios with their 95 % intervals (below 1: the student is steadier)."""
+    if not stab:
+        return "not measured (validated before the stability measurements existed)"
+    parts = []
+    for key, label in (("jitter", "jitter"), ("sensitivity", "sensitivity"), ("confidence", "low confidence")):
+        ratio = (stab.get(key) or {}).get("ratio") if isinstance(stab.get(key), dict) else None
+        if isinstance(ratio, dict) and all(isinstance(ratio.get(k), NUM) for k in ("value", "low", "high")):
+            parts.append(f"{label} {ratio['value']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]")
+        else:
+            parts.append(f"{label} —")
+    return "student/teacher " + ", ".join(parts)
