@@ -39,7 +39,13 @@ class DistillConfig:
     importance: str = "wanda"
     operator: str = "power:1"
     loss: str = "forward-kl"
-    teacher_access: str = "logits"  # logits: teacher distributions; text: teacher samples as targets (black box)
+    # logits: teacher distributions (teacher in memory); text: teacher samples as targets (black box); topk:K: the
+    # teacher's top-K log-probs + tail mass written once to an on-disk cache, then training runs without the teacher
+    teacher_access: str = "logits"
+    teacher_cache: str | None = None  # topk:K: cache dir, kept and reused (stamp-checked); None = inside the run, removed at its end
+    # KD loss over the vocabulary in chunks of this many tokens (full [tokens × vocab] logits never exist at once);
+    # 0 = off, None = automatic: chunk when one float32 copy of a batch's logits would pass 256 MiB (losses.kd_chunk_tokens)
+    kd_chunk: int | None = None
     data: str | None = None  # text file or dir of *.txt; None = data-free (sample the teacher)
     seq_len: int = 128
     num_samples: int = 256  # data-free: teacher samples to distill on
@@ -97,8 +103,7 @@ def _problems(cfg: DistillConfig) -> list[str]:
         p.append(f"sparsity_schedule must be linear or cubic, got {cfg.sparsity_schedule!r}")
     if cfg.step_schedule not in ("equal", "backloaded"):
         p.append(f"step_schedule must be equal or backloaded, got {cfg.step_schedule!r}")
-    if cfg.teacher_access not in ("logits", "text"):
-        p.append(f"teacher_access must be logits or text, got {cfg.teacher_access!r}")
+    p.extend(_teacher_access_problems(cfg))
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         p.append(f"precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
     if not cfg.consistency_temperatures or not all(t > 0 and math.isfinite(t) for t in cfg.consistency_temperatures):
@@ -125,6 +130,33 @@ def _problems(cfg: DistillConfig) -> list[str]:
     if cfg.out is not None and Path(cfg.out).name in ("", ".", ".."):
         p.append(f"out {cfg.out!r} names a directory by a relative step; name the run dir, e.g. runs/my-run")
     p.extend(_load_path_problems(cfg, NM))
+    return p
+
+
+def topk_access(spec: str) -> int | None:
+    """K of a ``topk:K`` teacher access; None for another access (or a malformed one, reported by _problems)."""
+    m = re.fullmatch(r"\s*topk\s*:\s*(\d+)\s*", str(spec))
+    return int(m.group(1)) if m else None
+
+
+def _teacher_access_problems(cfg: DistillConfig) -> list[str]:
+    k = topk_access(cfg.teacher_access)
+    if cfg.teacher_access not in ("logits", "text") and (k is None or k < 1):
+        return [f"teacher_access must be logits, text or topk:K with K ≥ 1, got {cfg.teacher_access!r}"]
+    p = []
+    if cfg.kd_chunk is not None and cfg.kd_chunk < 0:
+        p.append(f"kd_chunk must be ≥ 0 tokens (0 = off), got {cfg.kd_chunk}")
+    if k is None:
+        if cfg.teacher_cache is not None:
+            p.append("teacher_cache is the cache of --teacher-access topk:K; the run uses "
+                     f"{cfg.teacher_access}")
+        return p
+    op = re.fullmatch(r"\s*topk\s*:\s*(\d+)\s*", str(cfg.operator))
+    if op is None or int(op.group(1)) > k:
+        p.append(f"teacher_access topk:{k} trains on the teacher's top-{k} buckets, so the operator must be topk:K' "
+                 f"with K' ≤ {k} (got {cfg.operator}); pass --operator topk:{k} or --teacher-access logits")
+    if cfg.teacher_cache is not None and Path(cfg.teacher_cache).exists() and not Path(cfg.teacher_cache).is_dir():
+        p.append(f"teacher_cache {cfg.teacher_cache!r} is a file; name a directory")
     return p
 
 
@@ -249,6 +281,9 @@ def _resolve_defaults(cfg: DistillConfig) -> None:
     if cfg.allocation is None:
         per_layer = re.fullmatch(r"\s*unstructured\s*:\s*[0-9.eE+-]+\s*", str(cfg.pattern))
         cfg.allocation = "loadpath" if per_layer else "uniform"
+    k = topk_access(cfg.teacher_access)
+    if k is not None and cfg.operator == _default("operator"):  # a top-K teacher's buckets are the topk:K operator's
+        cfg.operator = f"topk:{k}"
     if cfg.steps_per_stage is None:  # (a bad stage count is reported by _problems; the budget stays valid)
         stages = cfg.stages if isinstance(cfg.stages, int) and cfg.stages >= 1 else 1
         cfg.steps_per_stage = max(1, DEFAULT_STEP_BUDGET // stages)

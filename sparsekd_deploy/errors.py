@@ -52,6 +52,10 @@ class ModelLoadError(SparseKDError):
     """A model (or tokenizer) dir that exists but cannot be loaded as it is: corrupt, incomplete or not a causal LM."""
 
 
+class TeacherCacheError(SparseKDError):
+    """A teacher top-K cache made from another teacher, tokenizer or data (its stamp says which), or a damaged one."""
+
+
 # Packages only the build host's install brings (`[full]`), and the extra that brings each device-side one.
 FULL_ONLY = ("torch", "transformers", "optimum", "accelerate", "matplotlib", "onnx", "onnxscript", "tokenizers")
 DEVICE_EXTRAS = {"onnxruntime": "device", "cuda": "tensorrt", "asyncssh": "full"}

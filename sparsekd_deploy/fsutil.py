@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -44,3 +45,19 @@ def swap_into_place(work: Path, final: Path) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def atomic_target(path: Path):
+    """Yield a fresh ``path.tmp`` for a writer that needs a file name (a NumPy memmap, a library's save); rename it
+    over ``path`` when the block ends, remove it when the block raises. Like :func:`write_bytes_atomic`, a leftover
+    ``.tmp`` (or a symlink under that name) is unlinked first, never written through."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

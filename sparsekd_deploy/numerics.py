@@ -76,7 +76,14 @@ def bucket(logp: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
     Returns log-probs [..., K+1]: the K gathered values, then log(1 - Σ p_kept) with the head log-mass clamped at
     :data:`HEAD_LOGMASS_MAX`; every entry floored at :data:`LOG_FLOOR`."""
-    top = np.take_along_axis(logp, idx, -1)
+    return head_buckets(np.take_along_axis(logp, idx, -1))
+
+
+def head_buckets(top: np.ndarray) -> np.ndarray:
+    """Buckets [..., K+1] from K log-probs of a distribution alone (its top K, as a top-K teacher cache or an API
+    teacher that returns top-K log-probs gives them): the K values, then the tail bucket log(1 - Σ p_kept) with the
+    head log-mass clamped at :data:`HEAD_LOGMASS_MAX`; every entry floored at :data:`LOG_FLOOR`. ``bucket`` is this
+    applied to the gathered outcomes, so a cached teacher and a teacher in memory give the same buckets."""
     head = np.minimum(_logsumexp(top), HEAD_LOGMASS_MAX)
     tail = np.log(-np.expm1(head))
     return np.maximum(np.concatenate([top, tail], -1), LOG_FLOOR)
@@ -84,9 +91,13 @@ def bucket(logp: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 def bucket_torch(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Twin of :func:`bucket` (differentiable)."""
+    return head_buckets_torch(logp.gather(-1, idx))
+
+
+def head_buckets_torch(top: torch.Tensor) -> torch.Tensor:
+    """Twin of :func:`head_buckets` (differentiable)."""
     import torch
 
-    top = logp.gather(-1, idx)
     head = top.logsumexp(-1, keepdim=True).clamp(max=HEAD_LOGMASS_MAX)
     tail = torch.log(-torch.expm1(head))
     return torch.cat([top, tail], -1).clamp_min(LOG_FLOOR)

@@ -116,9 +116,9 @@ def test_non_finite_loss_stops_and_keeps_last_stage(tiny_dirs, fast_cfg, monkeyp
     calls = {"n": 0}
     orig = distill_mod.StagedDistiller.loss_on
 
-    def poisoned(self, ids):
+    def poisoned(self, ids, rows=None):
         calls["n"] += 1
-        loss = orig(self, ids)
+        loss = orig(self, ids, rows)
         return loss * float("nan") if calls["n"] > 6 else loss  # stage 1 trains fine, stage 2 blows up
 
     monkeypatch.setattr(distill_mod.StagedDistiller, "loss_on", poisoned)

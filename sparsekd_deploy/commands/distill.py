@@ -25,8 +25,16 @@ DISTILL_OPTIONS = [
     ("--importance", "importance", dict(help="magnitude | wanda | taylor. [default: wanda]")),
     ("--operator", "operator", dict(help="Softening operator: power:T, mix:λ, topk:K. [default: power:1]")),
     ("--loss", "loss", dict(help="forward-kl | reverse-kl | js | mixed:α. [default: forward-kl]")),
-    ("--teacher-access", "teacher_access", dict(type=click.Choice(["logits", "text"]),
-                                                help="Targets: teacher distributions or teacher samples. [default: logits]")),
+    ("--teacher-access", "teacher_access", dict(help="logits (teacher distributions, teacher in memory), text (teacher "
+                                                     "samples as targets) or topk:K (the teacher's top-K log-probs + tail "
+                                                     "mass cached on disk once, then training without the teacher; the "
+                                                     "operator becomes topk:K). [default: logits]")),
+    ("--teacher-cache", "teacher_cache", dict(help="topk:K: the cache dir, kept and reused by runs with the same teacher, "
+                                                   "tokenizer and data (another one is refused by its stamp). "
+                                                   "[default: inside the run, removed at its end]")),
+    ("--kd-chunk", "kd_chunk", dict(type=int, help="Compute the KD loss over the vocabulary in chunks of this many "
+                                                   "tokens (full logits never in memory at once); 0 = off. [default: "
+                                                   "auto: chunk when a batch's logits would pass 256 MiB]")),
     ("--tokenizer", "tokenizer", dict(help="Dir of the teacher's tokenizer when the teacher dir has none "
                                            "(needed with --data).")),
     ("--data", "data", dict(help="Text file or dir of *.txt; default: data-free (sample the teacher).")),

@@ -25,8 +25,10 @@ from ..models.loading import load_model, load_tokenizer, resolve_teacher
 from . import consistency
 from .auto_search import AutoSearch
 from .evaluate import heldout_metrics
+from .kd_objective import KDObjective
 from .load_plan import LoadPlan, plan_load_paths
-from .losses import kd_loss, make_loss
+from .losses import make_loss
+from .memory import PeakMemory, release_memory
 from .operators import make_operator
 from .patterns import NM, Channels, is_auto, make_pattern
 from .pruner import Masks, Pruner, apply_masks, check_integrity, sparsity_report
@@ -94,7 +96,8 @@ class StagedDistiller:
         self.operator = make_operator(cfg.operator)
         self.loss_fn = make_loss(cfg.loss)
         self.teacher_dir = resolve_teacher(cfg.teacher)
-        self.teacher = load_model(self.teacher_dir, role="teacher")
+        self.teacher = load_model(self.teacher_dir, role="teacher")  # None once a top-K cache stands in for it
+        self.teacher_params = sum(p.numel() for p in self.teacher.parameters())
         # Text data needs the tokenizer; data-free runs work on token ids and go without one when the teacher has none.
         self.tokenizer = load_tokenizer(self.teacher_dir, cfg.tokenizer, required=cfg.data is not None)
         self.keep_dense = {}
@@ -125,19 +128,22 @@ class StagedDistiller:
         self.trajectory: list[dict] = []
         self.teacher_consistency: dict = {}
         self.tokens_per_second = 0.0  # training throughput since the last reset_throughput() (one per stage)
+        self.kd: KDObjective | None = None  # the KD loss of a batch (chunked or not; teacher or its top-K cache)
+        self.cache = None  # topk_cache.TopKCache under --teacher-access topk:K
+        self.peak: PeakMemory | None = None  # peak memory since the last reset_throughput()
         self._trained_tokens = 0
         self._train_seconds = 0.0
 
     # -- one optimizer step --------------------------------------------------------------------------------
-    def loss_on(self, ids: torch.Tensor) -> torch.Tensor:
-        with self.accelerator.autocast():
-            s_logits = self.student(input_ids=ids).logits
-            if self.cfg.teacher_access == "text":
+    def loss_on(self, ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """KD loss on ``ids``; ``rows``: their row numbers in the training set (a top-K cache finds them by content
+        when None)."""
+        if self.cfg.teacher_access == "text":
+            with self.accelerator.autocast():
+                s_logits = self.student(input_ids=ids).logits
                 # Black-box teacher: its sampled tokens are the targets (sequence-level KD).
                 return F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-            with torch.no_grad():
-                t_logits = self.teacher(input_ids=ids).logits
-        return kd_loss(t_logits, s_logits, self.operator, self.loss_fn)
+        return self.kd(self.student, self.teacher, ids, rows, self.accelerator.autocast)
 
     def batches(self, seed: int) -> torch.Generator:
         """The batch order of one recovery attempt."""
@@ -152,8 +158,9 @@ class StagedDistiller:
         for i in range(start, stop):
             for group in self.optimizer.param_groups:
                 group["lr"] = cosine_lr(peak_lr, i, total)
-            ids = self.train_ids[torch.randint(len(self.train_ids), (cfg.batch_size,), generator=gen)].to(self.device)
-            loss = self.loss_on(ids)
+            rows = torch.randint(len(self.train_ids), (cfg.batch_size,), generator=gen)
+            ids = self.train_ids[rows].to(self.device)
+            loss = self.loss_on(ids, rows)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at stage {stage_label}, step {i + 1}")
             self.accelerator.backward(loss)
@@ -169,10 +176,12 @@ class StagedDistiller:
 
     def reset_throughput(self) -> None:
         self._trained_tokens, self._train_seconds = 0, 0.0
+        self.peak.reset()
 
     # -- measurements ----------------------------------------------------------------------------------
     def measure(self) -> dict:
-        return heldout_metrics(self.teacher, self.raw, self.heldout_ids, self.cfg.batch_size, self.device)
+        return heldout_metrics(self.teacher, self.raw, self.heldout_ids, self.cfg.batch_size, self.device,
+                               cached=self.cache.heldout if self.cache is not None else None)
 
     def consistency_of(self, model) -> dict:
         cfg = self.cfg
@@ -189,7 +198,8 @@ class StagedDistiller:
     def restore(self, stage: int) -> None:
         """Load the weights and masks of an accepted stage (0 = the dense teacher)."""
         if stage == 0:
-            state = self.teacher.state_dict()
+            teacher = self.teacher if self.teacher is not None else load_model(self.teacher_dir, role="teacher")
+            state = teacher.state_dict()
             self.masks = {}
         else:
             ckpt = self.run.checkpoint_dir(stage)
@@ -232,6 +242,7 @@ class StagedDistiller:
         """Student, optimizer and data on the device; returns the last accepted stage (0 on a fresh run)."""
         self._prepare_student()
         accepted = self._load_state() if resuming else self._start_state()
+        self._prepare_objective()
         self.prompts = self.heldout_ids[: self.cfg.consistency_prompts, : max(1, min(16, self.cfg.seq_len // 2))]
         self.stability = StageStability(self.teacher, self.prompts, self.tokenizer)
         if not resuming:
@@ -256,6 +267,26 @@ class StagedDistiller:
         self.raw = self.accelerator.unwrap_model(self.student)
         self.pruner = Pruner(self.raw, self.pattern, cfg.include, cfg.exclude, self.keep_dense)
         self.masks = {}
+
+    def _prepare_objective(self) -> None:
+        """The KD loss of a batch (``kd_objective.prepare``): chunked or not, against the teacher in memory or, with
+        ``--teacher-access topk:K``, against its top-K cache (written here once, or reused when its stamp matches)."""
+        from .kd_objective import prepare
+
+        self.peak = PeakMemory(self.device)
+        self.kd, self.cache = prepare(self.cfg, self.raw, self.teacher, self.teacher_dir, self.operator, self.loss_fn,
+                                      self.train_ids, self.heldout_ids, self.device,
+                                      self.run.partial / "teacher-topk", self.reporter)
+        self.kd_chunk = self.kd.chunk
+
+    def _release_teacher(self) -> None:
+        """With a top-K cache, the teacher's work is done once the run is set up (data, cache, consistency, load
+        paths): drop it, so training and measurements run without it in memory (stage 0 reloads it from disk)."""
+        if self.cache is None or self.teacher is None:
+            return
+        self.teacher = None
+        release_memory()
+        self.reporter.note("teacher freed from memory: training on its top-K cache")
 
     def _load_state(self) -> int:
         state = self.run.read_state()
@@ -282,8 +313,10 @@ class StagedDistiller:
         accepted = self._setup(resuming)
         calib = list(self.train_ids[: cfg.calib_batches * cfg.batch_size].split(cfg.batch_size))
         if self.search is not None:
+            self._release_teacher()
             return self._run_auto(accepted, calib)
         self._plan_load_paths(calib)
+        self._release_teacher()
         for stage in plan(self.pattern, cfg.stages, cfg.steps_per_stage, cfg.step_schedule, cfg.sparsity_schedule)[accepted:]:
             outcome = self.run_stage(stage, calib)
             record = self._record(stage, outcome)
@@ -342,6 +375,10 @@ class StagedDistiller:
         report = sparsity_report(self.pruner, self.raw)
         record = stage_record(stage, outcome, report["overall_sparsity"], self.tokens_per_second)
         record["layer_sparsity"] = {name: e["sparsity"] for name, e in report["layers"].items()}
+        record.update(self.peak.read())  # training + held-out measurements of this stage (memory.py)
+        record["kd_chunk"] = self.kd_chunk
+        if self.cache is not None:
+            record["kl_measure"] = f"top-{self.cache.stamp.k} buckets + tail (a lower bound of the full KL)"
         if not outcome.accepted:
             self.trajectory.append(record)
             self.reporter.stage_end(record)
@@ -404,7 +441,7 @@ class StagedDistiller:
                 from ..errors import IntegrityError
 
                 raise IntegrityError(f"{self.pattern.spec} does not hold in {len(lost)} layer(s): {', '.join(lost[:3])}")
-        params_before = sum(p.numel() for p in self.teacher.parameters())
+        params_before = self.teacher_params
         if isinstance(self.pattern, Channels) and self.masks:
             report["intermediate_size"] = shrink_mlp(self.raw, self.pruner.channel_keeps(self.masks))
         report["parameters"] = {"teacher": params_before, "student": sum(p.numel() for p in self.raw.parameters())}
@@ -429,6 +466,10 @@ class StagedDistiller:
         }
         self.save_state(accepted, status)
         self.run.write_json("summary.json", summary)
+        if self.cache is not None and not cfg.teacher_cache:  # the run's own cache is a work file (--teacher-cache keeps one)
+            import shutil
+
+            shutil.rmtree(self.cache.directory, ignore_errors=True)
         final = self.run.finish()
         return Result(status, reason, final, self.trajectory, summary)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..numerics import kl_torch, log_softmax_torch
+from ..numerics import bucket_torch, kl_torch, log_softmax_torch
 from ..registry import Registry, split_spec
 from .operators import Operator
 
@@ -73,3 +75,87 @@ def kd_loss(
     if mask is not None:
         per_pos = per_pos[mask.bool()]
     return operator.loss_scale * per_pos.mean()
+
+
+def bucket_kd_loss(idx: torch.Tensor, p_buckets: torch.Tensor, student_logits: torch.Tensor, loss_fn: LossFn,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over positions of loss(P_b, Q_b) against a teacher given only as top-K buckets (a top-K cache, an API
+    teacher): ``p_buckets`` [..., K+1] on the outcomes ``idx`` [..., K]. The same number as :func:`kd_loss` with the
+    ``topk:K`` operator on the full teacher: ``TopK.pair`` buckets the teacher exactly as the cache stores it and the
+    student on the same outcomes (``numerics.bucket_torch``); its loss scale is 1."""
+    logq = log_softmax_torch(student_logits.float())
+    per_pos = loss_fn(p_buckets, bucket_torch(logq, idx))
+    if mask is not None:
+        per_pos = per_pos[mask.bool()]
+    return per_pos.mean()
+
+
+# -- chunked over tokens: full [tokens × vocab] logits never exist at once -----------------------------------------
+# Why our own and not a library: Liger-Kernel's fused linear distillation losses (LigerFusedLinearJSD and its chunked
+# base) and Apple's cut-cross-entropy are Triton kernels for CUDA (both packages require triton), cover forward/reverse
+# KL, JSD and cross-entropy on logits only — not the probability-domain operators (power, mix, top-k + tail bucket),
+# the mixed loss, nor a teacher given as top-K buckets from disk — and torch's own linear_cross_entropy takes the
+# teacher as full [tokens × vocab] probabilities. So: plain PyTorch, one checkpointed function per chunk of tokens
+# (torch.utils.checkpoint): the forward keeps only each chunk's scalar, the backward recomputes one chunk's logits at a
+# time, the teacher's (from its hidden states and lm_head, under no_grad) included. Runs on CPU and GPU alike.
+
+# Auto chunking (kd_chunk None): chunk when one float32 copy of a batch's logits would exceed KD_CHUNK_AUTO_OVER; the
+# loss of a batch holds ~10-15 such copies at its peak (log-softmax, operator, KL and their gradients), so 256 MiB keeps
+# the unchunked loss within a few GB. A chunk is sized so one float32 [chunk × vocab] copy takes KD_CHUNK_BYTES.
+KD_CHUNK_AUTO_OVER = 256 << 20
+KD_CHUNK_BYTES = 32 << 20
+# float32 [tokens × vocab] copies the unchunked loss step holds at its peak, teacher logits included (forward-KL,
+# power:1): scripts/bench_memory.py measured a 10.4 GB rise for a step whose logits take 1 GiB a copy (AdamW state
+# included). Used to refuse --kd-chunk 0 where the loss cannot fit.
+KD_LOSS_COPIES = 10
+
+
+def kd_chunk_tokens(setting: int | None, tokens: int, vocab: int) -> int:
+    """Tokens per chunk for a batch of ``tokens`` positions over ``vocab``; 0 = unchunked. ``setting``: the config's
+    ``kd_chunk`` (None = automatic by the size of the logits, 0 = off, N = N tokens)."""
+    if setting is not None:
+        return 0 if setting <= 0 or setting >= tokens else setting
+    if tokens * vocab * 4 <= KD_CHUNK_AUTO_OVER:
+        return 0
+    return max(1, KD_CHUNK_BYTES // (vocab * 4))
+
+
+def _chunk_sum(h, w, b, t_h, t_w, t_b, idx, p_buckets, *, operator: Operator, loss_fn: LossFn) -> torch.Tensor:
+    """Σ over one chunk's positions of the per-position loss (the body of :func:`chunked_kd_loss`)."""
+    logq = log_softmax_torch(F.linear(h, w, b).float())
+    if p_buckets is not None:
+        return loss_fn(p_buckets, bucket_torch(logq, idx)).sum()
+    with torch.no_grad():
+        logp = log_softmax_torch(F.linear(t_h, t_w, t_b).float())
+    P, Q = operator.pair(logp, logq)
+    return loss_fn(P, Q).sum()
+
+
+def chunked_kd_loss(hidden: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor | None], operator: Operator,
+                    loss_fn: LossFn, chunk: int, *, teacher_hidden: torch.Tensor | None = None,
+                    teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                    buckets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """:func:`kd_loss` (or :func:`bucket_kd_loss` with ``buckets=(idx, P_b)``) from the student's final hidden states
+    [..., H] and output head (weight [V, H], bias), ``chunk`` tokens at a time; the teacher is either its final hidden
+    states and head (logits access) or its top-K buckets. Same value and gradients as the unchunked loss, up to float
+    rounding of the sum."""
+    from torch.utils.checkpoint import checkpoint
+
+    h = hidden.reshape(-1, hidden.shape[-1])
+    n = h.shape[0]
+    t_h = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    t_w, t_b = teacher_head if teacher_head is not None else (None, None)
+    idx = p_b = None
+    if buckets is not None:
+        idx, p_b = buckets[0].reshape(n, -1), buckets[1].reshape(n, -1)
+    elif t_h is None or teacher_head is None:
+        raise ValueError("chunked_kd_loss needs the teacher's hidden states and head, or its buckets")
+    body = functools.partial(_chunk_sum, operator=operator, loss_fn=loss_fn)
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, n, max(1, chunk)):
+        e = min(n, s + chunk)
+        part = (h[s:e], head[0], head[1], None if t_h is None else t_h[s:e], t_w, t_b,
+                None if idx is None else idx[s:e], None if p_b is None else p_b[s:e])
+        total = total + checkpoint(body, *part, use_reentrant=False)
+    scale = 1.0 if buckets is not None else operator.loss_scale
+    return scale * total / n
