@@ -48,7 +48,10 @@ class SSHServer:
             "PubkeyAuthentication yes", "PermitRootLogin prohibit-password", "MaxSessions 50", "MaxStartups 50",
             "Subsystem sftp internal-sftp", "LogLevel ERROR", "",
         ]))
-        Path("/run/sshd").mkdir(exist_ok=True)  # the privilege-separation dir sshd insists on
+        try:
+            Path("/run/sshd").mkdir(exist_ok=True)  # the privilege-separation dir sshd insists on (as root)
+        except PermissionError:
+            pass  # not root: sshd runs without privilege separation's chroot and does not need it
         self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stderr=open(self.root / "sshd.log", "w"))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -62,9 +65,16 @@ class SSHServer:
         raise RuntimeError("sshd did not start listening")
 
     def sessions(self) -> list[int]:
-        """The per-connection sshd processes (children of the listener)."""
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
+        """The per-connection sshd processes (children of the listener), read from /proc (no procps needed)."""
+        kids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # the process ended while we looked
+            if int(fields[1]) == self.proc.pid:  # fields[1] is the parent pid
+                kids.append(int(stat.parent.name))
+        return kids
 
     def kill_sessions(self) -> int:
         pids = self.sessions()
