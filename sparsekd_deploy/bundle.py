@@ -139,6 +139,20 @@ def _json_type(v) -> str:
         type(v), "number" if isinstance(v, (int, float)) else type(v).__name__)
 
 
+def read_json_object(path: Path, what: str, fix: str) -> dict | None:
+    """A JSON object file, or None when absent; a damaged one is one BundleError saying what it is and how to
+    ``fix`` it."""
+    if not path.exists():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise BundleError(f"{path} is a JSON {_json_type(obj)}, not a {what}; {fix}")
+    return obj
+
+
 def _read_only(e: OSError) -> bool:
     return isinstance(e, PermissionError) or e.errno == errno.EROFS
 
@@ -286,16 +300,7 @@ class Bundle:
     def read_json(self, rel: str, what: str, fix: str) -> dict | None:
         """A JSON object file of the bundle (confined to it), or None when absent; a damaged one is one BundleError
         saying what it is and how to ``fix`` it."""
-        path = confined(self.path, rel, what)
-        if not path.exists():
-            return None
-        try:
-            obj = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{path} is not valid JSON ({e}); {fix}") from None
-        if not isinstance(obj, dict):
-            raise BundleError(f"{path} is a JSON {_json_type(obj)}, not a {what}; {fix}")
-        return obj
+        return read_json_object(confined(self.path, rel, what), what, fix)
 
     def write_validation(self, report: dict) -> Path:
         """Record the last validation; ``BundleReadOnlyError`` (nothing left behind) where the bundle is read-only."""

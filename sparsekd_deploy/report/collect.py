@@ -6,11 +6,10 @@ dir is the user's own output and is read with the same care for damage (one clea
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..bundle import MANIFEST, Bundle, BundleError
+from ..bundle import MANIFEST, Bundle, BundleError, read_json_object
 
 
 @dataclass
@@ -36,15 +35,7 @@ class ReportData:
 
 
 def _read_run_json(path: Path, what: str) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path} is not valid JSON ({e}); the {what} is damaged") from None
-    if not isinstance(obj, dict):
-        raise BundleError(f"{path} is not a {what} (a JSON object is expected)")
-    return obj
+    return read_json_object(path, what, f"the {what} is damaged; rerun the distillation")
 
 
 def collect(path: str | Path) -> ReportData:
