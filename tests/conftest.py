@@ -148,3 +148,19 @@ def device_step_bundle(tiny_dirs, tmp_path_factory):
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     return root / "b", r.output, json.loads(r.stdout[r.stdout.index("{"):])
+
+
+@pytest.fixture(scope="session")
+def ort_bundle(tiny_dirs, tmp_path_factory):
+    """A small ONNX Runtime bundle of the tiny Llama (FAST run, LOOSE gates), built once per session. Read-only:
+    a test that changes a bundle copies it first."""
+    from click.testing import CliRunner
+
+    from sparsekd_deploy.cli import main
+
+    root = tmp_path_factory.mktemp("ort-bundle")
+    r = CliRunner().invoke(main, ["build", "--target", "onnxruntime", "--teacher", str(tiny_dirs["llama"]),
+                                  "--out", str(root / "b"), "--run-dir", str(root / "run"), *FAST, *LOOSE],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return root / "b"

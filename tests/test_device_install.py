@@ -16,25 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from conftest import FAST, LOOSE
+from conftest import LOOSE
 
 from sparsekd_deploy import cuda_memory
-from sparsekd_deploy.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "optimum", "accelerate", "matplotlib", "onnxscript")
-
-
-@pytest.fixture(scope="module")
-def ort_bundle(tiny_dirs, tmp_path_factory) -> Path:
-    """A small ONNX Runtime bundle, built once in this (full) venv."""
-    root = tmp_path_factory.mktemp("device")
-    r = CliRunner().invoke(main, ["build", "--target", "onnxruntime", "--teacher", str(tiny_dirs["llama"]),
-                                  "--out", str(root / "b"), "--run-dir", str(root / "run"), *FAST, *LOOSE],
-                           catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    return root / "b"
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import FAST, LOOSE
 
 from sparsekd_deploy.cli import main
 from sparsekd_deploy.report.claims import HELD, NOT_HELD, NOT_MEASURED, NOT_SHOWN, claims
@@ -21,15 +20,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def run(args):
     return CliRunner().invoke(main, args, catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("report")
-    r = run(["build", "--target", "onnxruntime", "--teacher", str(tiny_dirs["llama"]), "--out", str(root / "b"),
-             "--run-dir", str(root / "run"), *FAST, *LOOSE])
-    assert r.exit_code == 0, r.output
-    return root / "b", root / "run"
 
 
 def _data(ratio=None, kl=0.01, status="complete", passed=True):
@@ -72,8 +62,8 @@ def test_stopped_run_says_so_at_the_top(tmp_path):
     assert (tmp_path / "r.md").read_text().split("\n\n")[2].startswith("> **This run stopped early**")
 
 
-def test_bundle_report_html_and_markdown(bundle, tmp_path):
-    b, _ = bundle
+def test_bundle_report_html_and_markdown(ort_bundle, tmp_path):
+    b = ort_bundle
     r = run(["report", str(b), "--out", str(tmp_path / "out" / "page.html"), "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
@@ -116,8 +106,8 @@ window.addEventListener('load', () => {
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium (Debian package chromium) is not installed; .ci/run installs it")
 @pytest.mark.parametrize("width", [1280, 700])
-def test_page_opens_in_headless_chromium(bundle, tmp_path, width):
-    b, _ = bundle
+def test_page_opens_in_headless_chromium(ort_bundle, tmp_path, width):
+    b = ort_bundle
     assert run(["report", str(b), "--out", str(tmp_path / "page.html"), "--no-md"]).exit_code == 0
     probe = tmp_path / "probe.html"
     probe.write_text((tmp_path / "page.html").read_text().replace("</body>", _PROBE))
