@@ -36,6 +36,9 @@ def _data(ratio=None, kl=0.01, status="complete", passed=True):
     ({"value": 1.2, "low": 1.05, "high": 1.4}, NOT_HELD),
     ({"value": 0.95, "low": 0.85, "high": 1.05}, NOT_SHOWN),  # the interval straddles 1: cannot tell
     (None, NOT_MEASURED),
+    ({"value": 1.0, "low": 1.0, "high": 1.0}, NOT_SHOWN),  # 0/0 on every resample: degenerate, not "held"
+    ({"value": 0.5, "low": 0.0, "high": 1e9}, NOT_MEASURED),  # a zero-denominator placeholder is no interval
+    ({"value": float("nan"), "low": 0.9, "high": 1.1}, NOT_MEASURED),
 ])
 def test_stability_claims_are_judged_on_their_interval(ratio, verdict):
     jitter = next(c for c in claims(_data(ratio)) if "repeated prompts" in c.name)

@@ -30,8 +30,15 @@ class Claim:
 
 
 def _interval(x) -> tuple[float, float, float] | None:
-    if isinstance(x, dict) and all(isinstance(x.get(k), (int, float)) for k in ("value", "low", "high")):
-        return float(x["value"]), float(x["low"]), float(x["high"])
+    """(value, low, high) when all three are finite numbers; anything else (absent, null, NaN, a 1e9 placeholder
+    of a zero denominator) is no interval at all — never a verdict."""
+    import math
+
+    if isinstance(x, dict) and all(isinstance(x.get(k), (int, float)) and not isinstance(x.get(k), bool)
+                                   for k in ("value", "low", "high")):
+        v, lo, hi = float(x["value"]), float(x["low"]), float(x["high"])
+        if all(math.isfinite(t) and abs(t) < 1e6 for t in (v, lo, hi)) and lo <= v <= hi:
+            return v, lo, hi
     return None
 
 
@@ -80,7 +87,13 @@ def _stability_claims(data: ReportData, kl_ok: bool) -> list[Claim]:
             out.append(Claim(promise, NOT_MEASURED, f"Not measured: {why}."))
             continue
         value, lo, hi = ratio
-        span = f"student/teacher ratio {value:.3f} (95 % interval {lo:.3f}–{hi:.3f})"
+        prompts = m.get("prompts")
+        over = f" over {prompts} prompts" if isinstance(prompts, int) else ""
+        span = f"student/teacher ratio {value:.3f} (95 % interval {lo:.3f}–{hi:.3f}{over})"
+        if lo == hi == value:
+            # A degenerate interval (e.g. 0/0 on every resample: both sides never vary) shows nothing.
+            out.append(Claim(promise, NOT_SHOWN, f"The measurement is degenerate ({span}): nothing can be told."))
+            continue
         if hi <= 1.0:
             verdict, text = HELD, f"The student is at least as steady as the teacher: {span}."
         elif lo > 1.0:
