@@ -38,7 +38,9 @@ def stability_rows(data: ReportData) -> tuple[list[dict], list[str]]:
         m = stab.get(key)
         if not isinstance(m, dict):
             continue
-        student, teacher = m.get("student") or {}, m.get("teacher") or {}
+        # Compare like with like: where the student drew more samples than the teacher's reference holds, its
+        # statistics at the teacher's N (some, e.g. distinct_2, depend on N).
+        student, teacher = m.get("student_at_compared") or m.get("student") or {}, m.get("teacher") or {}
         for stat in sorted(set(student) | set(teacher)):
             if _interval(student.get(stat)) or _interval(teacher.get(stat)):
                 rows.append({"measurement": key, "statistic": stat, "teacher": _iv(teacher.get(stat)),
