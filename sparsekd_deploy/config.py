@@ -69,6 +69,10 @@ class DistillConfig:
     consistency_tokens: int = 16
     consistency_m: int = 4
     consistency_temperatures: list[float] = field(default_factory=lambda: [1.0])
+    # Export-side (build / export): a quantized copy of the graph beside model.onnx, made by onnxruntime.quantization.
+    quantize: str = "none"  # none | int8-dynamic | int8 | int4-weight | fp8 (exporters/quantize.py says why per mode)
+    calibration: str = "minmax"  # static modes: minmax | entropy | percentile (fp8: ORT allows only its histogram)
+    calibration_samples: int = 32  # training sequences (never held-out) that calibrate static activations
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,6 +110,7 @@ def _problems(cfg: DistillConfig) -> list[str]:
     p.extend(_teacher_access_problems(cfg))
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         p.append(f"precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
+    p.extend(_quantize_problems(cfg))
     if not cfg.consistency_temperatures or not all(t > 0 and math.isfinite(t) for t in cfg.consistency_temperatures):
         p.append("consistency_temperatures must be a non-empty list of finite numbers > 0")
     if cfg.importance not in IMPORTANCE:
@@ -157,6 +162,23 @@ def _teacher_access_problems(cfg: DistillConfig) -> list[str]:
                  f"with K' ≤ {k} (got {cfg.operator}); pass --operator topk:{k} or --teacher-access logits")
     if cfg.teacher_cache is not None and Path(cfg.teacher_cache).exists() and not Path(cfg.teacher_cache).is_dir():
         p.append(f"teacher_cache {cfg.teacher_cache!r} is a file; name a directory")
+    return p
+
+
+def _quantize_problems(cfg: DistillConfig) -> list[str]:
+    from .precisions import CALIBRATION_METHODS, MIN_CALIBRATION, MODES, STATIC
+
+    p = []
+    if cfg.quantize not in MODES:
+        p.append(f"quantize must be one of {', '.join(MODES)}, got {cfg.quantize!r}")
+    if cfg.calibration not in CALIBRATION_METHODS:
+        p.append(f"calibration must be one of {', '.join(CALIBRATION_METHODS)}, got {cfg.calibration!r}")
+    if cfg.calibration_samples < MIN_CALIBRATION:
+        p.append(f"calibration_samples must be ≥ {MIN_CALIBRATION} (fewer sequences do not calibrate activation "
+                 f"ranges), got {cfg.calibration_samples}")
+    elif cfg.quantize in STATIC and cfg.data is None and cfg.calibration_samples > cfg.num_samples:
+        p.append(f"quantize {cfg.quantize} calibrates on {cfg.calibration_samples} training sequences but the run "
+                 f"samples only num_samples {cfg.num_samples}: lower calibration_samples or raise num_samples")
     return p
 
 

@@ -10,6 +10,7 @@ from ..console import RichReporter, print_error, stdout_json
 from .distill import config_from_flags, distill_options
 from .error_handling import handle_errors
 from .gates import gate_options, gates_from
+from .quantize_options import quantize_flags, quantize_options
 
 
 @click.command("build")
@@ -25,6 +26,7 @@ from .gates import gate_options, gates_from
 @click.option("--seq", help="tensorrt: sequence profile MIN,OPT,MAX. [default: 1,128,512; with --past, within the model's positions]")
 @click.option("--past", help="tensorrt: past-length profile MIN,OPT,MAX. [default: 0,128,512; with --seq, within the model's positions]")
 @click.option("--workspace", type=int, default=4096, show_default=True, help="tensorrt: workspace limit (MiB).")
+@quantize_options
 @gate_options
 @distill_options
 @handle_errors(resumable=True)
@@ -39,7 +41,8 @@ def build_cmd(target, out, run_dir, provider, opset, fp16, batch, seq, past, wor
     from ..validate.report import print_table
 
     gates = gates_from(flags)
-    cfg = config_from_flags(recipe, None, flags, require_out=False)  # build chooses the run dir
+    cfg = config_from_flags(recipe, None, flags, require_out=False,  # build chooses the run dir
+                            extra=quantize_flags(flags))
     # Check profile shapes before hours of distillation (the model's position limit is checked again later).
     profile = Profile.from_cli(batch, seq, past, None) if (batch or seq or past) else None
     reporter = RichReporter()
@@ -50,6 +53,8 @@ def build_cmd(target, out, run_dir, provider, opset, fp16, batch, seq, past, wor
         stdout_json(res.to_dict())
     elif res.validation is not None:
         print_table(res.validation.to_dict(), reporter.console)
+        if res.quantized_validation is not None:
+            print_table(res.quantized_validation.to_dict(), reporter.console)
     if res.shortfall:
         print_error(res.shortfall)
     sys.exit(0 if res.passed else 1)

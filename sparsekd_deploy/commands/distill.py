@@ -70,10 +70,12 @@ def distill_options(fn):
     return fn
 
 
-def config_from_flags(recipe, out, flags: dict, require_out: bool = True):
+def config_from_flags(recipe, out, flags: dict, require_out: bool = True, extra: dict | None = None):
+    """The run's config: recipe, then flags; ``extra``: overrides of fields outside DISTILL_OPTIONS (build's
+    quantization flags), checked with the rest."""
     from ..config import build_config
 
-    overrides = {dest: flags.get(dest) for _, dest, _ in DISTILL_OPTIONS}
+    overrides = {dest: flags.get(dest) for _, dest, _ in DISTILL_OPTIONS} | (extra or {})
     for dest in ("include", "exclude", "consistency_temperatures"):
         overrides[dest] = list(overrides[dest]) if overrides[dest] else None  # click gives () when absent
     overrides["out"] = out

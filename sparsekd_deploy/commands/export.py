@@ -8,6 +8,7 @@ import click
 
 from ..console import err_console, stdout_json
 from .error_handling import handle_errors
+from .quantize_options import quantize_flags, quantize_options
 
 
 @click.command("export")
@@ -18,26 +19,38 @@ from .error_handling import handle_errors
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's choice).")
 @click.option("--fp16", is_flag=True, help="Also write <out>.fp16.onnx.")
 @click.option("--no-kv-cache", is_flag=True, help="Export logits only, without past/present key-values.")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="The runtime the quantized copy is made for (int8 activations, int4 format; fp8 needs tensorrt).")
+@quantize_options
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def export_cmd(model_dir, fmt, out, pattern, opset, fp16, no_kv_cache, overwrite, as_json):
-    """Export a student (HF model dir) to ONNX, check parity with PyTorch and audit that every zero survived."""
+def export_cmd(model_dir, fmt, out, pattern, opset, fp16, no_kv_cache, target, overwrite, as_json, **flags):
+    """Export a student (HF model dir) to ONNX, check parity with PyTorch and audit that every zero survived.
+
+    With --quantize, a static mode calibrates on the training split of the distillation run the student came from
+    (STUDENT/../data.safetensors, written by `distill`)."""
     from ..core.patterns import make_pattern
     from ..exporters.onnx import ExportError
+    from ..exporters.quantize import check_mode
     from ..pipeline.export_step import export_and_audit, fp16_path
 
+    q = quantize_flags(flags)
     out = Path(out)
+    check_mode(q["quantize"] or "none", target)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
     if out.is_dir():
         raise ExportError(f"--out {out} is a directory; name the .onnx file to write")
     res = export_and_audit(Path(model_dir), out, make_pattern(pattern) if pattern else None, fp16=fp16, opset=opset,
-                           with_past=not no_kv_cache, prompts=_parity_prompts(Path(model_dir)))
+                           with_past=not no_kv_cache, prompts=_parity_prompts(Path(model_dir)),
+                           quantize=_quantize_request(Path(model_dir), target, q))
     result = {"export": {**res.info, "path": str(out)}, "parity": res.parity, "pattern_share": res.pattern_share,
               **{f"audit:{name}": report for name, report in res.audits.items()}}
     if fp16:
         result["fp16"] = str(fp16_path(out))
+    if res.quantization:
+        result["quantization"] = res.quantization
     if as_json:
         stdout_json(result)
         return
@@ -46,6 +59,30 @@ def export_cmd(model_dir, fmt, out, pattern, opset, fp16, no_kv_cache, overwrite
     for name, v in res.audits.items():
         share = "" if v["student_pattern_share"] is None else f" ({v['student_pattern_share']:.0%} of groups hold {pattern})"
         err_console.print(f"{name}: {v['holding']}/{v['checked']} pruned weights keep every zero{share}")
+    if res.quantization:
+        qi = res.quantization
+        err_console.print(f"{qi['mode']} → {qi['path']} ({qi['quantizer']}; weights {qi['weights']}; activations "
+                          f"{qi['activations']})", markup=False, highlight=False)
+        for line in qi["skipped"]:
+            err_console.print(f"not quantized: {line}", markup=False, highlight=False)
+
+
+def _quantize_request(model_dir: Path, target: str, q: dict):
+    """The quantization asked for; a static mode's calibration ids come from the run dir around the student."""
+    from ..pipeline.export_step import QuantizeRequest
+
+    mode = q["quantize"] or "none"
+    if mode == "none":
+        return None
+    data_file = model_dir.parent / "data.safetensors"
+    ids = None
+    if data_file.is_file():
+        from safetensors.numpy import load_file
+
+        ids = load_file(str(data_file)).get("train")
+    return QuantizeRequest(mode, target, q["calibration"] or "minmax", ids, q["calibration_samples"] or 32,
+                           f"the training split of {data_file}" if ids is not None else
+                           f"{model_dir} (no distillation run around it: no {data_file.name} beside it)")
 
 
 def _parity_prompts(model_dir: Path):

@@ -63,6 +63,7 @@ def inspect_cmd(bundle, as_json, no_verify):
     t.add_row("distillation", f"held-out KL {f('distillation.kl', NUM):.4f}, top-1 {f('distillation.top1', NUM):.3f}")
     t.add_row("export", f"{f('model.exporter')} opset {f('model.opset')}, KV cache {f('model.with_past')}"
                         + (", FP16 copy" if f("model.onnx_fp16", default=None) else ""))
+    _precision_rows(t, b, f, validation)
     for prec in f("parity", dict, default={}):
         t.add_row(f"parity {prec}", f"max |Δlogit| {f(f'parity.{prec}.max_abs_logit_diff', NUM):.2e}, "
                                     f"KL {f(f'parity.{prec}.kl', NUM):.2e}")
@@ -97,6 +98,44 @@ def inspect_cmd(bundle, as_json, no_verify):
     else:
         t.add_row("last validation", "never validated")
     con.print(t)
+
+
+def _precision_rows(t: Table, b, f: _Fields, validation: dict | None) -> None:
+    """One row per graph the bundle carries: file size (× fp32) and its last validation, where it has one."""
+    from ..precisions import PRECISIONS, manifest_key
+    from ..validate.validator import per_model_record
+
+    files = b.meta.files
+    fp32 = files.get(f("model.onnx", str))
+    for precision in PRECISIONS:
+        rel = f(f"model.{manifest_key(precision)}", default=None)
+        if not isinstance(rel, str) or rel not in files:
+            continue
+        size = files[rel].bytes
+        ratio = f" ({size / fp32.bytes:.2f}× fp32)" if fp32 and precision != "fp32" else ""
+        last = b.read_json(per_model_record(rel), "validation record", "delete it and rerun `sparsekd-deploy validate`")
+        if last is None and validation and validation.get("model") == rel:
+            last = validation
+        if last is None:
+            seen = "not validated yet" + (f" (`sparsekd-deploy validate BUNDLE --model {precision}`)"
+                                          if precision != "fp32" else "")
+        else:
+            v = _Fields(last, f"{b.path / per_model_record(rel)}", "delete it and rerun `sparsekd-deploy validate`")
+            kl_full = v("metrics.kl_full", default=None)
+            seen = (f"{'PASS' if v('passed', bool) else 'FAIL'}: kl_topk {v('metrics.kl_topk', NUM):.4f}"
+                    + (f", full KL {kl_full:.4f}" if isinstance(kl_full, NUM) else "")
+                    + f", top-1 {v('metrics.top1_agreement', NUM):.3f}, greedy {v('metrics.greedy_match', NUM):.2f}"
+                    f" ({v('created')})")
+        t.add_row(f"graph {precision}", f"{rel}, {size / 1e6:.1f} MB{ratio}; {seen}")
+    q = f("quantization", dict, default=None)
+    if q:
+        calib = q.get("calibration") or {}
+        how = f"{q.get('quantizer')}: weights {q.get('weights')}, activations {q.get('activations')}"
+        if calib:
+            how += (f"; calibration {calib.get('method')} on {calib.get('sequences')} × {calib.get('tokens_per_sequence')}"
+                    f" training tokens")
+        t.add_row("quantization", how + (f"; not quantized: {len(q.get('skipped') or [])} layers"
+                                         if q.get("skipped") else ""))
 
 
 def _stability_line(stab: dict | None) -> str:

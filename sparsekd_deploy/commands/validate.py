@@ -16,7 +16,8 @@ from .gates import gate_options, gates_from
 @click.option("--runtime", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime",
               show_default=True)
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
-@click.option("--model", help="Which graph in the bundle (default: the manifest's model.onnx).")
+@click.option("--model", help="Which graph in the bundle: a file (model.int8.onnx) or a precision the manifest records "
+              "(fp32, fp16, int8, int8-dynamic, int4-weight, fp8). [default: model.onnx]")
 @click.option("--teacher", type=click.Path(), help="The teacher's model dir: also measure the full-vocabulary KL "
               "(it must be the teacher the bundle was distilled from).")
 @click.option("--json", "as_json", is_flag=True, help="Print validation.json on stdout.")

@@ -14,7 +14,7 @@ from ..bundle import Bundle, BundleError, BundleWriter
 from ..config import DistillConfig
 from ..core.patterns import NM, make_pattern
 from ..locks import dir_lock
-from .export_step import ExportResult, export_and_audit
+from .export_step import ExportResult, QuantizeRequest, export_and_audit
 from .manifest import build_manifest
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ class BuildResult:
     engine: dict | None = None
     shortfall: str | None = None  # why and at what cost the target was not reached (None when it was)
     notes: list[str] = field(default_factory=list)
+    quantized_validation: ValidationReport | None = None  # the quantized graph's own validation (--quantize)
 
     @property
     def reached_target(self) -> bool:
@@ -50,11 +51,12 @@ class BuildResult:
 
     @property
     def passed(self) -> bool:
-        return self.reached_target and (self.validation is None or self.validation.passed)
+        return self.reached_target and all(v is None or v.passed for v in (self.validation, self.quantized_validation))
 
     def to_dict(self) -> dict:
         return {"bundle": str(self.bundle), "run_dir": str(self.run_dir), "distillation": self.distillation,
-                "validation": self.validation.to_dict() if self.validation else None, "engine": self.engine, "shortfall": self.shortfall}
+                "validation": self.validation.to_dict() if self.validation else None, "engine": self.engine, "shortfall": self.shortfall,
+                "quantized_validation": self.quantized_validation.to_dict() if self.quantized_validation else None}
 
 
 def default_run_dir(out: Path) -> Path:
@@ -84,6 +86,9 @@ def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions | None = None,
     reporter = reporter or NullReporter()
     out = Path(out)
     check_out(out, opts.overwrite)
+    from ..exporters.quantize import check_mode
+
+    check_mode(cfg.quantize, opts.target)  # a mode the target cannot run is refused before the distillation
     run_dir = Path(opts.run_dir) if opts.run_dir else default_run_dir(out)
     cfg.out = str(run_dir)
 
@@ -114,13 +119,17 @@ def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptio
     if not data_file.is_file():
         raise BundleError(f"run dir {result.out} has no data.safetensors (replaced by another run?); rebuild with "
                           "--overwrite instead of --resume")
-    heldout = load_file(str(data_file))["heldout"]
+    data = load_file(str(data_file))
+    heldout = data["heldout"]
+    # Static quantization calibrates on the run's own training sequences; the held-out ones judge it.
+    quantize = QuantizeRequest(cfg.quantize, opts.target, cfg.calibration, data["train"].numpy(),
+                               cfg.calibration_samples, f"the training split of {data_file}")
     pattern = make_pattern(cfg.pattern)
     writer = BundleWriter(out, overwrite=opts.overwrite)
     try:
         exported = export_and_audit(result.out / "student", writer.dir / "model.onnx", pattern,
                                     fp16=opts.fp16 or opts.target == "tensorrt", opset=opts.opset,
-                                    prompts=heldout[:4, :64], reporter=reporter)
+                                    prompts=heldout[:4, :64], reporter=reporter, quantize=quantize)
         exported.write_reports(writer.dir)
         _copy_run_files(result.out, writer.dir, opts.target)
         if opts.target == "tensorrt":
@@ -143,6 +152,9 @@ def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptio
     return res
 
 
+EXPORT_ONLY = ("quantize", "calibration", "calibration_samples")
+
+
 def _differing_flags(state_file: Path, cfg: DistillConfig) -> str:
     """'lr=0.0005 (now 0.001), …' for every setting of a finished run that differs from ``cfg`` ('' when none)."""
     try:
@@ -150,7 +162,8 @@ def _differing_flags(state_file: Path, cfg: DistillConfig) -> str:
     except (OSError, ValueError, AttributeError):
         return f"its {state_file.name} is missing or unreadable"
     now = cfg.to_dict()
-    return ", ".join(f"{k}={saved[k]} (now {now[k]})" for k in now if k != "out" and k in saved and saved[k] != now[k])
+    same_run = ("out", *EXPORT_ONLY)  # settings that change the export, never the distillation
+    return ", ".join(f"{k}={saved[k]} (now {now[k]})" for k in now if k not in same_run and k in saved and saved[k] != now[k])
 
 
 def _write_engine_step(bundle_dir: Path, exported: ExportResult, opts: BuildOptions) -> None:
@@ -234,3 +247,9 @@ def _validate_on_target(res: BuildResult, opts: BuildOptions, gates, reporter, t
             provider = "cpu"
     reporter.note(f"bundle written to {out}; validating on {runtime} ({provider})")
     res.validation = validate_bundle(Bundle.open(out), runtime, provider, gates, teacher=teacher_dir)
+    q = Bundle.open(out).manifest.get("quantization")
+    if q:  # the quantized graph answers for itself, against the same references and gates
+        q_provider = provider if runtime == "onnxruntime" else "cpu"
+        reporter.note(f"validating the {q['mode']} graph {q['file']} on onnxruntime ({q_provider})")
+        res.quantized_validation = validate_bundle(Bundle.open(out), "onnxruntime", q_provider, gates,
+                                                   model=q["file"], teacher=teacher_dir)

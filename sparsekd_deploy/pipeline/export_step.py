@@ -1,5 +1,5 @@
-"""The export-and-audit step shared by ``build`` and ``export``: ONNX (+ FP16), parity on real prompts, and proof
-that every graph kept exactly the student's zeros (with the n:m share they form)."""
+"""The export-and-audit step shared by ``build`` and ``export``: ONNX (+ FP16, + a quantized copy), parity on real
+prompts, and proof that every graph kept exactly the student's zeros (with the n:m share they form)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ class ExportResult:
     audits: dict[str, dict]  # graph file name -> audit report
     config: object  # the student's transformers config
     pattern_share: float | None = None  # share of n:m groups the student holds (None: not an n:m pattern)
+    quantization: dict | None = None  # QuantizeInfo.to_dict() of the quantized copy (None: not quantized)
 
     @property
     def sparse_nm(self) -> bool:
@@ -38,11 +39,67 @@ def fp16_path(onnx_path: Path) -> Path:
     return onnx_path.with_name(onnx_path.stem + ".fp16.onnx")
 
 
+@dataclass
+class QuantizeRequest:
+    """What to quantize and with which data: ``calibration_ids`` [N, L] are *training* token ids (the held-out split
+    judges the result and never calibrates it); ``source`` says where they came from, for the manifest."""
+
+    mode: str
+    target: str = "onnxruntime"
+    method: str = "minmax"
+    calibration_ids: object = None
+    samples: int = 32
+    source: str = ""
+
+
+def calibration_feeds(onnx_path: Path, ids, batch: int = 8) -> list[dict]:
+    """Feeds of the graph for a prompt pass with an empty KV cache, ``batch`` sequences each."""
+    import numpy as np
+    import onnx
+
+    from ..targets.base import decoder_feed
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    inputs = {i.name: i.type.tensor_type for i in graph.input}
+    ids = np.asarray(ids, dtype=np.int64)
+    feeds = []
+    for start in range(0, len(ids), batch):
+        rows = ids[start:start + batch]
+        feed = {k: v for k, v in decoder_feed(rows, 0).items() if k in inputs}
+        for name, t in inputs.items():
+            if name.startswith("past_key_values."):
+                heads, dim = t.shape.dim[1].dim_value, t.shape.dim[3].dim_value
+                dtype = np.float16 if t.elem_type == onnx.TensorProto.FLOAT16 else np.float32
+                feed[name] = np.zeros((len(rows), heads, 0, dim), dtype=dtype)
+        feeds.append(feed)
+    return feeds
+
+
+def _quantize(onnx_path: Path, q: QuantizeRequest) -> tuple[Path, dict]:
+    from ..exporters.quantize import STATIC, QuantizeError, quantize_onnx, quantized_path
+
+    feeds, info = None, None
+    if q.mode in STATIC:
+        have = 0 if q.calibration_ids is None else len(q.calibration_ids)
+        if have < q.samples:
+            raise QuantizeError(f"--quantize {q.mode} calibrates on {q.samples} training sequences and "
+                                f"{q.source or 'the calibration data'} holds {have}: lower --calibration-samples, or "
+                                "distill on more data (--num-samples), or use --quantize int8-dynamic (no calibration)")
+        ids = q.calibration_ids[: q.samples]
+        feeds = calibration_feeds(onnx_path, ids)
+        info = {"sequences": int(ids.shape[0]), "tokens_per_sequence": int(ids.shape[1]), "source": q.source}
+    res = quantize_onnx(onnx_path, quantized_path(onnx_path, q.mode), q.mode, target=q.target, calibration=feeds,
+                        calibration_info=info, method=q.method)
+    return Path(res.path), res.to_dict()
+
+
 def export_and_audit(student_dir: Path, onnx_path: Path, pattern: Pattern | None, *, fp16: bool,
-                     opset: int | None = None, with_past: bool = True, prompts=None, reporter=None) -> ExportResult:
-    """Export ``student_dir`` to ``onnx_path`` (and an FP16 copy), check parity on ``prompts`` (token ids) where
-    given, and audit every graph against the student's own zeros. Raises ``SparsityLostError`` when a graph lost
-    any zero or n:m group the student holds, ``ParityError`` when a graph disagrees with PyTorch."""
+                     opset: int | None = None, with_past: bool = True, prompts=None, reporter=None,
+                     quantize: QuantizeRequest | None = None) -> ExportResult:
+    """Export ``student_dir`` to ``onnx_path`` (and an FP16 copy, and a ``quantize`` copy), check parity on ``prompts``
+    (token ids) where given, and audit every graph against the student's own zeros — the quantized one read back from
+    its integer codes. Raises ``SparsityLostError`` when a graph lost any zero or n:m group the student holds,
+    ``ParityError`` when a graph disagrees with PyTorch."""
     from ..exporters.audit import audit_onnx, audit_report, require_pattern, student_pattern_share, zeroed_weights
     from ..exporters.fp16 import convert_fp16
     from ..exporters.onnx import export_onnx
@@ -57,6 +114,10 @@ def export_and_audit(student_dir: Path, onnx_path: Path, pattern: Pattern | None
     if fp16:
         note("converting to FP16")
         graphs["fp16"] = convert_fp16(onnx_path, fp16_path(onnx_path))
+    quantization = None
+    if quantize is not None and quantize.mode != "none":
+        note(f"quantizing to {quantize.mode}")
+        graphs[quantize.mode], quantization = _quantize(onnx_path, quantize)
     student = load_model(student_dir)
     pruned = zeroed_weights(student)
     n, m = (pattern.n, pattern.m) if isinstance(pattern, NM) else (None, None)
@@ -69,4 +130,4 @@ def export_and_audit(student_dir: Path, onnx_path: Path, pattern: Pattern | None
             require_pattern(results, graph.name, n, m)
             audits[graph.name] = audit_report(results)
             share = student_pattern_share(results) if n else None
-    return ExportResult(info, graphs, parity, audits, student.config, share)
+    return ExportResult(info, graphs, parity, audits, student.config, share, quantization)

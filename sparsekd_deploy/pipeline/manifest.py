@@ -33,6 +33,13 @@ def build_manifest(name: str, cfg, opts, gates, result, exported: ExportResult, 
         "target": {"runtime": opts.target, "requires": REQUIRES[opts.target]},
         "parity": exported.parity,
     }
+    q = exported.quantization
+    if q:  # beside onnx_fp16: model.onnx_int8 = "model.int8.onnx" (…), and how it was made
+        from ..precisions import manifest_key
+
+        rel = Path(q["path"]).name
+        manifest["model"][manifest_key(q["mode"])] = rel
+        manifest["quantization"] = {"file": rel, **{k: v for k, v in q.items() if k != "path"}}
     if gates is not None:
         manifest["gates"] = gates.to_dict()
     return manifest

@@ -41,7 +41,7 @@ def _model_for(bundle: Bundle, runtime: str, model: str | None) -> tuple[str, di
     from ..bundle import BundleError
 
     if model:
-        return model, {}
+        return _named_graph(bundle, model), {}
     if runtime == "tensorrt":
         if "engine" not in bundle.manifest:
             raise BundleError(f"bundle {bundle.path} has no engine yet; build it on the device with "
@@ -57,6 +57,27 @@ def _model_for(bundle: Bundle, runtime: str, model: str | None) -> tuple[str, di
             raise BundleError(f"bundle {bundle.path} has no student weights; build it with --target torch")
         return "student/config.json", {"dir_of_file": True}
     return bundle.manifest["model"]["onnx"], {}
+
+
+def _named_graph(bundle: Bundle, model: str) -> str:
+    """``--model`` as a bundle file (model.int8.onnx) or a precision the manifest records (int8 → model.onnx_int8)."""
+    from ..bundle import BundleError
+    from ..precisions import PRECISIONS, manifest_key
+
+    if model not in PRECISIONS:
+        return model
+    rel = bundle.manifest["model"].get(manifest_key(model))
+    if not isinstance(rel, str):
+        have = [p for p in PRECISIONS if isinstance(bundle.manifest["model"].get(manifest_key(p)), str)]
+        how = "--fp16" if model == "fp16" else f"--quantize {model}"
+        raise BundleError(f"bundle {bundle.path} has no {model} graph (it has: {', '.join(have)}); build it with {how}")
+    return rel
+
+
+def per_model_record(rel: str) -> str:
+    """Where the last validation *of this graph* is kept (validation.json holds the last of any): inside the mutable
+    validation/ dir, so recording it changes no checksum."""
+    return f"validation/by-model/{rel.replace('/', '__')}.json"
 
 
 def full_kl(bundle: Bundle, student_logits, refs: References, teacher_dir) -> float:
@@ -121,6 +142,11 @@ def validate_bundle(bundle: Bundle, runtime: str = "onnxruntime", provider: str 
             report.plots_skipped_because = PLOTS_SKIPPED
         report.recorded = True
         bundle.write_validation(report.to_dict())
+        from ..bundle import confined
+        from ..fsutil import write_json_atomic
+
+        bundle.writable_dir("validation/by-model")
+        write_json_atomic(confined(bundle.path, per_model_record(rel), "validation record"), report.to_dict())
     except (BundleReadOnlyError, OSError) as e:  # the plots go first: on a read-only bundle they fail first
         if not isinstance(e, BundleReadOnlyError) and e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise

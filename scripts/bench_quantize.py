@@ -1,0 +1,170 @@
+"""Issue 13 bars, side by side in one run: what quantization buys on ONNX Runtime CPU, and what it costs in KL.
+
+Part 1, speed and size: a Llama built from a config (hidden 1024, 8 layers, intermediate 2816, vocab 32000, random
+weights, pruned 2:4 by magnitude so the audit has zeros to prove), exported once; the same graph fp32 vs each
+quantized copy this tool makes (``sparsekd_deploy.exporters.quantize``), alternated over rounds, medians: greedy decode
+tokens/s (batch 1, 16-token prompt, KV cache) and 512-token prefill ms, file size; every quantized copy audited.
+"int8 (trt QDQ)" is the int8 graph made for --target tensorrt (symmetric int8 activations) run on ORT's CPU provider:
+why the onnxruntime target's int8 uses uint8 activations instead.
+
+Part 2, quality: a distillation run's 2:4 student (default the demo's) exported fp32 and quantized (static modes
+calibrated on the run's training split), each scored on the run's held-out sequences against the teacher: full-
+vocabulary KL(teacher‖x) and top-1 agreement, next to the fp32 student's.
+
+    .venv/bin/python scripts/bench_quantize.py [--run dist/demo.run] [--rounds 5] [--cache runs/bench_quantize]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparsekd_deploy.exporters.audit import audit_onnx, pruned_weights
+from sparsekd_deploy.exporters.onnx import export_onnx
+from sparsekd_deploy.exporters.quantize import quantize_onnx, quantized_path
+from sparsekd_deploy.pipeline.export_step import calibration_feeds
+from sparsekd_deploy.targets.onnxruntime import OnnxRuntimeTarget
+
+MODES = ("int8-dynamic", "int8", "int4-weight")
+
+
+def bar_model(cache: Path) -> tuple[Path, dict]:
+    """The bar's Llama, 2:4 by magnitude, exported once (cached): (model.onnx, pruned weights [out, in])."""
+    from safetensors.numpy import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsekd_deploy.core.patterns import NM
+    from sparsekd_deploy.core.pruner import Pruner, apply_masks
+
+    onnx_path, zeros = cache / "model.onnx", cache / "pruned.safetensors"
+    if onnx_path.is_file() and zeros.is_file():
+        return onnx_path, load_file(str(zeros))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=1024, num_hidden_layers=8, intermediate_size=2816, vocab_size=32000,
+                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
+    model = LlamaForCausalLM(cfg).eval()
+    pruner = Pruner(model, NM(2, 4))
+    apply_masks(model, pruner.stage_masks({ly.name: ly.weight_oi().detach().abs() for ly in pruner.layers}, 1.0))
+    model.save_pretrained(cache / "hf", safe_serialization=True)
+    export_onnx(cache / "hf", onnx_path)
+    pruned = {ly.name: ly.weight_oi().detach().numpy().copy() for ly in pruner.layers}
+    save_file(pruned, str(zeros))
+    return onnx_path, pruned
+
+
+def audited(path: Path, pruned: dict) -> str:
+    res = audit_onnx(path, pruned)
+    return f"{sum(r.holds and r.groups_holding == 1.0 for r in res)}/{len(res)}"
+
+
+def speed(graphs: dict[str, Path], rounds: int, tokens: int, vocab: int) -> dict:
+    targets = {name: OnnxRuntimeTarget(p) for name, p in graphs.items()}
+    rng = np.random.default_rng(0)
+    prompt, long = rng.integers(0, vocab, (1, 16)), rng.integers(0, vocab, (1, 512))
+    for t in targets.values():  # warm-up (prepacking, allocator)
+        t.generate(prompt, 4)
+        t.logits(long[:, :64])
+    dec, pre = {n: [] for n in targets}, {n: [] for n in targets}
+    for _ in range(rounds):
+        for name, t in targets.items():
+            start = time.perf_counter()
+            t.generate(prompt, tokens)
+            dec[name].append(tokens / (time.perf_counter() - start))
+            start = time.perf_counter()
+            t.logits(long)
+            pre[name].append(1e3 * (time.perf_counter() - start))
+    return {n: {"decode_tok_s": statistics.median(dec[n]), "prefill_512_ms": statistics.median(pre[n])} for n in dec}
+
+
+def part1(cache: Path, rounds: int, tokens: int) -> dict:
+    cache.mkdir(parents=True, exist_ok=True)
+    src, pruned = bar_model(cache)
+    graphs, info = {"fp32": src}, {}
+    calib = calibration_feeds(src, np.random.default_rng(1).integers(0, 32000, (8, 128)))
+    for mode, target in [(m, "onnxruntime") for m in MODES] + [("int8", "tensorrt")]:
+        name = mode if target == "onnxruntime" else "int8 (trt QDQ)"
+        dst = quantized_path(src, mode).with_suffix(".trt.onnx" if target == "tensorrt" else ".onnx")
+        start = time.perf_counter()
+        q = quantize_onnx(src, dst, mode, target=target, calibration=calib if mode == "int8" else None)
+        info[name] = {"seconds": time.perf_counter() - start, "audit": audited(dst, pruned), "skipped": q.skipped}
+        graphs[name] = dst
+    res = speed(graphs, rounds, tokens, 32000)
+    for name, p in graphs.items():
+        res[name]["mb"] = p.stat().st_size / 1e6
+        res[name].update(info.get(name, {}))
+    base = res["fp32"]
+    print(f"\nbar model (Llama 1024 x 8, 2:4, random weights), onnxruntime CPU, {rounds} alternated rounds, medians")
+    print(f"{'graph':14s} {'decode tok/s':>12s} {'x fp32':>7s} {'prefill ms':>11s} {'x fp32':>7s} {'MB':>7s} "
+          f"{'x fp32':>7s}  2:4 audit")
+    for name, r in res.items():
+        print(f"{name:14s} {r['decode_tok_s']:12.1f} {r['decode_tok_s'] / base['decode_tok_s']:7.2f} "
+              f"{r['prefill_512_ms']:11.0f} {base['prefill_512_ms'] / r['prefill_512_ms']:7.2f} {r['mb']:7.1f} "
+              f"{r['mb'] / base['mb']:7.3f}  {r.get('audit', '-')}")
+    return res
+
+
+def part2(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    from sparsekd_deploy.models.loading import load_model, resolve_teacher
+    from sparsekd_deploy.numerics import kl, log_softmax
+
+    config = json.loads((run / "state.json").read_text()).get("config", {})
+    data = load_file(str(run / "data.safetensors"))
+    held, train = data["heldout"], data["train"].numpy()
+    teacher = load_model(resolve_teacher(config.get("teacher")))
+    with torch.no_grad():
+        t_logp = log_softmax(teacher(input_ids=held).logits.double().numpy())
+    pruned = pruned_weights(run / "student", json.loads((run / "sparsity.json").read_text()))
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "model.onnx"
+        export_onnx(run / "student", src)
+        graphs = {"fp32": src}
+        for mode in MODES:
+            feeds = calibration_feeds(src, train[:32]) if mode == "int8" else None
+            graphs[mode] = Path(quantize_onnx(src, quantized_path(src, mode), mode, calibration=feeds).path)
+        for name, p in graphs.items():
+            logits = OnnxRuntimeTarget(p).logits(held.numpy())
+            s_logp = log_softmax(logits.astype(np.float64))
+            res[name] = {"kl_full": float(kl(t_logp, s_logp).mean()),
+                         "top1": float((s_logp.argmax(-1) == t_logp.argmax(-1)).mean()),
+                         "mb": p.stat().st_size / 1e6, "audit": audited(p, pruned)}
+    base = res["fp32"]
+    print(f"\n{run} student vs its teacher on the run's {held.shape[0]} x {held.shape[1]} held-out tokens "
+          "(static int8 calibrated on 32 training sequences)")
+    print(f"{'graph':14s} {'full KL':>9s} {'x fp32':>7s} {'top-1':>7s} {'- fp32':>7s} {'MB':>6s}  2:4 audit")
+    for name, r in res.items():
+        print(f"{name:14s} {r['kl_full']:9.4f} {r['kl_full'] / base['kl_full']:7.2f} {r['top1']:7.3f} "
+              f"{r['top1'] - base['top1']:+7.3f} {r['mb']:6.1f}  {r['audit']}")
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, default=Path("dist/demo.run"), help="distillation run dir (student/, data)")
+    ap.add_argument("--cache", type=Path, default=Path("runs/bench_quantize"), help="where the bar model is kept")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the numbers here")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    out = {}
+    if not args.skip_speed:
+        out["bar_model"] = part1(args.cache, args.rounds, args.tokens)
+    out["demo"] = part2(args.run)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

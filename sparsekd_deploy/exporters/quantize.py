@@ -1,0 +1,243 @@
+"""Quantized copies of an exported graph, made by ONNX Runtime's own quantizers (``onnxruntime.quantization``);
+this module only chooses their settings per mode and target, feeds calibration data, and records what it did.
+
+Per mode (and why):
+
+- ``int8-dynamic``: ``quantize_dynamic``, per-channel symmetric INT8 weights (zero point 0, so every pruned zero
+  stays exactly zero), activations quantized at run time (MatMulInteger). No calibration. ONNX Runtime only:
+  TensorRT has no dynamic quantization.
+- ``int8``: ``quantize_static`` in QDQ format, per-channel symmetric INT8 weights on the output-channel axis
+  (the layout TensorRT's explicit quantization requires), activations calibrated on the run's own distillation
+  data. Activations are asymmetric UINT8 for ONNX Runtime's CPU provider (its U8S8 kernels; the symmetric S8S8
+  graph decoded 23x slower here, scripts/bench_quantize.py) and symmetric INT8 (zero point 0) for TensorRT, the only
+  form it takes.
+- ``int4-weight``: ``MatMulNBitsQuantizer``, 4-bit symmetric block-wise weights (block 32); MatMulNBits +
+  GatherBlockQuantized for ONNX Runtime, DequantizeLinear(int4) -> MatMul (QDQ) for TensorRT. A layer whose
+  in-features are not a multiple of the block is left unquantized and named.
+- ``fp8``: ``quantize_static`` with FLOAT8E4M3FN QDQ (histogram calibration, the one ORT allows for floats).
+  Only TensorRT on an FP8 GPU (Ada, Hopper, Thor) runs it natively; ONNX Runtime only emulates it. ORT derives
+  float8 scales from the distribution's spread, which clips the largest weights: on the demo student the graph
+  is far off (KL 0.46 to PyTorch, README), so its validation says so; amax-calibrated FP8 is Model Optimizer's.
+
+NVIDIA Model Optimizer's ONNX quantizer (nvidia-modelopt[onnx] 0.47) would replace the CPU onnxruntime with
+onnxruntime-gpu and pull cupy-cuda12x, which breaks the build host's CPU install; ORT's QDQ output is the explicit
+quantization TensorRT parses, so it is used for both runtimes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SparseKDError
+from ..precisions import CALIBRATION_METHODS, MODES, STATIC, SUFFIX
+
+RUNTIMES = {"int8-dynamic": ("onnxruntime",), "int8": ("onnxruntime", "tensorrt"),
+            "int4-weight": ("onnxruntime", "tensorrt"), "fp8": ("tensorrt",)}
+BLOCK_SIZE = 32
+
+
+class QuantizeError(SparseKDError):
+    pass
+
+
+@dataclass
+class QuantizeInfo:
+    mode: str
+    path: str
+    quantizer: str  # the library call that made it, with the onnxruntime version
+    format: str  # QOperator (MatMulInteger / MatMulNBits) or QDQ
+    weights: str
+    activations: str
+    calibration: dict | None = None  # method, sequences, tokens, source (static modes)
+    skipped: list[str] = field(default_factory=list)  # layers left unquantized, with the reason
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def quantized_path(onnx_path: Path, mode: str) -> Path:
+    return onnx_path.with_name(f"{onnx_path.stem}.{SUFFIX[mode]}.onnx")
+
+
+def check_mode(mode: str, target: str) -> None:
+    """Refuse, before any work, a mode the target runtime cannot run; the message names the runtime that can."""
+    if mode not in MODES:
+        raise QuantizeError(f"unknown quantization {mode!r}; choose from {', '.join(MODES)}")
+    if mode == "none" or target in RUNTIMES[mode]:
+        return
+    if mode == "fp8":
+        raise QuantizeError(f"--quantize fp8 cannot run on {target}: FP8 needs TensorRT (>= 10) on a GPU with FP8 "
+                            "tensor cores (Ada, Hopper, Thor; NVIDIA Model Optimizer targets the same); ONNX Runtime's "
+                            "CPU provider has no FP8 kernels. Build with --target tensorrt, or use --quantize int8")
+    raise QuantizeError(f"--quantize {mode} cannot run on {target}: it runs on {' or '.join(RUNTIMES[mode])}; for "
+                        f"{target} use --quantize {'int8' if target == 'tensorrt' else 'int8-dynamic'}")
+
+
+class _Feeds:
+    """ORT's CalibrationDataReader protocol over a list of feed dicts."""
+
+    def __init__(self, feeds: list[dict]):
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ORT's quantizers log every node on the root logger and print calibration tables on stdout (which would break
+    a command's --json output); both are silenced for the call and restored afterwards."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def fold_transposed_weights(model) -> int:
+    """Give every MatMul whose B is ``Transpose(initializer)`` (a tied lm_head reading the embedding) its own
+    transposed initializer, so the weight-only quantizers, which skip a non-constant B, quantize it too.
+    Returns how many MatMuls were rewired."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    folded = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2:
+            continue
+        t = producers.get(node.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        arr = numpy_helper.to_array(inits[t.input[0]])
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        name = f"{t.input[0]}_transposed_for_{node.name or folded}".replace("/", "_")
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(np.transpose(arr, perm)), name))
+        node.input[1] = name
+        folded += 1
+    still_used = {x for n in model.graph.node for x in n.input}
+    for t in [n for n in model.graph.node if n.op_type == "Transpose" and n.output[0] not in still_used]:
+        model.graph.node.remove(t)
+    return folded
+
+
+def _weight_matmuls(model) -> list[tuple[str, tuple]]:
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    return [(n.name, inits[n.input[1]]) for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+
+
+def quantize_onnx(src: str | Path, dst: str | Path, mode: str, *, target: str = "onnxruntime",
+                  calibration: list[dict] | None = None, calibration_info: dict | None = None,
+                  method: str = "minmax") -> QuantizeInfo:
+    """Write the ``mode`` copy of the graph ``src`` to ``dst`` (temp name, then rename: never half-written).
+    ``calibration``: feed dicts for the static modes (the caller builds them from training data, never held-out);
+    ``calibration_info`` is recorded as given, with the method."""
+    import onnx
+    import onnxruntime as ort
+
+    check_mode(mode, target)
+    if mode == "none":
+        raise QuantizeError("quantize_onnx needs a quantization mode, not 'none'")
+    if method not in CALIBRATION_METHODS:
+        raise QuantizeError(f"unknown calibration method {method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
+    if mode in STATIC and not calibration:
+        raise QuantizeError(f"--quantize {mode} calibrates activations and got no calibration data; give it the "
+                            "run's data (distill makes data.safetensors) or use --quantize int8-dynamic")
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src))
+    if sum(i.ByteSize() for i in model.graph.initializer) > 1_800_000_000:
+        raise QuantizeError(f"{src.name} holds over 1.8 GB of weights: quantizing graphs with external data is not "
+                            "supported yet; export a smaller model or quantize it with onnxruntime.quantization directly")
+    fold_transposed_weights(model)
+    tmp = dst.with_name(dst.name + ".tmp")
+    version = f"onnxruntime {ort.__version__}"
+    try:
+        with _quiet():
+            if mode == "int8-dynamic":
+                info = _dynamic(model, tmp, version)
+            elif mode == "int4-weight":
+                info = _int4(model, tmp, target, version)
+            else:
+                info = _static(model, tmp, mode, target, calibration, method, version)
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    info.path = str(dst)
+    if mode in STATIC:
+        info.calibration = {"method": method if mode == "int8" else "distribution", "requested_method": method,
+                            **(calibration_info or {}), "batches": len(calibration)}
+    return info
+
+
+def _dynamic(model, out: Path, version: str) -> QuantizeInfo:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # WeightSymmetric (the default, set explicitly): zero point 0 keeps the pruned zeros exactly zero.
+    quantize_dynamic(model, str(out), per_channel=True, weight_type=QuantType.QInt8,
+                     extra_options={"WeightSymmetric": True, "MatMulConstBOnly": True})
+    return QuantizeInfo("int8-dynamic", "", f"onnxruntime.quantization.quantize_dynamic ({version})",
+                        "QOperator (MatMulInteger)", "int8 symmetric, per output channel",
+                        "uint8 asymmetric, quantized per call at run time")
+
+
+def _static(model, out: Path, mode: str, target: str, feeds, method: str, version: str) -> QuantizeInfo:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if mode == "fp8":
+        weight = act = QuantType.QFLOAT8E4M3FN
+        calib = CalibrationMethod.Distribution  # ORT calibrates float8 ranges only from histograms
+        symmetric, acts = True, "float8 e4m3fn"
+    else:
+        weight = QuantType.QInt8
+        symmetric = target == "tensorrt"  # TensorRT takes zero point 0 only; ORT CPU's fast kernels are U8S8
+        act = QuantType.QInt8 if symmetric else QuantType.QUInt8
+        calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                 "percentile": CalibrationMethod.Percentile}[method]
+        acts = "int8 symmetric (zero point 0)" if symmetric else "uint8 asymmetric"
+    quantize_static(model, str(out), _Feeds(feeds), quant_format=QuantFormat.QDQ, per_channel=mode == "int8",
+                    activation_type=act, weight_type=weight, calibrate_method=calib,
+                    op_types_to_quantize=["MatMul", "Gather"] if mode == "int8" else ["MatMul"],
+                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": symmetric,
+                                   "MatMulConstBOnly": True, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
+    weights = "int8 symmetric, per output channel" if mode == "int8" else "float8 e4m3fn, per tensor"
+    return QuantizeInfo(mode, "", f"onnxruntime.quantization.quantize_static ({version})", "QDQ", weights,
+                        f"{acts}, calibrated")
+
+
+def _int4(model, out: Path, target: str, version: str) -> QuantizeInfo:
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    skipped, exclude = [], []
+    for name, dims in _weight_matmuls(model):
+        if dims[0] % BLOCK_SIZE:
+            exclude.append(name)
+            skipped.append(f"{name}: in-features {dims[0]} are not a multiple of the block size {BLOCK_SIZE}; "
+                           "left fp32")
+    qdq = target == "tensorrt"
+    ops = ("MatMul",) if qdq else ("MatMul", "Gather")  # ORT writes no QDQ Gather for int4
+    if not qdq:
+        inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+        for n in model.graph.node:
+            if n.op_type == "Gather" and n.input[0] in inits and inits[n.input[0]][-1] % BLOCK_SIZE:
+                exclude.append(n.name)
+                skipped.append(f"{n.name}: embedding width {inits[n.input[0]][-1]} is not a multiple of the block "
+                               f"size {BLOCK_SIZE}; left fp32")
+    # accuracy_level 4: int8 compute on the activations (ORT's fast CPU path); the weights stay 4-bit either way.
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=None if qdq else 4,
+                             nodes_to_exclude=exclude, quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator,
+                             op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)))
+    q.process()
+    q.model.save_model_to_file(str(out), use_external_data_format=False)
+    fmt = "QDQ (DequantizeLinear int4 -> MatMul)" if qdq else "QOperator (MatMulNBits, GatherBlockQuantized)"
+    return QuantizeInfo("int4-weight", "", f"onnxruntime.quantization.MatMulNBitsQuantizer ({version})", fmt,
+                        f"int4 symmetric, blocks of {BLOCK_SIZE} along the in-features", "fp32 (weight-only)",
+                        skipped=skipped)
