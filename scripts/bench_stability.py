@@ -1,5 +1,5 @@
 """Stability benchmark (issue 11): repeat-prompt jitter, sensitivity to prompt edits and low confidence / calibration,
-with 95 % bootstrap intervals over prompts, for the teacher, a one-shot + KD student and the staged students, on the
+with 95 % BCa bootstrap intervals over prompts, for the teacher, a one-shot + KD student and the staged students, on the
 demo teacher and the second (wide) teacher.
 
 Students come from ``bench_matrix.py``'s cells (same configs, same data-free distillation sets, same step budget:
@@ -79,8 +79,10 @@ def train_and_measure(cell, teacher_path: Path, run: Path, steps: int, sizes: di
 
 # -- the table -----------------------------------------------------------------------------------------------------
 def iv(d: dict | None, fmt: str = ".3f") -> str:
-    if not d:
+    if not d or d.get("value") is None:
         return "–"
+    if d.get("low") is None:
+        return f"{d['value']:{fmt}}"
     return f"{d['value']:{fmt}} [{d['low']:{fmt}}, {d['high']:{fmt}}]"
 
 
@@ -89,17 +91,22 @@ def row_cells(rec: dict) -> list[str]:
     j, sens, c = st["jitter"], st["sensitivity"] or {}, st["confidence"]
     m = j["m"]
     has_sens = "ratio" in sens
-    teacher = rec["method"] == "teacher"  # its ECE against its own top-1 is only 1 - its mean confidence
+    s_c, t_c = c["student"], c["teacher"]
+    control = (sens.get("control") or {}).get("ratio")
     return [f"{max(rec['kl_topk'], 0.0):.4f}", iv(j["student"][f"jitter@{m}"]), iv(j["ratio"]),
-            iv(j["student"]["mean_entropy"]),
+            iv(j.get("agreement_ratio")), iv(j["student"]["mean_entropy"]),
             iv(sens["student"]["kl"], ".4f") if has_sens else "skipped", iv(sens.get("ratio")),
-            f"{sens['student']['flip']['value']:.3f}" if has_sens else "–",
-            iv(c["student"]["low_confidence"]), iv(c["ratio"]), "–" if teacher else iv(c["student"]["ece"])]
+            iv(sens.get("excess_kl"), ".4f"), iv(control),
+            iv(s_c["low_confidence"]), iv(c["ratio"]), iv(s_c.get("mean_top1_prob")),
+            f"{iv(s_c.get('ece_next_token'))} / {iv(t_c.get('ece_next_token'))}",
+            iv(c.get("nll_next_token_difference"))]
 
 
 def markdown(results: dict, note: str) -> str:
-    head = ["model", "pattern", "method", "kl_topk", "jitter@2 [95% CI]", "× teacher", "sampling entropy (nats)",
-            "sensitivity KL", "× teacher", "top-1 flips", "low confidence (p<0.3)", "× teacher", "ECE vs teacher top-1"]
+    head = ["model", "pattern", "method", "kl_topk", "jitter@2 [95% CI]", "× teacher", "agreement × teacher",
+            "sampling entropy (nats)", "sensitivity KL (4 edits)", "× teacher", "excess KL vs teacher",
+            "'.' control × teacher", "low confidence (p<0.3)", "× teacher", "mean top-1 p",
+            "ECE vs next token (model / teacher)", "NLL − teacher"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for model, rows in results.items():
         for rec in rows:
@@ -127,8 +134,9 @@ def main(argv=None) -> int:
     if args.quick:
         args.steps, args.samples, args.prompts = 4, 16, 4
     root = args.out or ROOT / "runs" / ("bench_stability_quick" if args.quick else "bench_stability")
-    settings = {"steps": args.steps, "samples": args.samples, "prompts": args.prompts, "kl_budget": args.kl_budget,
-                "seed": SEED, **sizes}
+    # "measurement" changes whenever what is measured does (a cached row of an older measurement is redone)
+    settings = {"measurement": 2, "steps": args.steps, "samples": args.samples, "prompts": args.prompts,
+                "kl_budget": args.kl_budget, "seed": SEED, **sizes}
     BM.share_distillation_sets()
     from sparsekd_deploy.fsutil import write_json_atomic
     from sparsekd_deploy.models.loading import load_model, load_tokenizer
@@ -175,10 +183,15 @@ def main(argv=None) -> int:
     note = (f"One seed ({SEED}); students: {args.pattern}, {args.steps} optimizer steps (one-shot + KD 1 × {args.steps}, "
             f"staged 3 × {args.steps // 3}), data-free, as in bench_matrix.py. References as `build` records them, on "
             f"{args.prompts} prompts of teacher samples the distiller never saw; jitter: {args.samples} samples per "
-            f"prompt at τ = 0.7, first 2 tokens, the same per-row seeds for every model; sensitivity: 5 meaning-"
-            f"preserving prompt edits, KL(original‖edited) of the next-token distribution; low confidence: share of "
-            f"positions with top-1 p < 0.3; ECE: 10 bins, student top-1 vs the teacher's. [..]: 95 % bootstrap "
-            f"interval over prompts; × teacher: paired ratio student / teacher (< 1: steadier than the teacher).")
+            f"prompt at τ = 0.7, first 2 tokens, sample j of prompt p seeded p·{args.samples} + j for every model; "
+            f"agreement: pairwise agreement of the first 2 tokens (> 1: the student agrees with itself more); "
+            f"sensitivity: 4 meaning-preserving prompt edits, KL(original‖edited) of the next-token distribution; "
+            f"excess KL: KL(T(x′)‖S(x′)) − KL(T(x)‖S(x)) over the teacher's top-32 buckets, mean over the 4 edits; "
+            f"'.' control: a final '.' added (not meaning-preserving for the next token), kept out of the sensitivity; "
+            f"low confidence: share of positions with top-1 p < 0.3; ECE (10 bins) and NLL of the top-1 against the "
+            f"reference text's next token (here teacher samples: the teacher is calibrated on them by construction, "
+            f"and NLL − teacher estimates KL(T‖S)). [..]: 95 % BCa bootstrap interval over prompts; × teacher: "
+            f"paired ratio student / teacher (< 1: steadier than the teacher).")
     text = markdown(results, note)
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.md").write_text(text)

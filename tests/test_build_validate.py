@@ -9,7 +9,9 @@ from conftest import FAST, LOOSE
 
 from sparsekd_deploy.cli import main
 
-GOLDEN = {"distill_kl": 0.031308, "kl_topk": 0.0096188, "top1": 0.3672}
+# kl_topk / top1 on the references' 16 prompts (8 before the confidence measurement was given as many prompts as
+# the jitter: 0.0096188 / 0.3672)
+GOLDEN = {"distill_kl": 0.031308, "kl_topk": 0.0096322, "top1": 0.3379}
 
 
 def run(args):

@@ -13,6 +13,11 @@ that the only difference between the two rows is the edit, not a change of token
 - ``token_split``: the same text in more tokens — the baseline's longest token (in characters) re-encoded as its two
   halves, each encoded on its own (no synonym, no text change: only the segmentation differs).
 
+``trailing_punctuation`` is a **control**, not part of the headline sensitivity: for next-token prediction a final
+``.`` is not meaning-preserving — it ends the sentence, so the next token *should* change (the demo teacher's top-1
+flips on most prompts and it carries ~90 % of the five edits' mean KL). A flatter student moves less under it for that
+reason alone, which would reward flatness; it is recorded and reported separately (``CONTROL_EDITS``).
+
 An edit that does not apply to a prompt (no letter, no space, no token of 2+ characters, an id outside the model's
 vocabulary after re-encoding) is marked not applicable rather than replaced by something else. No torch: the
 validation side only reads the rows recorded at build time.
@@ -56,6 +61,8 @@ TEXT_EDITS: dict[str, Callable[[str], str | None]] = {
     "trailing_punctuation": trailing_punctuation, "double_space": double_space,
 }
 EDITS: tuple[str, ...] = (*TEXT_EDITS, "token_split")
+# Edits measured and reported, but kept out of the headline sensitivity (see the module docstring).
+CONTROL_EDITS: tuple[str, ...] = ("trailing_punctuation",)
 
 
 def _decode(tokenizer, ids: list[int]) -> str:

@@ -97,18 +97,22 @@ class Target:
         return self._decode(self._start(ids), max_new_tokens, temperature, top_k, top_p, row_generators(seeds))
 
     def sample_repeated(self, prompt_ids: np.ndarray, n: int, max_new_tokens: int, temperature: float,
-                        seeds: list[int] | None = None, top_k: int = 0, top_p: float = 1.0) -> SampledRows:
-        """``n`` seeded samples of every prompt (row j of a prompt draws from ``seeds[j]``, default 0..n-1), rows
-        grouped by prompt (n consecutive rows each). Each prompt's prefix runs once and its KV cache is shared by its
-        rows; rows run in chunks of at most ``sample_rows`` (and the profile's batch max), so any ``n`` fits. Each
-        row keeps its own seed, so chunking changes no token."""
+                        seeds=None, top_k: int = 0, top_p: float = 1.0) -> SampledRows:
+        """``n`` seeded samples of every prompt, rows grouped by prompt (n consecutive rows each). ``seeds``: one
+        seed per sample, either [n] (row j of every prompt draws from ``seeds[j]``; default 0..n-1) or [P, n] (row j
+        of prompt p draws from ``seeds[p][j]``: prompts that must not share random streams). Each prompt's prefix
+        runs once and its KV cache is shared by its rows; rows run in chunks of at most ``sample_rows`` (and the
+        profile's batch max), so any ``n`` fits. Each row keeps its own seed, so chunking changes no token."""
         ids = self._check_decode(prompt_ids, max_new_tokens)
-        seeds = list(range(n)) if seeds is None else list(seeds)
-        if n < 1 or len(seeds) != n:
-            raise TargetError(f"need n ≥ 1 and one seed per sample, got n={n} and {len(seeds)} seeds")
+        arr = np.arange(n, dtype=np.int64) if seeds is None else np.asarray(seeds, dtype=np.int64)
+        if arr.ndim == 1:
+            arr = np.broadcast_to(arr, (len(ids), len(arr)))
+        if n < 1 or arr.ndim != 2 or arr.shape != (len(ids), n):
+            raise TargetError(f"need n ≥ 1 and one seed per sample ([n] or [prompts, n]), got n={n} and seeds of "
+                              f"shape {tuple(np.shape(seeds))} for {len(ids)} prompts")
         cap = min(x for x in (self.limits.batch, self.sample_rows) if x)
         prompt_of = np.repeat(np.arange(len(ids)), n)
-        row_seeds = seeds * len(ids)
+        row_seeds = arr.reshape(-1).tolist()
         parts = []
         for rows in [slice(i, min(i + cap, len(prompt_of))) for i in range(0, len(prompt_of), cap)]:
             used, local = np.unique(prompt_of[rows], return_inverse=True)

@@ -32,7 +32,9 @@ class ReferenceError(SparseKDError):
 
 @dataclass
 class RefSettings:
-    prompts: int = 8
+    # Reference prompts for KL / top-1 / ppl / greedy match and the confidence measurement: as many as the stability
+    # prompts, so that every stability interval resamples the same number of prompts (8 under-covered badly).
+    prompts: int = 16
     length: int = 64  # tokens per prompt scored for KL / top-1 / ppl
     prefix: int = 16  # prompt prefix for generation (greedy + consistency)
     top_k: int = 32
