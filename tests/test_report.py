@@ -45,6 +45,26 @@ def test_stability_claims_are_judged_on_their_interval(ratio, verdict):
     assert jitter.verdict == verdict
 
 
+def test_fewer_unsure_positions_with_worse_calibration_is_overconfidence():
+    d = _data()
+    d.validation["metrics"]["stability"] = {"confidence": {
+        "ratio": {"value": 0.9, "low": 0.85, "high": 0.95},
+        "nll_next_token_difference": {"value": 0.02, "low": 0.01, "high": 0.04}}}
+    conf = next(c for c in claims(d) if "low-confidence" in c.name)
+    assert conf.verdict == NOT_SHOWN and "overconfidence" in conf.sentence
+    d.validation["metrics"]["stability"]["confidence"]["nll_next_token_difference"] = {
+        "value": 0.0, "low": -0.01, "high": 0.01}
+    assert next(c for c in claims(d) if "low-confidence" in c.name).verdict == HELD
+
+
+def test_a_null_ratio_says_why():
+    d = _data()
+    d.validation["metrics"]["stability"] = {"jitter": {"ratio": {"value": None, "low": None, "high": None,
+                                                                 "why": "the teacher never jitters"}}}
+    jitter = next(c for c in claims(d) if "repeated prompts" in c.name)
+    assert jitter.verdict == NOT_MEASURED and "the teacher never jitters" in jitter.sentence
+
+
 def test_a_steady_student_does_not_count_when_kl_failed():
     c = claims(_data({"value": 0.5, "low": 0.4, "high": 0.6}, kl=0.9, passed=False))
     assert [x.verdict for x in c[:2]] == [NOT_HELD, NOT_HELD]

@@ -82,7 +82,9 @@ def _stability_claims(data: ReportData, kl_ok: bool) -> list[Claim]:
         m = stab.get(key) if isinstance(stab, dict) else None
         ratio = _interval(m.get("ratio")) if isinstance(m, dict) else None
         if ratio is None:
-            why = "the bundle was not validated" if not data.validation else \
+            recorded_why = (m.get("ratio") or {}).get("why") if isinstance(m, dict) and isinstance(
+                m.get("ratio"), dict) else None
+            why = "the bundle was not validated" if not data.validation else recorded_why or \
                 "its references were recorded before this measurement existed, or it was skipped"
             out.append(Claim(promise, NOT_MEASURED, f"Not measured: {why}."))
             continue
@@ -100,10 +102,25 @@ def _stability_claims(data: ReportData, kl_ok: bool) -> list[Claim]:
             verdict, text = NOT_HELD, f"The student is less steady than the teacher: {span}."
         else:
             verdict, text = NOT_SHOWN, f"The data cannot tell the two apart: {span} includes 1."
+        if verdict == HELD and (worse := _qualifier(key, m)):
+            verdict, text = NOT_SHOWN, f"{text} It does not count: {worse}."
         if verdict == HELD and not kl_ok:
             verdict, text = NOT_SHOWN, text + " It does not count: the KL claim did not hold (a collapsed model is steady too)."
         out.append(Claim(promise, verdict, text))
     return out
+
+
+def _qualifier(key: str, m: dict) -> str | None:
+    """Why a ratio that looks steadier does not count: fewer low-confidence positions with a worse calibration
+    against the true next token is overconfidence; less sensitivity with more extra drift from the teacher on the
+    edited prompts is a flatter model, not a steadier one."""
+    if key == "confidence" and (nll := _interval(m.get("nll_next_token_difference"))) and nll[1] > 0:
+        return (f"the student's calibration against the next token is worse (NLL +{nll[0]:.3f}, interval "
+                f"{nll[1]:.3f}–{nll[2]:.3f}): fewer unsure positions here means overconfidence")
+    if key == "sensitivity" and (ex := _interval(m.get("excess_kl"))) and ex[1] > 0:
+        return (f"on edited prompts the student drifts further from the teacher (extra KL {ex[0]:.4f}, interval "
+                f"{ex[1]:.4f}–{ex[2]:.4f})")
+    return None
 
 
 def claims(data: ReportData) -> list[Claim]:

@@ -28,6 +28,16 @@ def _iv(x) -> str:
     return f"{iv[0]:.3f} [{iv[1]:.3f}, {iv[2]:.3f}]"
 
 
+# Beside each headline ratio, the statistics that qualify it (validate records them; absent ones are skipped).
+EXTRA_ROWS = {
+    "jitter": (("agreement_ratio", "pairwise agreement student / teacher (higher = steadier; jitter is saturated)"),),
+    "sensitivity": (("excess_kl", "extra KL to the teacher on edited prompts (≤ 0 = no extra drift)"),),
+    "confidence": (("mean_top1_prob_ratio", "mean top-1 probability student / teacher"),
+                   ("ece_next_token_difference", "ECE vs the next token: student − teacher"),
+                   ("nll_next_token_difference", "NLL vs the next token: student − teacher")),
+}
+
+
 def stability_rows(data: ReportData) -> tuple[list[dict], list[str]]:
     """One row per (measurement, statistic): teacher and student with their intervals; then the ratio row."""
     stab = ((data.validation or {}).get("metrics") or {}).get("stability")
@@ -47,7 +57,17 @@ def stability_rows(data: ReportData) -> tuple[list[dict], list[str]]:
                              "student": _iv(student.get(stat))})
         if "ratio" in m:
             rows.append({"measurement": key, "statistic": "student / teacher", "teacher": "",
-                         "student": _iv(m["ratio"]), "ratio": True})
+                         "student": _iv(m["ratio"]) if _interval(m["ratio"]) else
+                         f"not measured: {(m['ratio'] or {}).get('why', 'no interval')}", "ratio": True})
+        for field, label in EXTRA_ROWS.get(key, ()):
+            if _interval(m.get(field)):
+                rows.append({"measurement": key, "statistic": label, "teacher": "", "student": _iv(m[field])})
+        for edit, iv in sorted((m.get("per_edit_ratio") or {}).items()):
+            if _interval(iv):
+                control = " (control: not meaning-preserving for the next token)" if edit in (
+                    m.get("control_edits") or []) else ""
+                rows.append({"measurement": key, "statistic": f"edit {edit}: student / teacher{control}",
+                             "teacher": "", "student": _iv(iv)})
     notes = [str(n) for n in stab.get("notes", [])] if isinstance(stab.get("notes"), list) else []
     return rows, notes
 
