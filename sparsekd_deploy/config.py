@@ -64,6 +64,9 @@ class DistillConfig:
     dense_layers: str | None = None  # n:m: keep the K most load-bearing layers dense ("3"), or "auto"
     loadpaths: str | None = None  # a loadpaths.json from `analyze`; None = analysed in the run, on its training data
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on GPU; CPU runs fp32)
+    # Launched runs (torchrun / accelerate launch) use DDP; fsdp asks for the student sharded over GPUs instead
+    # (core/distributed.py says where that stands).
+    fsdp: bool = False
     consistency_prompts: int = 8
     consistency_samples: int = 8
     consistency_tokens: int = 16
@@ -110,6 +113,10 @@ def _problems(cfg: DistillConfig) -> list[str]:
     p.extend(_teacher_access_problems(cfg))
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         p.append(f"precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
+    if cfg.fsdp:
+        from .core.distributed import fsdp_problems
+
+        p.extend(fsdp_problems())
     p.extend(_quantize_problems(cfg))
     if not cfg.consistency_temperatures or not all(t > 0 and math.isfinite(t) for t in cfg.consistency_temperatures):
         p.append("consistency_temperatures must be a non-empty list of finite numbers > 0")
@@ -226,7 +233,7 @@ def _default(name: str) -> Any:
 
 HINTS = typing.get_type_hints(DistillConfig)  # the field annotations as types: they drive the type check
 NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")  # YAML 1.1 reads `1e-4` as text
-WORDS = {int: "an integer", float: "a number", str: "text"}
+WORDS = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
 PLURALS = {int: "integers", float: "numbers", str: "text"}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from rich.console import Console
@@ -9,6 +10,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 err_console = Console(stderr=True)
+
+
+def is_main_process() -> bool:
+    """False in the other ranks of a run started by torchrun / accelerate launch (they set RANK): a distributed run
+    prints its progress, notes, verdicts and errors once, from rank 0."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
 
 
 def fmt(x, spec=".4f") -> str:
@@ -19,8 +26,8 @@ class RichReporter:
     """Progress on stderr so stdout stays clean for --json."""
 
     def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-        self.console = Console(stderr=True, quiet=quiet)
+        self.quiet = quiet or not is_main_process()
+        self.console = Console(stderr=True, quiet=self.quiet)
         self.progress: Progress | None = None
         self.task = None
 
@@ -67,10 +74,14 @@ def print_error(message: str) -> None:
     # (a hint such as `pip install 'sparsekd-deploy[full]'` must keep its brackets).
     from rich.markup import escape
 
+    if not is_main_process():
+        return
     err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def stdout_json(obj) -> None:
     import json
 
+    if not is_main_process():
+        return
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")

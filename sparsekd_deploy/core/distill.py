@@ -7,6 +7,7 @@ if that fails the run stops at the last accepted stage and says so.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import time
@@ -24,6 +25,7 @@ from ..models.adapters import shrink_mlp
 from ..models.loading import load_model, load_tokenizer, resolve_teacher
 from . import consistency
 from .auto_search import AutoSearch
+from .distributed import LossModule, RankLostError, Team, check_global_batch
 from .evaluate import heldout_metrics
 from .kd_objective import KDObjective
 from .load_plan import LoadPlan, plan_load_paths
@@ -74,6 +76,7 @@ class Result:
 
 
 def make_accelerator(precision: str):
+    """Under ``torchrun`` / ``accelerate launch`` this joins the launched processes (DDP; gloo on CPU, NCCL on GPUs)."""
     from accelerate import Accelerator
 
     if not torch.cuda.is_available():
@@ -89,7 +92,14 @@ class StagedDistiller:
 
     def __init__(self, cfg: DistillConfig, reporter=None):
         self.cfg = cfg
-        self.reporter = reporter or NullReporter()
+        # Under a launcher (torchrun, accelerate launch) this is one of several processes (core/distributed.py): the
+        # main one decides, writes and reports; the others train their share of each batch and follow.
+        check_global_batch(cfg.batch_size)
+        self.team = Team.launched()
+        # Rows one process holds at once: its share of a training batch, and the batch of the main process's
+        # forward passes alone (held-out measurement, scoring), so that the main GPU needs no more than the others.
+        self.local_batch = cfg.batch_size // self.team.world
+        self.reporter = (reporter or NullReporter()) if self.team.is_main else NullReporter()
         # An auto pattern searches its sparsity stage by stage (auto_search.py); self.pattern is the current one.
         self.search = AutoSearch.for_spec(cfg.pattern, cfg.stages) if is_auto(cfg.pattern) else None
         self.pattern = self.search.pattern_at(0.5) if self.search else make_pattern(cfg.pattern)
@@ -115,7 +125,7 @@ class StagedDistiller:
         self.run: RunDir | None = None
         self.accelerator = None
         self.device: torch.device | None = None
-        self.student: torch.nn.Module | None = None  # as prepared by accelerate (may be wrapped)
+        self.student: torch.nn.Module | None = None  # LossModule(raw) as prepared by accelerate (DDP-wrapped)
         self.raw: torch.nn.Module | None = None  # the unwrapped student: what is pruned, measured and saved
         self.optimizer: torch.optim.Optimizer | None = None
         self.pruner: Pruner | None = None
@@ -137,17 +147,19 @@ class StagedDistiller:
     # -- one optimizer step --------------------------------------------------------------------------------
     def loss_on(self, ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """KD loss on ``ids``; ``rows``: their row numbers in the training set (a top-K cache finds them by content
-        when None)."""
+        when None). Called as it is (scoring), gradients stay local; a training step calls it through the wrapped
+        ``self.student`` (``distributed.LossModule``), whose backward DDP averages over the ranks."""
         if self.cfg.teacher_access == "text":
             with self.accelerator.autocast():
-                s_logits = self.student(input_ids=ids).logits
+                s_logits = self.raw(input_ids=ids).logits
                 # Black-box teacher: its sampled tokens are the targets (sequence-level KD).
                 return F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        return self.kd(self.student, self.teacher, ids, rows, self.accelerator.autocast)
+        return self.kd(self.raw, self.teacher, ids, rows, self.accelerator.autocast)
 
     def batches(self, seed: int) -> torch.Generator:
-        """The batch order of one recovery attempt."""
-        return torch.Generator().manual_seed(seed * 1009 + self.accelerator.process_index)
+        """The batch order of one recovery attempt: the same generator on every rank, which draws the global batch
+        and takes its share (``train_steps``)."""
+        return torch.Generator().manual_seed(seed * 1009)
 
     def train_steps(self, gen: torch.Generator, start: int, stop: int, total: int, peak_lr: float,
                     stage_label: str) -> None:
@@ -155,24 +167,32 @@ class StagedDistiller:
         cfg = self.cfg
         self.student.train()
         began = time.perf_counter()
+        with self.team.collective(f"stage {stage_label} trained"):  # DDP averages gradients with the other ranks
+            self._train_range(gen, start, stop, total, peak_lr, stage_label)
+        self._train_seconds += time.perf_counter() - began
+        self._trained_tokens += (stop - start) * cfg.batch_size * cfg.seq_len
+        self.tokens_per_second = self._trained_tokens / max(self._train_seconds, 1e-9)
+
+    def _train_range(self, gen: torch.Generator, start: int, stop: int, total: int, peak_lr: float,
+                     stage_label: str) -> None:
+        cfg = self.cfg
         for i in range(start, stop):
             for group in self.optimizer.param_groups:
                 group["lr"] = cosine_lr(peak_lr, i, total)
-            rows = torch.randint(len(self.train_ids), (cfg.batch_size,), generator=gen)
+            # The global batch, drawn alike on every rank; this rank trains its share (all of it with one process).
+            rows = self.team.shard(torch.randint(len(self.train_ids), (cfg.batch_size,), generator=gen))
             ids = self.train_ids[rows].to(self.device)
-            loss = self.loss_on(ids, rows)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at stage {stage_label}, step {i + 1}")
+            loss = self.student(ids, rows)
+            reported = self.team.mean(loss)  # the global batch's loss: every rank takes the same decision on it
+            if not torch.isfinite(reported):
+                raise NonFiniteLossError(f"non-finite loss ({reported.item()}) at stage {stage_label}, step {i + 1}")
             self.accelerator.backward(loss)
             self.accelerator.clip_grad_norm_(self.student.parameters(), 1.0)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             # Masks are enforced after every step: pruned weights stay exactly zero.
             apply_masks(self.raw, self.masks)
-            self.reporter.advance(loss.item())
-        self._train_seconds += time.perf_counter() - began
-        self._trained_tokens += (stop - start) * cfg.batch_size * cfg.seq_len
-        self.tokens_per_second = self._trained_tokens / max(self._train_seconds, 1e-9)
+            self.reporter.advance(reported.item())
 
     def reset_throughput(self) -> None:
         self._trained_tokens, self._train_seconds = 0, 0.0
@@ -180,8 +200,9 @@ class StagedDistiller:
 
     # -- measurements ----------------------------------------------------------------------------------
     def measure(self) -> dict:
-        return heldout_metrics(self.teacher, self.raw, self.heldout_ids, self.cfg.batch_size, self.device,
-                               cached=self.cache.heldout if self.cache is not None else None)
+        """Held-out metrics, measured by the main process and shared: every rank's recovery keeps the same state."""
+        return self.team.on_main(heldout_metrics, self.teacher, self.raw, self.heldout_ids, self.local_batch,
+                                 self.device, cached=self.cache.heldout if self.cache is not None else None)
 
     def consistency_of(self, model) -> dict:
         cfg = self.cfg
@@ -212,7 +233,17 @@ class StagedDistiller:
         self.raw.load_state_dict(state, strict=False)
         apply_masks(self.raw, self.masks)
 
+    def restore_everywhere(self, stage: int) -> None:
+        """``restore`` on the main process, then its weights and masks on every rank (the checkpoint files need not
+        be on the other ranks' machines)."""
+        if self.team.is_main:
+            self.restore(stage)
+        self.team.sync_module(self.raw)
+        self.masks = self.team.share_masks(self.masks)
+
     def save_state(self, accepted: int, status: str = "running") -> None:
+        if not self.team.is_main:
+            return
         self.run.write_json(STATE, {
             "config": self.cfg.to_dict(), "accepted": accepted, "status": status,
             "trajectory": self.trajectory, "teacher_consistency": self.teacher_consistency,
@@ -221,18 +252,29 @@ class StagedDistiller:
     # -- the run ---------------------------------------------------------------------------------------
     def run_all(self, resume: bool = False, overwrite: bool = False) -> Result:
         # A second run into the same output is refused while this one lives (the error names its pid and start);
-        # without the lock, `--overwrite` would replace this run's directory under its feet.
-        with dir_lock(self.cfg.out):
+        # without the lock, `--overwrite` would replace this run's directory under its feet. The lock is the main
+        # process's: the other ranks of a distributed run write nothing.
+        with self.team.stop_on_sigterm(), contextlib.ExitStack() as held:
+            def take_lock() -> None:
+                held.enter_context(dir_lock(self.cfg.out))
+
+            self.team.on_main(take_lock)  # a refusal (another run holds it) is raised on every rank
             return self._run_locked(resume, overwrite)
 
     def _run_locked(self, resume: bool, overwrite: bool) -> Result:
         self.run = RunDir(self.cfg.out)
-        resuming = self.run.prepare(resume, overwrite)
+        resuming = self.team.on_main(self.run.prepare, resume, overwrite)
         try:
             return self._run(resuming)
+        except RankLostError as e:
+            if not (self.team.is_main and (self.run.partial / STATE).exists()):
+                raise
+            kept = self.run.read_state().get("accepted")
+            raise RankLostError(f"{e}. The run stopped at its last accepted stage ({kept}), kept in "
+                                f"{self.run.partial}: launch the same command with --resume to continue") from None
         except BaseException:
             # Nothing worth resuming yet: do not leave an empty work dir that blocks the next run.
-            if not (self.run.partial / STATE).exists():
+            if self.team.is_main and not (self.run.partial / STATE).exists():
                 import shutil
 
                 shutil.rmtree(self.run.partial, ignore_errors=True)
@@ -244,9 +286,11 @@ class StagedDistiller:
         accepted = self._load_state() if resuming else self._start_state()
         self._prepare_objective()
         self.prompts = self.heldout_ids[: self.cfg.consistency_prompts, : max(1, min(16, self.cfg.seq_len // 2))]
-        self.stability = StageStability(self.teacher, self.prompts, self.tokenizer)
+        if self.team.is_main:  # stability and consistency go into the records, which only the main process writes
+            self.stability = StageStability(self.teacher, self.prompts, self.tokenizer)
         if not resuming:
-            self.teacher_consistency = self.consistency_of(self.teacher)
+            if self.team.is_main:
+                self.teacher_consistency = self.consistency_of(self.teacher)
             self.trajectory = [{
                 "stage": 0, "label": "dense", "fraction": 0.0, "sparsity": 0.0, "kl": 0.0, "kl_after_prune": 0.0,
                 "top1": 1.0, "steps": 0, "attempts": 0, "accepted": True,
@@ -263,8 +307,12 @@ class StagedDistiller:
         self.teacher.to(self.device)
         student = copy.deepcopy(self.teacher)
         optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-        self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
-        self.raw = self.accelerator.unwrap_model(self.student)
+        # The KD loss is the wrapped module's forward (distributed.LossModule): the chunked path's calls to the base
+        # model and lm_head then sit inside DDP's forward, so their gradients are averaged too. The teacher is no
+        # submodule: it stays out of the wrapped graph.
+        module = LossModule(student, lambda ids, rows: self.loss_on(ids, rows))
+        self.student, self.optimizer = self.accelerator.prepare(module, optimizer)
+        self.raw = self.accelerator.unwrap_model(self.student).student
         self.pruner = Pruner(self.raw, self.pattern, cfg.include, cfg.exclude, self.keep_dense)
         self.masks = {}
 
@@ -274,9 +322,13 @@ class StagedDistiller:
         from .kd_objective import prepare
 
         self.peak = PeakMemory(self.device)
+        if not self.team.is_main:  # the main process writes a top-K cache; the others open it once it is complete
+            self.team.wait("the teacher top-K cache")
         self.kd, self.cache = prepare(self.cfg, self.raw, self.teacher, self.teacher_dir, self.operator, self.loss_fn,
                                       self.train_ids, self.heldout_ids, self.device,
                                       self.run.partial / "teacher-topk", self.reporter)
+        if self.team.is_main:
+            self.team.wait("the teacher top-K cache")
         self.kd_chunk = self.kd.chunk
 
     def _release_teacher(self) -> None:
@@ -289,29 +341,37 @@ class StagedDistiller:
         self.reporter.note("teacher freed from memory: training on its top-K cache")
 
     def _load_state(self) -> int:
-        state = self.run.read_state()
-        data = self.run.load_tensors("data.safetensors")
-        self.train_ids, self.heldout_ids = data["train"], data["heldout"]
-        self.trajectory = state["trajectory"]
-        self.teacher_consistency = state["teacher_consistency"]
-        accepted = int(state["accepted"])
-        self.restore(accepted)
+        def read():
+            state = self.run.read_state()
+            data = self.run.load_tensors("data.safetensors")
+            return (data["train"], data["heldout"], state["trajectory"], state["teacher_consistency"],
+                    int(state["accepted"]))
+
+        (self.train_ids, self.heldout_ids, self.trajectory, self.teacher_consistency,
+         accepted) = self.team.on_main(read)
+        self.restore_everywhere(accepted)
         self.reporter.note(f"resuming after accepted stage {accepted}")
         return accepted
 
     def _start_state(self) -> int:
-        self.reporter.note("building the distillation set" + (" (sampling the teacher)" if self.cfg.data is None else ""))
-        from . import teacher
+        def build():
+            self.reporter.note("building the distillation set"
+                               + (" (sampling the teacher)" if self.cfg.data is None else ""))
+            from . import teacher
 
-        self.train_ids, self.heldout_ids = teacher.build_data(self.cfg, self.teacher.cpu(), self.tokenizer)
+            train, heldout = teacher.build_data(self.cfg, self.teacher.cpu(), self.tokenizer)
+            self.run.save_tensors("data.safetensors", {"train": train, "heldout": heldout})
+            return train, heldout
+
+        # Sampled once, by the main process: every rank distils on the same sequences.
+        self.train_ids, self.heldout_ids = self.team.on_main(build)
         self.teacher.to(self.device)
-        self.run.save_tensors("data.safetensors", {"train": self.train_ids, "heldout": self.heldout_ids})
         return 0
 
     def _run(self, resuming: bool) -> Result:
         cfg = self.cfg
         accepted = self._setup(resuming)
-        calib = list(self.train_ids[: cfg.calib_batches * cfg.batch_size].split(cfg.batch_size))
+        calib = list(self.train_ids[: cfg.calib_batches * cfg.batch_size].split(self.local_batch))
         if self.search is not None:
             self._release_teacher()
             return self._run_auto(accepted, calib)
@@ -321,7 +381,7 @@ class StagedDistiller:
             outcome = self.run_stage(stage, calib)
             record = self._record(stage, outcome)
             if not outcome.accepted:
-                self.restore(accepted)
+                self.restore_everywhere(accepted)
                 return self._finish("stopped", stop_reason(stage, outcome, cfg.kl_budget, cfg.retries), accepted)
             accepted = self._accept(stage, record)
         return self._finish("complete", f"reached {self.pattern.spec} in {cfg.stages} stage(s)", accepted)
@@ -346,7 +406,7 @@ class StagedDistiller:
                 accepted = self._accept(stage, record)
             else:
                 search.reject(pattern.target_sparsity(), outcome.recovery.metrics["kl"])
-                self.restore(accepted)
+                self.restore_everywhere(accepted)
         if best_pattern is None:
             return self._finish("stopped", f"even {search.last_rejected[0]:.1%} {search.kind} broke the KL budget "
                                            f"{cfg.kl_budget}; the student is the dense teacher", accepted)
@@ -358,10 +418,15 @@ class StagedDistiller:
         self.pruner = Pruner(self.raw, pattern, self.cfg.include, self.cfg.exclude, self.keep_dense)
 
     def _plan_load_paths(self, calib: list[torch.Tensor]) -> None:
-        self.load_plan = plan_load_paths(self.cfg, self.teacher, self.teacher_dir, self.pattern, self.train_ids, calib)
+        def plan_and_write():
+            plan = plan_load_paths(self.cfg, self.teacher, self.teacher_dir, self.pattern, self.train_ids, calib)
+            if plan is not None:
+                self.run.write_json("loadpaths.json", plan.report.to_dict())
+            return plan
+
+        self.load_plan = self.team.on_main(plan_and_write)
         if self.load_plan is None:
             return
-        self.run.write_json("loadpaths.json", self.load_plan.report.to_dict())
         if self.load_plan.dense:
             self.keep_dense = {**self.keep_dense, **self.load_plan.dense}
             self.pruner = Pruner(self.raw, self.pattern, self.cfg.include, self.cfg.exclude, self.keep_dense)
@@ -377,6 +442,14 @@ class StagedDistiller:
         record["layer_sparsity"] = {name: e["sparsity"] for name, e in report["layers"].items()}
         record.update(self.peak.read())  # training + held-out measurements of this stage (memory.py)
         record["kd_chunk"] = self.kd_chunk
+        if self.team.distributed:
+            # Checked, not assumed: DDP's averaged gradients must leave every rank with the main process's weights.
+            record["ranks"] = {"world_size": self.team.world, "weights_identical": self.team.same_weights(self.raw)}
+            if not record["ranks"]["weights_identical"]:
+                from ..errors import IntegrityError
+
+                raise IntegrityError(f"the {self.team.world} ranks hold different weights after stage {stage.label}: "
+                                     "gradients were not averaged over the ranks; the run stops here")
         if self.cache is not None:
             record["kl_measure"] = f"top-{self.cache.stamp.k} buckets + tail (a lower bound of the full KL)"
         if not outcome.accepted:
@@ -385,10 +458,11 @@ class StagedDistiller:
         return record
 
     def _accept(self, stage: Stage, record: dict) -> int:
-        record["consistency"] = {"student": self.consistency_of(self.raw), "teacher": self.teacher_consistency}
-        record["stability"] = self.stability.entry(self.raw, record.pop("confidence", {}), record["consistency"])
+        if self.team.is_main:  # the other ranks hold the same weights (checked in _record) and write nothing
+            record["consistency"] = {"student": self.consistency_of(self.raw), "teacher": self.teacher_consistency}
+            record["stability"] = self.stability.entry(self.raw, record.pop("confidence", {}), record["consistency"])
+            self.run.save_checkpoint(stage.index, self.raw, self.masks)
         self.trajectory.append(record)
-        self.run.save_checkpoint(stage.index, self.raw, self.masks)
         self.save_state(stage.index)
         self.reporter.stage_end(record)
         return stage.index
@@ -397,9 +471,14 @@ class StagedDistiller:
         """Prune to the stage's share of the pattern, then recover: train at an lr sized to the damage, keeping the
         best held-out state (the post-prune one included); retries (each longer) while it is over the budget."""
         cfg = self.cfg
-        self.masks = prune_stage(self.raw, self.pruner, cfg.importance, stage.fraction, calib, self.masks,
-                                 kd_loss=lambda ids: self.loss_on(ids.to(self.device)),
-                                 allocation=self.load_plan.allocation if self.load_plan else None)
+        # Scored and masked once, by the main process (taylor's gradients stay local there); every rank applies them.
+        if self.team.is_main:
+            self.masks = prune_stage(self.raw, self.pruner, cfg.importance, stage.fraction, calib, self.masks,
+                                     kd_loss=lambda ids: self.loss_on(ids.to(self.device)),
+                                     allocation=self.load_plan.allocation if self.load_plan else None)
+        self.masks = self.team.share_masks(self.masks)
+        if not self.team.is_main:
+            apply_masks(self.raw, self.masks)
         self.optimizer.state.clear()  # momentum from the previous stage points at a different model
         after = self.measure()
         outcome = StageOutcome(after["kl"], recovery_lr(cfg.lr, after["kl"]), Recovery.start(self.raw, after))
@@ -429,6 +508,11 @@ class StagedDistiller:
         return outcome
 
     def _finish(self, status: str, reason: str, accepted: int) -> Result:
+        """The run's outputs, written by the main process; the other ranks wait for it and return the same result."""
+        final, trajectory, summary = self.team.on_main(self._write_outputs, status, reason, accepted)
+        return Result(status, reason, final, trajectory, summary)
+
+    def _write_outputs(self, status: str, reason: str, accepted: int) -> tuple[Path, list[dict], dict]:
         cfg = self.cfg
         out = self.run.partial
         zeros = check_integrity(self.raw, self.masks)
@@ -471,7 +555,7 @@ class StagedDistiller:
 
             shutil.rmtree(self.cache.directory, ignore_errors=True)
         final = self.run.finish()
-        return Result(status, reason, final, self.trajectory, summary)
+        return final, self.trajectory, summary
 
 
 def distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = False, reporter=None) -> Result:

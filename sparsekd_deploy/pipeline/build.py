@@ -85,15 +85,52 @@ def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions | None = None,
     opts = opts or BuildOptions()
     reporter = reporter or NullReporter()
     out = Path(out)
-    check_out(out, opts.overwrite)
+    from ..core.distributed import Team, check_global_batch
+
+    check_global_batch(cfg.batch_size)
+    team = Team.launched()  # under torchrun / accelerate launch the main process checks, locks and writes
+    team.on_main(check_out, out, opts.overwrite)
     from ..exporters.quantize import check_mode
 
     check_mode(cfg.quantize, opts.target)  # a mode the target cannot run is refused before the distillation
     run_dir = Path(opts.run_dir) if opts.run_dir else default_run_dir(out)
     cfg.out = str(run_dir)
 
+    if team.distributed:
+        return _build_launched(team, cfg, out, run_dir, opts, reporter, gates)
     with dir_lock(out):  # a second build into the same bundle is refused, naming this one (pid, start time)
         return _build_locked(cfg, out, run_dir, opts, reporter, gates)
+
+
+def _reuses_run(run, opts: BuildOptions) -> bool:
+    """Whether a rebuild takes the finished run it made before (instead of distilling again)."""
+    from ..core.rundir import STATE
+
+    finished = (run.final / "summary.json").is_file() and not (run.partial / STATE).is_file()
+    return finished and (opts.resume or not opts.overwrite)
+
+
+def _build_launched(team, cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptions, reporter, gates
+                    ) -> BuildResult:
+    """A build under torchrun / accelerate launch: the main process holds the bundle's lock and does all of
+    ``_build_locked``; the other ranks take their share of the distillation (unless a finished run is reused)
+    and stop there: export, bundle and validation are the main process's."""
+    import contextlib
+
+    from ..core.distill import Result, distill
+    from ..core.rundir import RunDir
+
+    with contextlib.ExitStack() as held:
+        def lock_and_look() -> dict | None:
+            held.enter_context(dir_lock(out))
+            run = RunDir(cfg.out)
+            return Result.from_dir(run.final).summary if _reuses_run(run, opts) else None
+
+        reused = team.on_main(lock_and_look)
+        if team.is_main:
+            return _build_locked(cfg, out, run_dir, opts, reporter, gates)
+        summary = reused if reused is not None else distill(cfg, resume=opts.resume, overwrite=opts.overwrite).summary
+        return BuildResult(out, run_dir, summary)
 
 
 def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptions, reporter, gates) -> BuildResult:
@@ -103,8 +140,7 @@ def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptio
     from ..core.rundir import STATE, RunDir
 
     run = RunDir(cfg.out)
-    finished = (run.final / "summary.json").is_file() and not (run.partial / STATE).is_file()
-    if finished and (opts.resume or not opts.overwrite):
+    if _reuses_run(run, opts):
         # A rebuild finds the run it made before: the same flags reuse it, other flags are named, never mixed
         # (--overwrite alone redoes it; with --resume it replaces only the bundle).
         differ = _differing_flags(run.final / STATE, cfg)
