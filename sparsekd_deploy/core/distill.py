@@ -430,8 +430,9 @@ class StagedDistiller:
         if self.load_plan.dense:
             self.keep_dense = {**self.keep_dense, **self.load_plan.dense}
             self.pruner = Pruner(self.raw, self.pattern, self.cfg.include, self.cfg.exclude, self.keep_dense)
-            self.reporter.note(f"keeping {len(self.load_plan.dense)} load-bearing layer(s) dense: "
-                               + ", ".join(self.load_plan.dense))
+            self.reporter.note(f"keeping {len(self.load_plan.dense)} load-bearing layer(s) dense:")
+            for name, why in self.load_plan.dense.items():
+                self.reporter.note(f"  {name}: {why}")
         if self.load_plan.allocation:
             lo, hi = min(self.load_plan.allocation.values()), max(self.load_plan.allocation.values())
             self.reporter.note(f"per-layer sparsity by load path: {lo:.1%}..{hi:.1%} around {self.pattern.spec}")
