@@ -156,12 +156,18 @@ def test_two_ranks_reproduce_one_process(tiny_dirs, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("building the distillation set") == 1 and r.stderr.count("accepted") == 2
     assert json.loads(r.stdout)["reached_target"] is True  # one JSON summary on stdout, from the main process
-    one = distill(build_config(recipe, {"out": str(tmp_path / "one")}))
+    # The one-process reference runs in a fresh interpreter with the ranks' thread count (torchrun sets
+    # OMP_NUM_THREADS=1 per worker): in this test process, thread settings left by other tests change the reduction
+    # order of the float sums, and the KLs drift past the tolerance.
+    ref = subprocess.run([CLI, "distill", "--recipe", str(recipe), "--out", str(tmp_path / "one"), "--json"],
+                         capture_output=True, text=True, env=_env() | {"OMP_NUM_THREADS": "1"}, timeout=400)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "trajectory.json").read_text())["stages"]
     two = json.loads((tmp_path / "two" / "trajectory.json").read_text())["stages"]
-    assert [s["stage"] for s in two] == [s["stage"] for s in one.trajectory] == [0, 1, 2]
-    for a, b in zip(one.trajectory[1:], two[1:], strict=True):
+    assert [s["stage"] for s in two] == [s["stage"] for s in one] == [0, 1, 2]
+    for a, b in zip(one[1:], two[1:], strict=True):
         assert b["ranks"] == {"world_size": 2, "weights_identical": True}
-        ma, mb = _masks(one.out, a["stage"]), _masks(tmp_path / "two", b["stage"])
+        ma, mb = _masks(tmp_path / "one", a["stage"]), _masks(tmp_path / "two", b["stage"])
         assert sorted(ma) == sorted(mb) and len(ma) == 14  # every prunable layer of the tiny Llama
         assert all(torch.equal(ma[k], mb[k]) for k in ma)
         assert b["kl_after_prune"] == pytest.approx(a["kl_after_prune"], abs=KL_TOLERANCE)
