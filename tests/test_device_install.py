@@ -262,7 +262,7 @@ def test_backends_on_a_gpu(monkeypatch, fresh_choice, binding):
 # --- the real thing: a fresh venv with `pip install '<repo>[device]'` ----------------------------------------------
 
 NETWORK = re.compile(r"Failed to establish a new connection|Temporary failure in name resolution|Network is unreachable|"
-                     r"No matching distribution found for (setuptools|numpy|onnxruntime)|ProxyError|"
+                     r"ProxyError|"
                      r"Could not fetch URL|Connection refused|Read timed out|Max retries exceeded", re.I)
 
 
@@ -311,7 +311,8 @@ def test_device_extra_in_a_fresh_venv(ort_bundle, tmp_path):
     from sshd_server import SSHD, start_server
 
     if SSHD is None:
-        return  # test_ship.py skips with the reason; the lean venv itself is checked above
+        pytest.skip("the lean venv passed its checks above; shipping to it needs OpenSSH's sshd (Debian package "
+                    "openssh-server, installed by .ci/run)")
     srv = start_server(tmp_path / "sshd")
     try:
         dest = tmp_path / "device"

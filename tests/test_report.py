@@ -104,6 +104,8 @@ def test_bundle_report_html_and_markdown(ort_bundle, tmp_path):
     (lambda p: p.mkdir(), "neither a bundle"),
     (lambda p: (p.mkdir(), (p / "trajectory.json").write_text("{oops")), "not valid JSON"),
     (lambda p: (p.mkdir(), (p / "trajectory.json").write_text("[]")), "not a trajectory"),
+    (lambda p: (p.mkdir(), (p / "trajectory.json").write_text('{"stages": [1, "x"]}')), "stage 0 is not a record"),
+    (lambda p: (p.mkdir(), (p / "trajectory.json").write_text('{"stages": [{"kl": "a"}]}')), "non-numeric kl"),
 ])
 def test_bad_sources_are_one_line(tmp_path, make, needle):
     src = tmp_path / "src"

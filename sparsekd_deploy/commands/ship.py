@@ -45,6 +45,8 @@ def _run(coro):
         return asyncio.run(coro)
     except asyncssh.Error as e:
         raise ShipError(f"the connection failed: {e.reason or type(e).__name__}; nothing was changed") from None
+    except (ConnectionError, asyncio.TimeoutError, TimeoutError) as e:  # a link that drops outside asyncssh's own
+        raise ShipError(f"the connection failed: {e.strerror or type(e).__name__}; nothing was changed") from None
 
 
 @click.command("ship")

@@ -38,6 +38,22 @@ def _read_run_json(path: Path, what: str) -> dict | None:
     return read_json_object(path, what, f"the {what} is damaged; rerun the distillation")
 
 
+def _checked(traj: dict, where: Path) -> dict:
+    """A trajectory whose stages are records with numbers where numbers belong (a hand-edited or damaged file is one
+    clear error, not a page of wrong numbers or a traceback)."""
+    stages = traj.get("stages")
+    if not isinstance(stages, list):
+        raise BundleError(f"{where} has no list of stages; the trajectory is damaged")
+    for i, s in enumerate(stages):
+        if not isinstance(s, dict):
+            raise BundleError(f"{where}: stage {i} is not a record; the trajectory is damaged")
+        bad = [k for k in ("kl", "kl_after_prune", "sparsity", "top1", "budget")
+               if s.get(k) is not None and (isinstance(s[k], bool) or not isinstance(s[k], (int, float)))]
+        if bad:
+            raise BundleError(f"{where}: stage {i} has non-numeric {', '.join(bad)}; the trajectory is damaged")
+    return traj
+
+
 def collect(path: str | Path) -> ReportData:
     p = Path(path)
     if not p.is_dir():
@@ -46,10 +62,11 @@ def collect(path: str | Path) -> ReportData:
         b = Bundle.open(p)
         read = lambda rel, what: b.read_json(rel, what, "rebuild the bundle")  # noqa: E731
         traj = read("trajectory.json", "trajectory")
+        dist = b.manifest.get("distillation") if isinstance(b.manifest.get("distillation"), dict) else {}
         data = ReportData("bundle", p, str(b.manifest.get("name") or p.name),
-                          traj or {"stages": b.manifest.get("trajectory", []),
-                                   **{k: b.manifest.get("distillation", {}).get(k) for k in ("status", "reason")},
-                                   "pattern": b.manifest.get("pattern")},
+                          _checked(traj or {"stages": b.manifest.get("trajectory", []),
+                                            **{k: dist.get(k) for k in ("status", "reason")},
+                                            "pattern": b.manifest.get("pattern")}, p / "trajectory.json"),
                           sparsity=read("sparsity.json", "sparsity report"), manifest=b.manifest,
                           validation=b.read_validation(), audit=read("audit.json", "sparsity audit"))
         if b.has("engine.sparsity.json"):
@@ -62,8 +79,7 @@ def collect(path: str | Path) -> ReportData:
     traj = _read_run_json(p / "trajectory.json", "trajectory")
     if traj is None:
         raise BundleError(f"{p} is neither a bundle (no {MANIFEST}) nor a distill run (no trajectory.json)")
-    if not isinstance(traj.get("stages"), list):
-        raise BundleError(f"{p / 'trajectory.json'} has no list of stages; the trajectory is damaged")
-    data = ReportData("run", p, p.name, traj, sparsity=_read_run_json(p / "sparsity.json", "sparsity report"))
+    data = ReportData("run", p, p.name, _checked(traj, p / "trajectory.json"),
+                      sparsity=_read_run_json(p / "sparsity.json", "sparsity report"))
     data.missing.append("validation: a run dir has no runtime validation (build a bundle from it: `build --resume`)")
     return data

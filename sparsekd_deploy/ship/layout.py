@@ -14,7 +14,6 @@ recognised as the same release.
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 import re
 from dataclasses import dataclass
@@ -26,7 +25,9 @@ _VERSION = re.compile(r"^v-[0-9a-f]{12}$")
 
 
 def bundle_version(bundle_dir: Path) -> str:
-    return "v-" + hashlib.sha256((bundle_dir / "manifest.json").read_bytes()).hexdigest()[:12]
+    from ..digests import sha256_file
+
+    return "v-" + sha256_file(bundle_dir / "manifest.json")[:12]
 
 
 def check_version(version: str) -> str:
