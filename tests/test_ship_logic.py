@@ -134,3 +134,12 @@ def test_fleet_exit_code_says_whether_anything_changed():
     assert fleet_exit_code([r("error"), r("skipped")]) == 2  # nothing changed anywhere
     assert fleet_exit_code([r("activated"), r("error")]) == 1  # some devices changed
     assert fleet_exit_code([r("failed"), r("skipped")]) == 1
+
+
+def test_activation_stamps_order_ships_within_one_second():
+    import re
+
+    from sparsekd_deploy.ship.releases import now
+
+    # with seconds, two ships finishing in one second tied, and "the previous release" was picked arbitrarily
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00", now())

@@ -12,7 +12,9 @@ from .remote import Remote, ShipError
 
 
 def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    # Microseconds: activation history and shipping order are read from these stamps, and two ships to one path can
+    # finish within the same second (seconds made "the previous release" a tie, broken arbitrarily).
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
 @dataclass
