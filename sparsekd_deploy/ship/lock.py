@@ -11,35 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
-import json
 
 from .layout import Layout
-from .remote import Remote, ShipError, local_identity, shell_line
+from .remote import Remote, ShipError, local_identity, read_json, shell_line, write_json
 
 _BUSY = 75  # flock -E: the exit status when the lock is held by someone else
-
-
-async def read_json(remote: Remote, path: str) -> dict | None:
-    import asyncssh
-
-    try:
-        async with remote.sftp.open(path, "rb") as f:
-            raw = await f.read()
-    except asyncssh.SFTPNoSuchFile:
-        return None
-    try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-async def write_json(remote: Remote, path: str, obj: dict) -> None:
-    """Write then rename, so a reader never sees half a record."""
-    tmp = path + ".tmp"
-    async with remote.sftp.open(tmp, "wb") as f:
-        await f.write(json.dumps(obj, indent=2).encode())
-    await remote.sftp.posix_rename(tmp, path)
 
 
 class DeviceLock:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .lock import DeviceLock, read_json
+from .lock import DeviceLock
 from .releases import Release, activate, list_releases, rollback_target
-from .remote import HostSpec, Remote, ShipError
+from .remote import HostSpec, Remote, ShipError, read_json
 from .ship import ReleaseRefused, open_layout
 from .upload import ShipFile, verify_on_device
 

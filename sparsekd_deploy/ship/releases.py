@@ -7,8 +7,7 @@ import posixpath
 from dataclasses import dataclass
 
 from .layout import Layout, check_version
-from .lock import read_json, write_json
-from .remote import Remote, ShipError
+from .remote import Remote, ShipError, read_json, write_json
 
 
 def now() -> str:
@@ -82,8 +81,9 @@ async def activate(remote: Remote, layout: Layout, version: str) -> None:
     import asyncssh
 
     check_version(version)
-    record = await read_json(remote, layout.record(version)) or {}
-    await update_record(remote, layout, version, activated_at=[*record.get("activated_at", []), now()])
+    record = await read_json(remote, layout.record(version)) or {"version": version}
+    record["activated_at"] = [*record.get("activated_at", []), now()]
+    await write_json(remote, layout.record(version), record)
     tmp = layout.current + ".new"
     try:
         await remote.sftp.remove(tmp)

@@ -14,6 +14,7 @@ quoted with ``shlex.quote`` by ``shell_line``; nothing a user typed is pasted in
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import shlex
 from dataclasses import dataclass
@@ -185,3 +186,27 @@ def local_identity() -> str:
     import socket
 
     return f"{getpass.getuser()}@{socket.gethostname()} (pid {os.getpid()})"
+
+
+async def read_json(remote: Remote, path: str) -> dict | None:
+    """A JSON object file on the device (ship's records), or None when it is absent or not a JSON object."""
+    import asyncssh
+
+    try:
+        async with remote.sftp.open(path, "rb") as f:
+            raw = await f.read()
+    except asyncssh.SFTPNoSuchFile:
+        return None
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+async def write_json(remote: Remote, path: str, obj: dict) -> None:
+    """Write then rename, so a reader never sees half a record."""
+    tmp = path + ".tmp"
+    async with remote.sftp.open(tmp, "wb") as f:
+        await f.write(json.dumps(obj, indent=2).encode())
+    await remote.sftp.posix_rename(tmp, path)

@@ -242,7 +242,7 @@ async def _run_steps(remote: Remote, layout: Layout, bundle: LocalBundle, opts: 
     The live release is never rebuilt nor relabelled: an engine build there is refused, and a failing re-validation
     of it is reported (exit 1) with the release left current and its status untouched — the user decides to roll
     back."""
-    from .lock import read_json
+    from .remote import read_json
 
     v = bundle.version
     record = await read_json(remote, layout.record(v)) or {}

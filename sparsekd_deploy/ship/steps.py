@@ -140,7 +140,7 @@ async def build_engine(remote: Remote, layout: Layout, version: str, remote_bin:
     """The bundle's engine-build step on the device: its Python builder (``engine build``, needs TensorRT's Python
     package); where that fails and the device has ``trtexec`` (JetPack ships it without the Python package in every
     venv), the bundle's recorded trtexec line for the device's TensorRT major, then ``engine add``."""
-    from .lock import read_json
+    from .remote import read_json
 
     t0 = time.monotonic()
     release = layout.release(version)
