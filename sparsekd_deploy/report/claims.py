@@ -29,7 +29,7 @@ class Claim:
     sentence: str
 
 
-def _interval(x) -> tuple[float, float, float] | None:
+def interval(x) -> tuple[float, float, float] | None:
     """(value, low, high) when all three are finite numbers; anything else (absent, null, NaN, a 1e9 placeholder
     of a zero denominator) is no interval at all — never a verdict."""
     import math
@@ -80,7 +80,7 @@ def _stability_claims(data: ReportData, kl_ok: bool) -> list[Claim]:
     out = []
     for key, promise in STABILITY.items():
         m = stab.get(key) if isinstance(stab, dict) else None
-        ratio = _interval(m.get("ratio")) if isinstance(m, dict) else None
+        ratio = interval(m.get("ratio")) if isinstance(m, dict) else None
         if ratio is None:
             recorded_why = (m.get("ratio") or {}).get("why") if isinstance(m, dict) and isinstance(
                 m.get("ratio"), dict) else None
@@ -114,10 +114,10 @@ def _qualifier(key: str, m: dict) -> str | None:
     """Why a ratio that looks steadier does not count: fewer low-confidence positions with a worse calibration
     against the true next token is overconfidence; less sensitivity with more extra drift from the teacher on the
     edited prompts is a flatter model, not a steadier one."""
-    if key == "confidence" and (nll := _interval(m.get("nll_next_token_difference"))) and nll[1] > 0:
+    if key == "confidence" and (nll := interval(m.get("nll_next_token_difference"))) and nll[1] > 0:
         return (f"the student's calibration against the next token is worse (NLL +{nll[0]:.3f}, interval "
                 f"{nll[1]:.3f}–{nll[2]:.3f}): fewer unsure positions here means overconfidence")
-    if key == "sensitivity" and (ex := _interval(m.get("excess_kl"))) and ex[1] > 0:
+    if key == "sensitivity" and (ex := interval(m.get("excess_kl"))) and ex[1] > 0:
         return (f"on edited prompts the student drifts further from the teacher (extra KL {ex[0]:.4f}, interval "
                 f"{ex[1]:.4f}–{ex[2]:.4f})")
     return None

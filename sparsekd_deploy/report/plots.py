@@ -6,7 +6,7 @@ import io
 import tempfile
 from pathlib import Path
 
-from .claims import STABILITY, _interval
+from .claims import STABILITY, interval
 from .collect import ReportData
 
 
@@ -62,7 +62,7 @@ def stability_png(data: ReportData) -> bytes | None:
     rows = []
     for key, promise in STABILITY.items():
         m = stab.get(key) if isinstance(stab, dict) else None
-        if isinstance(m, dict) and (iv := _interval(m.get("ratio"))):
+        if isinstance(m, dict) and (iv := interval(m.get("ratio"))):
             rows.append((promise, *iv))
     if not rows:
         return None

@@ -8,7 +8,7 @@ import datetime as _dt
 from pathlib import Path
 
 from .. import __version__
-from .claims import STABILITY, _interval, claims
+from .claims import STABILITY, claims, interval
 from .collect import ReportData
 from .plots import figures
 
@@ -22,7 +22,7 @@ def _fmt(x, spec=".4f") -> str:
 
 
 def _iv(x) -> str:
-    iv = _interval(x)
+    iv = interval(x)
     if iv is None:
         return _fmt(x) if isinstance(x, (int, float)) else "—"
     return f"{iv[0]:.3f} [{iv[1]:.3f}, {iv[2]:.3f}]"
@@ -52,18 +52,18 @@ def stability_rows(data: ReportData) -> tuple[list[dict], list[str]]:
         # statistics at the teacher's N (some, e.g. distinct_2, depend on N).
         student, teacher = m.get("student_at_compared") or m.get("student") or {}, m.get("teacher") or {}
         for stat in sorted(set(student) | set(teacher)):
-            if _interval(student.get(stat)) or _interval(teacher.get(stat)):
+            if interval(student.get(stat)) or interval(teacher.get(stat)):
                 rows.append({"measurement": key, "statistic": stat, "teacher": _iv(teacher.get(stat)),
                              "student": _iv(student.get(stat))})
         if "ratio" in m:
             rows.append({"measurement": key, "statistic": "student / teacher", "teacher": "",
-                         "student": _iv(m["ratio"]) if _interval(m["ratio"]) else
+                         "student": _iv(m["ratio"]) if interval(m["ratio"]) else
                          f"not measured: {(m['ratio'] or {}).get('why', 'no interval')}", "ratio": True})
         for field, label in EXTRA_ROWS.get(key, ()):
-            if _interval(m.get(field)):
+            if interval(m.get(field)):
                 rows.append({"measurement": key, "statistic": label, "teacher": "", "student": _iv(m[field])})
         for edit, iv in sorted((m.get("per_edit_ratio") or {}).items()):
-            if _interval(iv):
+            if interval(iv):
                 control = " (control: not meaning-preserving for the next token)" if edit in (
                     m.get("control_edits") or []) else ""
                 rows.append({"measurement": key, "statistic": f"edit {edit}: student / teacher{control}",
