@@ -73,6 +73,18 @@ METHODS: dict[str, dict] = {
     # Separates what load-path allocation buys from what staging buys (not in the default matrix; --methods).
     "oneshot-kd-loadpath": {"label": "one-shot + KD + load-path", "kind": "trained", "staged": False,
                             "overrides": {"allocation": "loadpath"}, "only": ("unstructured",)},
+    # Masks learned through the KD loss in the first half of each stage (SR-STE, core/mask_learning.py).
+    "oneshot-kd-srste": {"label": "one-shot + KD, SR-STE masks", "kind": "trained", "staged": False,
+                         "overrides": {"allocation": "uniform", "mask_learning": "sr-ste"}},
+    "staged-srste": {"label": "staged, SR-STE masks", "kind": "trained", "staged": True,
+                     "overrides": {"allocation": "uniform", "mask_learning": "sr-ste"}},
+    # Every other row trains at the configured lr (lr_search off); these are the default recipes with the run's lr
+    # chosen by a range test on the first stage (core/lr_search.py; its trial steps are extra compute).
+    "oneshot-kd-lrsearch": {"label": "one-shot + KD, lr search", "kind": "trained", "staged": False,
+                            "overrides": {"allocation": "uniform", "lr_search": "on"}},
+    "staged-loadpath-lrsearch": {"label": "staged + load-path, lr search", "kind": "trained", "staged": True,
+                                 "overrides": {"allocation": "loadpath", "lr_search": "on"},
+                                 "only": ("unstructured",)},
 }
 
 MODELS: dict[str, dict] = {
@@ -180,7 +192,7 @@ def cell_config(cell: Cell, teacher: Path, out: Path, steps: int, sizes: dict, k
     m = METHODS[cell.method]
     opts = dict(teacher=str(teacher), out=str(out), pattern=cell.pattern, seed=cell.seed, retries=0,
                 kl_budget=kl_budget, num_samples=sizes["num_samples"], heldout_samples=sizes["heldout_samples"],
-                seq_len=sizes["seq_len"], **QUIET_CONSISTENCY)
+                seq_len=sizes["seq_len"], lr_search="off", **QUIET_CONSISTENCY)
     if m["kind"] == "oneshot":
         opts["importance"] = m["importance"]
     elif m["staged"]:
@@ -296,7 +308,8 @@ def run_trained(cfg: DistillConfig) -> tuple[torch.nn.Module, dict]:
                "step_budget": cfg.stages * cfg.steps_per_stage,
                "train_tokens_per_second": s.get("train_tokens_per_second"),
                "trajectory": [{k: r.get(k) for k in ("stage", "label", "sparsity", "kl_after_prune", "kl", "steps",
-                                                     "best_step", "lr", "accepted")} for r in res.trajectory[1:]]}
+                                                     "best_step", "lr", "accepted", "lr_search", "mask_learning")}
+                              for r in res.trajectory[1:]]}
     return student, summary
 
 

@@ -52,6 +52,9 @@ class DistillConfig:
     heldout_samples: int = 32
     batch_size: int = 8
     lr: float = 5e-4
+    # on: a short range test on the first stage's pruned student chooses the run's lr, starting from `lr`
+    # (core/lr_search.py); auto: on when the run's step budget is ≥ 60 (below, the trials would cost half the run)
+    lr_search: str = "auto"  # auto | on | off
     seed: int = 0
     calib_batches: int = 4
     include: list[str] = field(default_factory=lambda: ["*"])
@@ -61,6 +64,10 @@ class DistillConfig:
     # None = the pattern's default: loadpath for unstructured:S (it beat uniform on every seed at 0.5/0.8/0.9 on the
     # demo, README), uniform for n:m, channels and auto patterns (they cannot take per-layer sparsities).
     allocation: str | None = None  # uniform | loadpath
+    # sr-ste: the first mask_learning_share of each stage's steps choose its masks through the KD loss (dense latents,
+    # straight-through gradients, re-ranked every step; core/mask_learning.py); off: the criterion's one-shot choice.
+    mask_learning: str = "off"  # off | sr-ste
+    mask_learning_share: float = 0.5
     dense_layers: str | None = None  # n:m: keep the K most load-bearing layers dense ("3"), or "auto"
     loadpaths: str | None = None  # a loadpaths.json from `analyze`; None = analysed in the run, on its training data
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on GPU; CPU runs fp32)
@@ -108,6 +115,12 @@ def _problems(cfg: DistillConfig) -> list[str]:
         p.append(f"lr must be > 0, got {cfg.lr}")
     if cfg.sparsity_schedule not in ("linear", "cubic"):
         p.append(f"sparsity_schedule must be linear or cubic, got {cfg.sparsity_schedule!r}")
+    if cfg.lr_search not in ("auto", "on", "off"):
+        p.append(f"lr_search must be auto, on or off, got {cfg.lr_search!r}")
+    if cfg.mask_learning not in ("off", "sr-ste"):
+        p.append(f"mask_learning must be off or sr-ste, got {cfg.mask_learning!r}")
+    if not (0.0 < cfg.mask_learning_share < 1.0):
+        p.append(f"mask_learning_share must be in (0, 1), got {cfg.mask_learning_share}")
     if cfg.step_schedule not in ("equal", "backloaded"):
         p.append(f"step_schedule must be equal or backloaded, got {cfg.step_schedule!r}")
     p.extend(_teacher_access_problems(cfg))

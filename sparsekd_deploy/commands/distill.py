@@ -42,6 +42,9 @@ DISTILL_OPTIONS = [
     ("--num-samples", "num_samples", dict(type=int, help="Data-free: teacher samples to distill on. [default: 256]")),
     ("--batch-size", "batch_size", dict(type=int, help="[default: 8]")),
     ("--lr", "lr", dict(type=float, help="[default: 5e-4]")),
+    ("--lr-search", "lr_search", dict(type=click.Choice(["auto", "on", "off"]),
+                                      help="on: a short range test on the first stage's student picks the lr, "
+                                           "starting from --lr; auto: on for step budgets ≥ 60. [default: auto]")),
     ("--seed", "seed", dict(type=int, help="[default: 0]")),
     ("--include", "include", dict(multiple=True, help="Glob of layers to prune (repeatable). [default: *]")),
     ("--exclude", "exclude", dict(multiple=True, help="Glob of layers to keep dense (repeatable); default: embeddings, lm_head.")),
@@ -50,6 +53,11 @@ DISTILL_OPTIONS = [
                                              "(less where pruning one layer alone costs the most KL). [default: "
                                              "loadpath for unstructured:S, else uniform]")),
     ("--dense-layers", "dense_layers", dict(help="n:m: keep the K most load-bearing layers dense, or auto.")),
+    ("--mask-learning", "mask_learning", dict(type=click.Choice(["off", "sr-ste"]),
+                                              help="sr-ste: each stage first chooses its masks through the KD loss "
+                                                   "(straight-through, re-ranked every step), then recovers. [default: off]")),
+    ("--mask-learning-share", "mask_learning_share",
+     dict(type=float, help="Share of a stage's steps spent learning its masks. [default: 0.5]")),
     ("--loadpaths", "loadpaths", dict(help="loadpaths.json from `sparsekd-deploy analyze` (default: analysed in the run).")),
     ("--sparsify-only-faster", "sparsify_only_faster",
      dict(help="profile.json from `sparsekd-deploy profile`: keep dense the layers where 2:4 is not faster.")),

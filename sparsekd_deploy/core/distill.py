@@ -27,9 +27,12 @@ from . import consistency
 from .auto_search import AutoSearch
 from .distributed import LossModule, RankLostError, Team, check_global_batch
 from .evaluate import heldout_metrics
+from .importance import ScoringContext, input_norms
 from .kd_objective import KDObjective
 from .load_plan import LoadPlan, plan_load_paths
 from .losses import make_loss
+from .lr_search import search_lr, wanted
+from .mask_learning import MaskLearner, learning_start, learning_steps
 from .memory import PeakMemory, release_memory
 from .operators import make_operator
 from .patterns import NM, Channels, is_auto, make_pattern
@@ -130,6 +133,8 @@ class StagedDistiller:
         self.optimizer: torch.optim.Optimizer | None = None
         self.pruner: Pruner | None = None
         self.masks: Masks = {}
+        self.mask_learner: MaskLearner | None = None  # while a stage learns its masks (mask_learning.py)
+        self.base_lr: float | None = None  # cfg.lr, or the lr the first stage's range test chose (lr_search.py)
         self.load_plan: LoadPlan | None = None  # --allocation loadpath / --dense-layers (load_plan.py)
         self.train_ids: torch.Tensor | None = None  # [N, L] token ids distilled on
         self.heldout_ids: torch.Tensor | None = None  # [M, L] token ids every KL is measured on
@@ -177,8 +182,9 @@ class StagedDistiller:
                      stage_label: str) -> None:
         cfg = self.cfg
         for i in range(start, stop):
+            lr = cosine_lr(peak_lr, i, total)
             for group in self.optimizer.param_groups:
-                group["lr"] = cosine_lr(peak_lr, i, total)
+                group["lr"] = lr
             # The global batch, drawn alike on every rank; this rank trains its share (all of it with one process).
             rows = self.team.shard(torch.randint(len(self.train_ids), (cfg.batch_size,), generator=gen))
             ids = self.train_ids[rows].to(self.device)
@@ -188,10 +194,15 @@ class StagedDistiller:
                 raise NonFiniteLossError(f"non-finite loss ({reported.item()}) at stage {stage_label}, step {i + 1}")
             self.accelerator.backward(loss)
             self.accelerator.clip_grad_norm_(self.student.parameters(), 1.0)
+            if self.mask_learner:
+                self.mask_learner.before_step()  # the step updates the dense latents (straight-through)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            # Masks are enforced after every step: pruned weights stay exactly zero.
-            apply_masks(self.raw, self.masks)
+            # Masks are enforced after every step: pruned weights stay exactly zero (a learning stage re-chooses them).
+            if self.mask_learner:
+                self.mask_learner.after_step(lr)
+            else:
+                apply_masks(self.raw, self.masks)
             self.reporter.advance(reported.item())
 
     def reset_throughput(self) -> None:
@@ -472,22 +483,26 @@ class StagedDistiller:
         """Prune to the stage's share of the pattern, then recover: train at an lr sized to the damage, keeping the
         best held-out state (the post-prune one included); retries (each longer) while it is over the budget."""
         cfg = self.cfg
-        # Scored and masked once, by the main process (taylor's gradients stay local there); every rank applies them.
-        if self.team.is_main:
-            self.masks = prune_stage(self.raw, self.pruner, cfg.importance, stage.fraction, calib, self.masks,
-                                     kd_loss=lambda ids: self.loss_on(ids.to(self.device)),
-                                     allocation=self.load_plan.allocation if self.load_plan else None)
-        self.masks = self.team.share_masks(self.masks)
-        if not self.team.is_main:
-            apply_masks(self.raw, self.masks)
-        self.optimizer.state.clear()  # momentum from the previous stage points at a different model
-        after = self.measure()
-        outcome = StageOutcome(after["kl"], recovery_lr(cfg.lr, after["kl"]), Recovery.start(self.raw, after))
         self.reset_throughput()
         self.reporter.stage_begin(stage.label, stage.steps)
+        searched = self._search_lr(stage, calib) if self.base_lr is None else None
+        before = self.masks
+        dense = learning_start(self.raw, self.pruner) if cfg.mask_learning != "off" else None
+        self._prune(stage.fraction, calib)
+        self.optimizer.state.clear()  # momentum from the previous stage points at a different model
+        after = self.measure()
+        learned = None
+        if dense is not None and (k := learning_steps(stage.steps, cfg.mask_learning_share)):
+            learned = self._learn_masks(stage, k, dense, before, calib, recovery_lr(self.base_lr, after["kl"]))
+        start = learned["after"] if learned else after
+        outcome = StageOutcome(after["kl"], recovery_lr(self.base_lr, start["kl"]), Recovery.start(self.raw, start))
+        outcome.lr_search = searched
+        if learned:
+            outcome.mask_learning = {**{k: v for k, v in learned.items() if k != "after"}, "kl_after": start["kl"]}
         try:
             for attempt in range(cfg.retries + 1):
-                n = stage.steps * (attempt + 1)  # each retry trains longer than the last
+                # each retry trains longer than the last; a learning stage's first attempt recovers for what is left
+                n = stage.steps * (attempt + 1) - (learned["steps"] if learned and not attempt else 0)
                 if attempt:
                     self.reporter.add_steps(n)
                 outcome.attempts = attempt + 1
@@ -507,6 +522,83 @@ class StagedDistiller:
         finally:
             outcome.recovery.release()
         return outcome
+
+    def _prune(self, fraction: float, calib: list[torch.Tensor]) -> None:
+        """Scored and masked once, by the main process (taylor's gradients stay local there); every rank applies
+        the masks."""
+        if self.team.is_main:
+            self.masks = prune_stage(self.raw, self.pruner, self.cfg.importance, fraction, calib, self.masks,
+                                     kd_loss=lambda ids: self.loss_on(ids.to(self.device)),
+                                     allocation=self.load_plan.allocation if self.load_plan else None)
+        self.masks = self.team.share_masks(self.masks)
+        if not self.team.is_main:
+            apply_masks(self.raw, self.masks)
+
+    def _search_lr(self, stage: Stage, calib: list[torch.Tensor]) -> dict | None:
+        """The run's base lr: found again in the trajectory of a resumed run, else from a range test when
+        ``lr_search`` asks for one (lr_search.py), else ``cfg.lr``. The trials train a copy of the student pruned
+        to the *whole* target, whatever share of it this first stage removes: the base lr is the one for full
+        damage (recovery.py scales it down for lighter stages). A first stage at 20 % picked half the lr that
+        suited the run's 80 % stages on the wide teacher."""
+        cfg = self.cfg
+        done = [r["lr_search"] for r in self.trajectory if r.get("lr_search")]
+        if done:
+            self.base_lr = done[0]["chosen"]
+            return None
+        budget = cfg.stages * cfg.steps_per_stage
+        if not wanted(cfg.lr_search, budget):
+            self.base_lr = cfg.lr
+            return None
+
+        def trial(lr: float, steps: int) -> float:
+            self.reporter.add_steps(steps)
+            self.optimizer.state.clear()
+            # at the lr the run would give a stage with this damage, were ``lr`` its base
+            self.train_steps(self.batches(cfg.seed + 100 * stage.index + 77), 0, steps, steps,
+                             recovery_lr(lr, damage), f"{stage.label} lr {lr:.2g}")
+            return self.measure()["kl"]
+
+        start = {n: p.detach().clone() for n, p in self.raw.named_parameters()}
+        masks = self.masks
+        try:
+            self._prune(1.0, calib)
+            damage = self.measure()["kl"]
+            search = search_lr(self.raw, cfg.lr, budget, trial)
+        finally:
+            with torch.no_grad():
+                for n, p in self.raw.named_parameters():
+                    p.copy_(start[n])
+            self.masks = masks
+        self.optimizer.state.clear()
+        self.base_lr = search.chosen
+        self.reporter.note(f"learning rate: {search.chosen:.3g} (range test from {cfg.lr:.3g}: "
+                           + ", ".join(f"{lr:.3g} → KL {kl:.4f}" for lr, kl in search.trials) + ")")
+        return search.to_dict()
+
+    def _learn_masks(self, stage: Stage, steps: int, dense: dict, before: Masks, calib: list[torch.Tensor],
+                     lr: float) -> dict:
+        """The first ``steps`` of a stage choose its masks through the KD loss (SR-STE, mask_learning.py), then
+        freeze them; returns what it did and the held-out metrics where the recovery starts."""
+        norms = None
+        if self.cfg.importance != "magnitude":  # the masks are re-ranked by |W| · ‖x‖ (Wanda's form)
+            norms = input_norms(ScoringContext(self.raw, self.pruner.layers, calib))
+        one_shot = {k: v.clone() for k, v in self.masks.items()}
+        allocation = self.load_plan.allocation if self.load_plan else None
+        self.mask_learner = MaskLearner(self.raw, self.pruner, self.masks, stage.fraction, norms, frozen=before,
+                                        allocation=allocation)
+        self.mask_learner.start(dense)
+        try:
+            self.train_steps(self.batches(self.cfg.seed + 100 * stage.index + 50), 0, steps, steps, lr, stage.label)
+        finally:
+            self.masks = self.mask_learner.finish()
+            flips = self.mask_learner.flips
+            self.mask_learner = None
+        self.optimizer.state.clear()  # the moments were the latents'
+        new = sum(int((m & ~one_shot[k]).sum()) for k, m in self.masks.items())
+        kept = sum(int(m.sum()) for m in self.masks.values())
+        # share_new: of the weights the stage keeps, how many the one-shot criterion had pruned
+        return {"method": self.cfg.mask_learning, "steps": steps, "lr": lr, "flips": flips,
+                "share_new": round(new / max(kept, 1), 6), "after": self.measure()}
 
     def _finish(self, status: str, reason: str, accepted: int) -> Result:
         """The run's outputs, written by the main process; the other ranks wait for it and return the same result."""

@@ -35,10 +35,9 @@ def magnitude(ctx: ScoringContext) -> dict[str, torch.Tensor]:
     return {layer.name: layer.weight_oi().detach().abs().float().cpu() for layer in ctx.layers}
 
 
-@IMPORTANCE.register("wanda")
 @torch.no_grad()
-def wanda(ctx: ScoringContext) -> dict[str, torch.Tensor]:
-    """|W| · ‖x‖: weight size times the L2 norm of its input feature over calibration activations."""
+def input_norms(ctx: ScoringContext) -> dict[str, torch.Tensor]:
+    """Per layer, the L2 norm of each input feature over the calibration activations (Wanda's ‖x‖)."""
     sq = {layer.name: None for layer in ctx.layers}
 
     def hook_for(name):
@@ -57,10 +56,16 @@ def wanda(ctx: ScoringContext) -> dict[str, torch.Tensor]:
     finally:
         for h in handles:
             h.remove()
-    return {
-        layer.name: layer.weight_oi().detach().abs().float().cpu() * sq[layer.name].sqrt()[None, :]
-        for layer in ctx.layers
-    }
+    return {name: s.sqrt() for name, s in sq.items()}
+
+
+@IMPORTANCE.register("wanda")
+@torch.no_grad()
+def wanda(ctx: ScoringContext) -> dict[str, torch.Tensor]:
+    """|W| · ‖x‖: weight size times the L2 norm of its input feature over calibration activations."""
+    norms = input_norms(ctx)
+    return {layer.name: layer.weight_oi().detach().abs().float().cpu() * norms[layer.name][None, :]
+            for layer in ctx.layers}
 
 
 @IMPORTANCE.register("taylor")

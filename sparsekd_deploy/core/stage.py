@@ -38,6 +38,8 @@ class StageOutcome:
     attempts: int = 0
     accepted: bool = False
     error: str | None = None  # why training stopped early (a non-finite loss)
+    mask_learning: dict | None = None  # what the stage's mask-learning phase did (its steps are part of the stage's)
+    lr_search: dict | None = None  # the run's lr range test, on the first stage (its steps are extra, not the stage's)
 
 
 def stage_record(stage: Stage, outcome: StageOutcome, sparsity: float, tokens_per_second: float) -> dict:
@@ -50,11 +52,14 @@ def stage_record(stage: Stage, outcome: StageOutcome, sparsity: float, tokens_pe
         "stage": stage.index, "label": stage.label, "fraction": stage.fraction, "sparsity": sparsity,
         "kl": rec.metrics["kl"] if trained else None, "kl_after_prune": outcome.kl_after_prune,
         "top1": rec.metrics["top1"] if trained else None,
-        "steps": rec.steps, "attempts": outcome.attempts, "accepted": outcome.accepted,
+        "steps": rec.steps + (outcome.mask_learning["steps"] if outcome.mask_learning else 0),
+        "attempts": outcome.attempts, "accepted": outcome.accepted,
         "lr": outcome.lr, "best_step": rec.step, "checkpoints": rec.checkpoints,
         "tokens_per_second": round(tokens_per_second, 1),
         # the kept state's held-out confidence (same passes as its KL); an accepted stage turns it into "stability"
         "confidence": {k: rec.metrics.get(k) for k in ("low_confidence", "teacher_low_confidence", "ece")},
+        **({"mask_learning": outcome.mask_learning} if outcome.mask_learning else {}),
+        **({"lr_search": outcome.lr_search} if outcome.lr_search else {}),
     }
 
 

@@ -1,0 +1,122 @@
+"""Masks chosen through the KD loss (SR-STE, Zhou et al. 2021, "Learning N:M fine-grained structured sparse neural
+networks from scratch"), as the first part of a stage's training.
+
+A one-shot criterion (Wanda: |W| · ‖x‖) picks each group's survivors from the weights *before* any training; it
+cannot see what the teacher's distribution needs. Here the stage keeps a dense *latent* copy of every masked weight:
+
+- the forward pass uses latent ⊙ mask (the student is always exactly in the pattern);
+- the gradient of the masked weight updates the latent everywhere (straight-through), so a pruned weight that the
+  KD loss wants back grows and can win its group's place;
+- pruned latents decay (SR-STE's "sparse-refined" term, decoupled as in AdamW), so the mask settles instead of
+  flipping back and forth;
+- after every step the mask is chosen again from the latents by the same criterion and the same pattern.
+
+At the end of the phase the mask is frozen and the student's weights are latent ⊙ mask; the stage's ordinary
+recovery continues from there. Weights pruned by an earlier stage stay pruned (only this stage's share is learned).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .allocation import allocated_masks
+from .pruner import Masks, Pruner
+
+# Decoupled decay of pruned latents per unit of lr (latent ← latent · (1 − lr · DECAY)). SR-STE's λ = 2e-4 is a
+# gradient term for SGD; under Adam a gradient term that small does nothing, so the decay is applied directly.
+DEFAULT_DECAY = 0.0
+
+
+def learning_steps(stage_steps: int, share: float) -> int:
+    """Steps of a stage spent learning its masks: ``share`` of them, leaving at least one for the recovery
+    (0 = the stage is too short to learn anything)."""
+    k = round(stage_steps * share)
+    return min(k, stage_steps - 1) if k >= 1 else 0
+
+
+@torch.no_grad()
+def learning_start(model: nn.Module, pruner: Pruner) -> dict[str, torch.Tensor]:
+    """The prunable weights (and the biases channel masks cover) before the stage's prune: the latents' start."""
+    out = {}
+    for layer in pruner.layers:
+        out[layer.param_name] = layer.module.weight.detach().clone()
+        bias = getattr(layer.module, "bias", None)
+        if bias is not None:
+            out[f"{layer.name}.bias"] = bias.detach().clone()
+    return out
+
+
+def _param_index(model: nn.Module) -> dict[str, nn.Parameter]:
+    return dict(model.named_parameters(remove_duplicate=False))
+
+
+class MaskLearner:
+    """SR-STE on the layers of ``pruner`` for one stage (see the module docstring).
+
+    ``input_norms``: per layer name, ‖x‖ of each input feature over calibration activations (Wanda's factor); None
+    ranks by |latent| alone (magnitude). ``frozen``: masks of earlier stages (param name → keep); those weights
+    can never come back. ``allocation``: per-unit sparsities of a load-path allocation (allocation.py)."""
+
+    def __init__(self, model: nn.Module, pruner: Pruner, masks: Masks, fraction: float,
+                 input_norms: dict[str, torch.Tensor] | None, frozen: Masks | None = None,
+                 allocation: dict[str, float] | None = None, decay: float = DEFAULT_DECAY):
+        self.pruner = pruner
+        self.fraction = fraction
+        self.norms = input_norms
+        self.frozen = frozen or {}
+        self.allocation = allocation
+        self.decay = decay
+        self.masks: Masks = {k: v.clone() for k, v in masks.items()}
+        self._params = _param_index(model)
+        # The latents start as the weights before this stage's prune: the teacher's (or the last stage's) values,
+        # so a weight the one-shot criterion dropped keeps its size and can compete at once.
+        self.latent: dict[str, torch.Tensor] = {}
+        self.flips = 0  # mask entries changed over the phase (kept → pruned and back count once each)
+
+    def start(self, dense: dict[str, torch.Tensor]) -> None:
+        """``dense``: param name → weight before this stage's prune (same layout)."""
+        for name in self.masks:
+            self.latent[name] = dense[name].detach().to(self._params[name].device, copy=True)
+
+    # -- around the optimizer step -------------------------------------------------------------------------
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Put the latents under the optimizer: the gradient (taken at latent ⊙ mask) updates the dense latent."""
+        for name, lat in self.latent.items():
+            self._params[name].data = lat
+
+    @torch.no_grad()
+    def after_step(self, lr: float) -> None:
+        """Decay pruned latents, choose the masks again, and put latent ⊙ mask back into the student."""
+        for name, keep in self.masks.items():
+            lat = self._params[name].data
+            self.latent[name] = lat
+            if self.decay:
+                lat.mul_(torch.where(keep.to(lat.device), 1.0, 1.0 - lr * self.decay))
+        new = self._choose()
+        for name, keep in new.items():
+            self.flips += int((keep != self.masks[name]).sum())
+        self.masks = new
+        for name, lat in self.latent.items():
+            self._params[name].data = lat * self.masks[name].to(device=lat.device, dtype=lat.dtype)
+
+    def _choose(self) -> Masks:
+        scores = {}
+        for layer in self.pruner.layers:
+            lat = self.latent[layer.param_name]
+            s = (lat.t() if layer.transposed else lat).detach().abs().float().cpu()
+            if self.norms is not None:
+                s = s * self.norms[layer.name][None, :]
+            old = self.frozen.get(layer.param_name)
+            if old is not None:
+                s[~(old.t() if layer.transposed else old).cpu()] = float("-inf")
+            scores[layer.name] = s
+        if self.allocation:
+            return allocated_masks(self.pruner, scores, self.fraction, self.allocation)
+        return self.pruner.stage_masks(scores, self.fraction)
+
+    def finish(self) -> Masks:
+        """Freeze: the student keeps latent ⊙ mask (already in place); latents are dropped. Returns the masks."""
+        self.latent.clear()
+        return self.masks

@@ -1,0 +1,101 @@
+"""Masks chosen through the KD loss (SR-STE) in the first part of a stage (issue 9, part 6)."""
+
+import pytest
+import torch
+from torch import nn
+
+from sparsekd_deploy.config import build_config
+from sparsekd_deploy.core.distill import distill
+from sparsekd_deploy.core.mask_learning import MaskLearner, learning_start, learning_steps
+from sparsekd_deploy.core.patterns import NM, make_pattern
+from sparsekd_deploy.core.pruner import Pruner, apply_masks
+from sparsekd_deploy.errors import ConfigError
+
+
+class _One(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2, bias=False)
+
+
+def test_a_pruned_weight_that_grows_takes_its_groups_place():
+    model = _One()
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]]))
+    pruner = Pruner(model, make_pattern("2:4"))
+    dense = learning_start(model, pruner)
+    masks = pruner.stage_masks({"fc": model.fc.weight.detach().abs()}, 1.0)
+    apply_masks(model, masks)
+    learner = MaskLearner(model, pruner, masks, 1.0, input_norms=None)
+    learner.start(dense)
+    learner.before_step()
+    assert torch.equal(model.fc.weight, dense["fc.weight"])  # the step sees the dense latents
+    with torch.no_grad():
+        model.fc.weight[0, 3] += 10.0  # as if the KD gradient pushed a pruned weight up
+    learner.after_step(lr=1e-3)
+    w = model.fc.weight.detach()
+    assert w[0].tolist() == [4.0, 0.0, 0.0, 11.0]  # it won a place; the weakest survivor gave it up
+    assert w[1].tolist() == [0.0, 0.0, 3.0, 4.0]
+    assert learner.flips == 2
+    assert learner.finish()["fc.weight"].tolist() == [[True, False, False, True], [False, False, True, True]]
+
+
+def test_weights_pruned_by_an_earlier_stage_never_come_back():
+    model = _One()
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]]))
+    pruner = Pruner(model, make_pattern("unstructured:0.5"))
+    earlier = {"fc.weight": torch.tensor([[True, True, True, False], [True, True, True, True]])}
+    masks = pruner.stage_masks({"fc": model.fc.weight.detach().abs()}, 1.0)
+    learner = MaskLearner(model, pruner, masks, 1.0, input_norms=None, frozen=earlier)
+    learner.start({"fc.weight": torch.tensor([[4.0, 3.0, 2.0, 100.0], [1.0, 2.0, 3.0, 4.0]])})
+    learner.before_step()
+    learner.after_step(lr=1e-3)
+    assert not learner.masks["fc.weight"][0, 3]  # 100 is the largest latent, but stage 1 removed it
+
+
+def test_decay_shrinks_only_pruned_latents():
+    model = _One()
+    pruner = Pruner(model, make_pattern("2:4"))
+    dense = learning_start(model, pruner)
+    masks = pruner.stage_masks({"fc": model.fc.weight.detach().abs()}, 1.0)
+    learner = MaskLearner(model, pruner, masks, 1.0, input_norms=None, decay=100.0)
+    learner.start(dense)
+    learner.before_step()
+    learner.after_step(lr=1e-3)  # factor 1 - 0.1 on pruned latents
+    keep = masks["fc.weight"]
+    lat = learner.latent["fc.weight"]
+    assert torch.allclose(lat[keep], dense["fc.weight"][keep])
+    assert torch.allclose(lat[~keep], 0.9 * dense["fc.weight"][~keep])
+
+
+def test_learning_steps_leave_the_recovery_at_least_one():
+    assert learning_steps(90, 0.5) == 45 and learning_steps(2, 0.9) == 1 and learning_steps(1, 0.5) == 0
+
+
+# Seeded golden values (CPU, fp32, fast_cfg): tiny Llama, 2:4, two stages of 4 steps, half of each learning masks.
+GOLDEN = [(0.018417, 0.015416), (0.035411, 0.030466)]
+
+
+def test_sr_ste_stage_keeps_the_pattern_and_records_what_it_learned(tiny_dirs, fast_cfg):
+    res = distill(build_config(None, {**fast_cfg, "teacher": str(tiny_dirs["llama"]), "mask_learning": "sr-ste"}))
+    assert res.reached_target
+    got = [(s["kl_after_prune"], s["kl"]) for s in res.trajectory[1:]]
+    assert [k for p in got for k in p] == pytest.approx([k for p in GOLDEN for k in p], rel=2e-3, abs=1e-6)
+    for stage in res.trajectory[1:]:
+        ml = stage["mask_learning"]
+        assert ml["method"] == "sr-ste" and ml["steps"] == 2 and stage["steps"] == 4
+        assert 0.0 < ml["share_new"] < 0.1 and ml["flips"] > 0  # some masks moved, most one-shot choices held
+    assert [s["mask_learning"]["kl_after"] for s in res.trajectory[1:]] == pytest.approx([0.017266, 0.034131], rel=2e-3)
+    from sparsekd_deploy.models.loading import load_model
+
+    student = load_model(res.out / "student", role="student")
+    pattern = NM(2, 4)
+    for layer in Pruner(student, pattern).layers:
+        assert pattern.holds(layer.weight_oi().detach())
+
+
+def test_bad_mask_learning_options_are_one_line():
+    with pytest.raises(ConfigError, match="mask_learning must be off or sr-ste") as e:
+        build_config(None, {"mask_learning": "magic", "mask_learning_share": 1.5})
+    assert "mask_learning_share must be in (0, 1)" in str(e.value)
