@@ -16,6 +16,7 @@ from sparsekd_deploy.config import build_config
 from sparsekd_deploy.core.distill import StagedDistiller, distill
 from sparsekd_deploy.core.losses import (
     KD_CHUNK_AUTO_OVER,
+    _GatheredLogSoftmax,
     bucket_kd_loss,
     chunked_kd_loss,
     kd_chunk_tokens,
@@ -303,3 +304,23 @@ def test_peak_memory_tracks_tensors_over_its_first_optimizer_steps():
     # rise: gradient + 2 AdamW moments (3 MiB), AdamW's temporaries (its denominator, 1 MiB a copy) and the step's
     # activations; measured 5.0 MiB
     assert got["peak_tensor_mb"] - got["start_tensor_mb"] == pytest.approx(5.0, abs=0.15)
+
+
+def test_student_buckets_match_log_softmax_gather_in_value_and_gradient():
+    """The memory-saving gather of the student's log-softmax (losses._GatheredLogSoftmax) against autograd through
+    numerics.bucket_torch, repeated outcomes in ``idx`` included."""
+    from sparsekd_deploy.core.losses import student_buckets
+    from sparsekd_deploy.numerics import bucket_torch
+
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(3, 5, 40, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    idx = torch.randint(0, 40, (3, 5, 6), generator=g)
+    idx[..., 1] = idx[..., 0]
+    w = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+    ours = student_buckets(z, idx)
+    ref = bucket_torch(z.float().log_softmax(-1), idx)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    z64 = z.detach().clone().requires_grad_()
+    (g_ours,) = torch.autograd.grad((_GatheredLogSoftmax.apply(z64, idx) * w[..., :6]).sum(), z64)
+    (g_ref,) = torch.autograd.grad((z64.log_softmax(-1).gather(-1, idx) * w[..., :6]).sum(), z64)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-12)
