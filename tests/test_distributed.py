@@ -242,7 +242,6 @@ def test_killed_rank_stops_at_last_accepted_stage_and_resumes(tiny_dirs, tmp_pat
 def test_each_rank_writes_its_shard_of_the_topk_cache(tmp_path):
     """2 ranks build a new top-K cache: rank r runs the teacher over shard r of each split only, the main process's
     manifest lists both shards, and what every rank reads back (rows of both shards) equals a 1-process cache."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from dist_cache_worker import HELD, READ, ROWS, ids
 
     from sparsekd_deploy.core.topk_cache import MANIFEST, Stamp, TopKCache, data_digest
