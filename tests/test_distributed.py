@@ -236,3 +236,36 @@ def test_killed_rank_stops_at_last_accepted_stage_and_resumes(tiny_dirs, tmp_pat
     assert [s["stage"] for s in traj] == [0, 1, 2] and all(s["accepted"] for s in traj)
     assert traj[2]["ranks"] == {"world_size": 2, "weights_identical": True}
     assert json.loads((out / "summary.json").read_text())["sparsity"] == pytest.approx(0.5)
+
+
+@needs_gloo
+def test_each_rank_writes_its_shard_of_the_topk_cache(tmp_path):
+    """2 ranks build a new top-K cache: rank r runs the teacher over shard r of each split only, the main process's
+    manifest lists both shards, and what every rank reads back (rows of both shards) equals a 1-process cache."""
+    from dist_cache_worker import HELD, READ, ROWS, ids
+
+    from sparsekd_deploy.core.topk_cache import MANIFEST, Stamp, TopKCache, data_digest
+
+    r = subprocess.run(_torchrun(str(Path(__file__).with_name("dist_cache_worker.py")), str(tmp_path)),
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert [x["wrote"] for x in ranks] == [[["train", 0, 2], ["heldout", 0, 2]], [["train", 1, 2], ["heldout", 1, 2]]]
+    manifest = json.loads((tmp_path / "cache" / MANIFEST).read_text())
+    assert [s["rows"] for s in manifest["splits"]["train"]["shards"]] == [[0, 3], [3, ROWS]]
+    assert [s["rows"] for s in manifest["splits"]["heldout"]["shards"]] == [[0, 2], [2, HELD]]
+
+    from conftest import build_tiny
+
+    train, held = ids()
+    stamp = Stamp(**manifest["stamp"])
+    assert stamp.data == data_digest(train, held)
+    one = TopKCache.open_or_write(tmp_path / "one", stamp, build_tiny("llama"), train, held, use_k=8, batch_size=2)
+    two = TopKCache.open(tmp_path / "cache", stamp, train, held, use_k=8)
+    for split in ("train", "heldout"):
+        n = ROWS if split == "train" else HELD
+        (i1, p1), (i2, p2) = getattr(one, split).targets(torch.arange(n)), getattr(two, split).targets(torch.arange(n))
+        assert torch.equal(i1, i2) and torch.allclose(p1, p2, atol=1e-5)
+    ref_idx, ref_lp = one.train.targets(torch.tensor(READ))
+    for x in ranks:
+        assert torch.equal(torch.tensor(x["idx"]), ref_idx) and torch.allclose(torch.tensor(x["logp"]), ref_lp, atol=1e-5)

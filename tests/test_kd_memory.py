@@ -2,6 +2,8 @@
 cache (tail bucket as the topk operator defines it, stamp, shards, reuse) and runs that train on it without the teacher."""
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from sparsekd_deploy.config import build_config
 from sparsekd_deploy.core.distill import StagedDistiller, distill
 from sparsekd_deploy.core.losses import (
     KD_CHUNK_AUTO_OVER,
+    _GatheredLogSoftmax,
     bucket_kd_loss,
     chunked_kd_loss,
     kd_chunk_tokens,
@@ -21,7 +24,16 @@ from sparsekd_deploy.core.losses import (
     make_loss,
 )
 from sparsekd_deploy.core.operators import TopK, make_operator
-from sparsekd_deploy.core.topk_cache import CacheSplit, Stamp, TopKCache, shard_rows, write_manifest, write_shard
+from sparsekd_deploy.core.topk_cache import (
+    MANIFEST,
+    CacheSplit,
+    Stamp,
+    TopKCache,
+    finish,
+    shard_rows,
+    write_manifest,
+    write_shard,
+)
 from sparsekd_deploy.errors import ConfigError, TeacherCacheError
 from sparsekd_deploy.models.lm_head import check_head, final_hidden, output_head
 from sparsekd_deploy.numerics import topk_bucket_torch
@@ -120,7 +132,8 @@ def test_cached_buckets_give_the_topk_operator_loss_exactly():
     assert bucket_kd_loss(idx, P, s, L).item() == pytest.approx(kd_loss(t, s, TopK(16), L).item(), abs=1e-6)
     split = CacheSplit.__new__(CacheSplit)
     split.ids, split.k, split.use_k = torch.zeros(2, 6, dtype=torch.long), 16, 4
-    split._shards = [(0, 2, idx.numpy().astype(np.int32), P.numpy())]
+    mapped = lambda a: SimpleNamespace(array=a, drop=lambda: None)  # noqa: E731 - a shard's maps, in memory
+    split._shards = [(0, 2, mapped(idx.numpy().astype(np.int32)), mapped(P.numpy()))]
     i4, p4 = split.targets(torch.tensor([0, 1]))
     assert bucket_kd_loss(i4, p4, s, L).item() == pytest.approx(kd_loss(t, s, TopK(4), L).item(), abs=1e-6)
 
@@ -150,6 +163,38 @@ def test_shards_cover_rows_and_read_back_as_one(tiny_dirs, tmp_path):
     (tmp_path / "train-00001-of-00002.logp.npy").unlink()
     with pytest.raises(TeacherCacheError, match="damaged"):
         TopKCache.open(tmp_path, stamp, ids, held, use_k=8)
+    # the main process finishing a cache whose rank-1 shard it cannot see (no shared filesystem): one line, no manifest
+    (tmp_path / MANIFEST).unlink()
+    with pytest.raises(TeacherCacheError, match=r"train-00001-of-00002.logp.npy \(rank 1's shard\) is not there; .*"
+                                                r"a filesystem all ranks share"):
+        finish(tmp_path, stamp, {"train": 5}, 2)
+    assert not (tmp_path / MANIFEST).exists()
+
+
+def _rss_file_kib() -> int:
+    import re
+
+    return int(re.search(r"^RssFile:\s+(\d+)", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident file pages from /proc (Linux)")
+def test_reading_every_row_keeps_the_cache_out_of_the_resident_set(tmp_path):
+    """A run touches every row of the cache; the pages a batch read are dropped from the process after the copy, so
+    the resident file pages do not grow by the size of the file (16 MiB here; the check reads them all)."""
+    rows, L, k = 64, 128, 255  # idx 8 MiB + logp 8 MiB
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 1000, (rows, L, k), generator=g, dtype=torch.int32)
+    lp = torch.randn(rows, L, k + 1, generator=g)
+    np.save(tmp_path / "train-00000-of-00001.idx.npy", idx.numpy())
+    np.save(tmp_path / "train-00000-of-00001.logp.npy", lp.numpy())
+    ids = torch.zeros(rows, L, dtype=torch.long)
+    split = CacheSplit(tmp_path, {"rows": rows, "shards": [{"name": "train-00000-of-00001", "rows": [0, rows]}]},
+                       ids, k, k)
+    before = _rss_file_kib()
+    got = [split.targets(torch.arange(s, s + 8)) for s in range(0, rows, 8)]
+    grown_mib = (_rss_file_kib() - before) / 1024
+    assert torch.equal(torch.cat([g[0] for g in got]), idx.long()) and torch.equal(torch.cat([g[1] for g in got]), lp)
+    assert grown_mib < 4, f"{grown_mib:.1f} MiB of the 16 MiB cache stayed resident"
 
 
 def test_topk_run_trains_on_the_cache_without_the_teacher(tiny_dirs, fast_cfg, tmp_path):
@@ -220,3 +265,62 @@ def test_unchunked_loss_that_cannot_fit_says_what_to_set(tiny_dirs, fast_cfg, mo
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
     with pytest.raises(ConfigError, match=r"set --kd-chunk \d+ \(or leave it out: automatic\)"):
         distill(_cfg(fast_cfg, tiny_dirs["llama"], kd_chunk=0))
+
+
+# -- tensor memory on the CPU (core/memory.py) --------------------------------------------------------------------
+def test_tensor_bytes_counts_live_storages_once_and_their_peak():
+    from sparsekd_deploy.core.memory import TensorBytes
+
+    held = torch.zeros(1024, 1024)  # 4 MiB alive before tracking: in the start, freed during it
+    with TensorBytes() as tb:
+        assert tb.start >= 4 << 20
+        a = torch.zeros(256, 1024)  # 1 MiB
+        del a
+        b = torch.zeros(512, 1024)  # 2 MiB; views share its storage
+        views = (b.view(-1), b.t(), b[:10])
+        c = torch.ones(768, 1024)  # 3 MiB while b is alive → the peak
+        del c
+        assert (tb.current - tb.start, tb.peak - tb.start) == (2 << 20, 5 << 20)
+        del held
+        assert tb.current - tb.start == (2 << 20) - (4 << 20)
+    del views, b
+
+
+def test_peak_memory_tracks_tensors_over_its_first_optimizer_steps():
+    from sparsekd_deploy.core.memory import PeakMemory
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(512, 512, bias=False)  # 1 MiB of weights
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randn(64, 512)
+    peak = PeakMemory("cpu", tensor_steps=2)
+    peak.reset()
+    for _ in range(3):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    got = peak.read()
+    assert got["tensor_steps"] == 2 and got["peak_memory_kind"].startswith("process_peak_rss")
+    # rise: gradient + 2 AdamW moments (3 MiB), AdamW's temporaries (its denominator, 1 MiB a copy) and the step's
+    # activations; measured 5.0 MiB
+    assert got["peak_tensor_mb"] - got["start_tensor_mb"] == pytest.approx(5.0, abs=0.15)
+
+
+def test_student_buckets_match_log_softmax_gather_in_value_and_gradient():
+    """The memory-saving gather of the student's log-softmax (losses._GatheredLogSoftmax) against autograd through
+    numerics.bucket_torch, repeated outcomes in ``idx`` included."""
+    from sparsekd_deploy.core.losses import student_buckets
+    from sparsekd_deploy.numerics import bucket_torch
+
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(3, 5, 40, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    idx = torch.randint(0, 40, (3, 5, 6), generator=g)
+    idx[..., 1] = idx[..., 0]
+    w = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+    ours = student_buckets(z, idx)
+    ref = bucket_torch(z.float().log_softmax(-1), idx)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    z64 = z.detach().clone().requires_grad_()
+    (g_ours,) = torch.autograd.grad((_GatheredLogSoftmax.apply(z64, idx) * w[..., :6]).sum(), z64)
+    (g_ref,) = torch.autograd.grad((z64.log_softmax(-1).gather(-1, idx) * w[..., :6]).sum(), z64)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-12)

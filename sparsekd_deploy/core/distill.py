@@ -333,13 +333,10 @@ class StagedDistiller:
         from .kd_objective import prepare
 
         self.peak = PeakMemory(self.device)
-        if not self.team.is_main:  # the main process writes a top-K cache; the others open it once it is complete
-            self.team.wait("the teacher top-K cache")
+        # Every rank: each writes its shard of a new top-K cache, and all open it once complete (topk_cache.py).
         self.kd, self.cache = prepare(self.cfg, self.raw, self.teacher, self.teacher_dir, self.operator, self.loss_fn,
                                       self.train_ids, self.heldout_ids, self.device,
-                                      self.run.partial / "teacher-topk", self.reporter)
-        if self.team.is_main:
-            self.team.wait("the teacher top-K cache")
+                                      self.run.partial / "teacher-topk", self.reporter, team=self.team)
         self.kd_chunk = self.kd.chunk
 
     def _release_teacher(self) -> None:

@@ -4,9 +4,11 @@ Face Accelerate; ``distill`` and ``build`` run unchanged under either).
 The rules every rank keeps, so that all of them take the same decisions:
 
 - **The main process decides and writes.** Building the data set, scoring and masks, held-out measurements (and so
-  every stage verdict), the run dir, checkpoints, plots, the teacher top-K cache and the output lock are the main
+  every stage verdict), the run dir, checkpoints, plots, the top-K cache's manifest and the output lock are the main
   process's alone; it shares each result (:meth:`Team.on_main`, :meth:`Team.share_masks`, :meth:`Team.sync_module`)
-  and the others continue from it. A stage is therefore never accepted on one rank and rejected on another.
+  and the others continue from it. A stage is therefore never accepted on one rank and rejected on another. The one
+  file other ranks write is their shard of a new teacher top-K cache (the teacher pass split over the ranks;
+  ``topk_cache.py``), which every rank then reads whole.
 - **The global batch is one batch.** Every step draws its ``batch_size`` rows from a generator seeded identically on
   every rank, and rank r trains on the r-th contiguous share of them (:meth:`Team.shard`): with the gradients
   averaged by DDP, N ranks × B/N rows make the update of one process on B rows.

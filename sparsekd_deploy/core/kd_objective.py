@@ -52,10 +52,11 @@ class KDObjective:
 
 
 def prepare(cfg, student, teacher, teacher_dir, operator: Operator, loss_fn: LossFn, train_ids: torch.Tensor,
-            heldout_ids: torch.Tensor, device, default_cache_dir, reporter) -> tuple[KDObjective, object]:
+            heldout_ids: torch.Tensor, device, default_cache_dir, reporter, team=None) -> tuple[KDObjective, object]:
     """The run's objective and its top-K cache (None under logits / text access). Chunks when the logits would be
     large (``losses.kd_chunk_tokens``), after checking that student and teacher form their logits as lm_head(hidden);
-    refuses ``--kd-chunk 0`` where the unchunked loss cannot fit the memory here."""
+    refuses ``--kd-chunk 0`` where the unchunked loss cannot fit the memory here. Under a launcher every rank calls it
+    (``team``): each writes its shard of a new cache (``topk_cache``)."""
     from ..config import topk_access
     from .losses import kd_chunk_tokens
 
@@ -76,15 +77,21 @@ def prepare(cfg, student, teacher, teacher_dir, operator: Operator, loss_fn: Los
     k = topk_access(cfg.teacher_access)
     if k is not None:
         from ..digests import tokenizer_digest, weights_digest
+        from .distributed import Team
         from .topk_cache import Stamp, TopKCache, data_digest
 
-        stamp = Stamp(teacher=weights_digest(teacher_dir), tokenizer=tokenizer_digest(cfg.tokenizer or teacher_dir),
-                      data=data_digest(train_ids, heldout_ids), k=min(k, vocab), seq_len=cfg.seq_len,
-                      vocab_size=vocab)
+        team = team or Team()
+
+        def make_stamp() -> Stamp:  # hashing a large teacher's weights once, not once per rank
+            return Stamp(teacher=weights_digest(teacher_dir), tokenizer=tokenizer_digest(cfg.tokenizer or teacher_dir),
+                         data=data_digest(train_ids, heldout_ids), k=min(k, vocab), seq_len=cfg.seq_len,
+                         vocab_size=vocab)
+
         directory = cfg.teacher_cache or default_cache_dir
-        cache = TopKCache.open_or_write(directory, stamp, teacher, train_ids, heldout_ids,
-                                        use_k=min(operator.K, vocab), batch_size=cfg.batch_size, device=device,
-                                        chunk=chunk, reporter=reporter)
+        # the teacher pass runs per rank on its share of the rows: the batch of one process's forward passes
+        cache = TopKCache.open_or_write(directory, team.on_main(make_stamp), teacher, train_ids, heldout_ids,
+                                        use_k=min(operator.K, vocab), batch_size=max(1, cfg.batch_size // team.world),
+                                        device=device, chunk=chunk, reporter=reporter, team=team)
     return KDObjective(operator, loss_fn, chunk, cache.train if cache is not None else None), cache
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..numerics import bucket_torch, kl_torch, log_softmax_torch
+from ..numerics import head_buckets_torch, kl_torch, log_softmax_torch
 from ..registry import Registry, split_spec
 from .operators import Operator
 
@@ -77,14 +77,39 @@ def kd_loss(
     return operator.loss_scale * per_pos.mean()
 
 
+class _GatheredLogSoftmax(torch.autograd.Function):
+    """``log_softmax(z).gather(-1, idx)`` for the K outcomes of a top-K teacher, without a [tokens × vocab]
+    log-softmax kept for the backward: it saves ``z`` (the logits) and the log-normaliser, and forms the one
+    [tokens × vocab] gradient in place in the backward — one such tensor alive beside the logits instead of two
+    (log-softmax's saved output and the gather's zero-filled gradient) before log-softmax's own backward adds a third."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        lse = z.logsumexp(-1, keepdim=True)
+        ctx.save_for_backward(z, idx, lse)
+        return z.gather(-1, idx) - lse
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        z, idx, lse = ctx.saved_tensors
+        # d(z_i - lse)/dz_j = [i = j] - softmax_j
+        grad = (z - lse).exp_().mul_(-g.sum(-1, keepdim=True))
+        return grad.scatter_add_(-1, idx, g), None
+
+
+def student_buckets(student_logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The student's buckets on the teacher's outcomes ``idx`` [..., K] (``numerics.bucket_torch`` of its
+    log-softmax, in float32), with the memory of :class:`_GatheredLogSoftmax`."""
+    return head_buckets_torch(_GatheredLogSoftmax.apply(student_logits.float(), idx))
+
+
 def bucket_kd_loss(idx: torch.Tensor, p_buckets: torch.Tensor, student_logits: torch.Tensor, loss_fn: LossFn,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over positions of loss(P_b, Q_b) against a teacher given only as top-K buckets (a top-K cache, an API
     teacher): ``p_buckets`` [..., K+1] on the outcomes ``idx`` [..., K]. The same number as :func:`kd_loss` with the
     ``topk:K`` operator on the full teacher: ``TopK.pair`` buckets the teacher exactly as the cache stores it and the
     student on the same outcomes (``numerics.bucket_torch``); its loss scale is 1."""
-    logq = log_softmax_torch(student_logits.float())
-    per_pos = loss_fn(p_buckets, bucket_torch(logq, idx))
+    per_pos = loss_fn(p_buckets, student_buckets(student_logits, idx))
     if mask is not None:
         per_pos = per_pos[mask.bool()]
     return per_pos.mean()
@@ -122,9 +147,9 @@ def kd_chunk_tokens(setting: int | None, tokens: int, vocab: int) -> int:
 
 def _chunk_sum(h, w, b, t_h, t_w, t_b, idx, p_buckets, *, operator: Operator, loss_fn: LossFn) -> torch.Tensor:
     """Σ over one chunk's positions of the per-position loss (the body of :func:`chunked_kd_loss`)."""
-    logq = log_softmax_torch(F.linear(h, w, b).float())
     if p_buckets is not None:
-        return loss_fn(p_buckets, bucket_torch(logq, idx)).sum()
+        return loss_fn(p_buckets, student_buckets(F.linear(h, w, b), idx)).sum()
+    logq = log_softmax_torch(F.linear(h, w, b).float())
     with torch.no_grad():
         logp = log_softmax_torch(F.linear(t_h, t_w, t_b).float())
     P, Q = operator.pair(logp, logq)

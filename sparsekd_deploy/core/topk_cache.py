@@ -10,10 +10,18 @@ Layout of a cache dir::
     <split>-<i>-of-<n>.idx.npy                  int32   [rows, seq_len, K]    token ids, most likely first
     <split>-<i>-of-<n>.logp.npy                 float32 [rows, seq_len, K+1]  K log-probs, then log tail mass
 
-Shards: split ``train`` / ``heldout`` rows are cut into ``n`` contiguous shards so each rank of a distributed run can
-write its own (:func:`write_shard`, atomically: tmp file + rename) and the main process writes ``cache.json`` once all
-are there (:func:`write_manifest`). Today one process writes shard 0 of 1. Arrays are NumPy ``.npy`` files opened as
-memory maps: a batch reads its rows only.
+Shards: split ``train`` / ``heldout`` rows are cut into ``n`` contiguous shards, one per rank of the run that writes the
+cache: rank r runs the teacher over shard r of each split (:func:`write_shard`, each file atomically: tmp file +
+rename), so a launched run's teacher pass is split over its N processes, and the main process writes ``cache.json``
+once every shard is there (:func:`finish`). A single process writes shard 0 of 1.
+
+Reading is *not* by rank: every rank opens every shard, memory-mapped. Each step draws its global batch from all the
+rows alike on every rank (``distributed.Team.shard`` gives rank r its share of that batch, not of the data), which is
+what makes N ranks reproduce the 1-process run, and the main process measures the whole held-out split; a rank
+reading only the rows it wrote would change the batches. A batch reads only its rows' pages, and drops them from the
+process after copying (``madvise(MADV_DONTNEED)``), so a cache larger than memory costs a batch's worth of resident
+memory, not the file's. All ranks must therefore see the cache dir (one node, or a shared filesystem); where the main
+process cannot find a rank's shard, it says so.
 
 The stamp holds hashes of the teacher's weights, of its tokenizer files and of the token ids, with K, the sequence
 length and the vocabulary size; a cache whose stamp differs is refused, naming what differs.
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -126,12 +135,56 @@ def write_manifest(directory: Path, stamp: Stamp, splits: dict[str, dict]) -> No
     write_json_atomic(directory / MANIFEST, {"format": FORMAT, "stamp": asdict(stamp), "splits": splits})
 
 
+def finish(directory: Path, stamp: Stamp, rows: dict[str, int], count: int) -> None:
+    """The main process, once every rank wrote its shard ``i`` of ``count`` of each split (``rows``: split → rows):
+    check that all are there, then write the manifest. A shard missing here was written where this process cannot
+    see it (a rank on another machine without a shared filesystem): said in one line, no manifest written."""
+    splits = {}
+    for split, n in rows.items():
+        entries = []
+        for i in range(count):
+            name = shard_name(split, i, count)
+            missing = [f"{name}{ext}" for ext in (".idx.npy", ".logp.npy") if not (directory / f"{name}{ext}").is_file()]
+            if missing:
+                raise TeacherCacheError(f"teacher cache {directory}: {missing[0]} (rank {i}'s shard) is not there; "
+                                        "every rank writes its shard into the cache dir, so it must be on a filesystem "
+                                        "all ranks share (pass --teacher-cache on one)")
+            entries.append({"name": name, "rows": list(shard_rows(n, i, count))})
+        splits[split] = {"rows": n, "shards": entries}
+    write_manifest(directory, stamp, splits)
+
+
+class _Mapped:
+    """A ``.npy`` file as a read-only memory map whose pages a reader can drop from the process after use (``drop``):
+    clean file pages stay in the kernel's page cache, but while mapped they count in the process's resident set, and
+    a run that touches every row would end up holding the whole file there."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+            if fortran or dtype.hasobject:
+                raise ValueError(f"{path.name} is not a C-ordered numeric array")
+            size = int(np.prod(shape)) * dtype.itemsize
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        if self._mm is not None and len(self._mm) < offset + size:
+            raise ValueError(f"{path.name} is truncated")
+        self.array = (np.ndarray(shape, dtype, buffer=self._mm, offset=offset) if self._mm is not None
+                      else np.empty(shape, dtype))
+
+    def drop(self) -> None:
+        if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
+
 class CacheSplit:
     """One split's rows, read through memory maps; ``targets`` gives a batch's teacher buckets."""
 
     def __init__(self, directory: Path, entry: dict, ids: torch.Tensor, k: int, use_k: int):
         self.ids, self.k, self.use_k = ids, k, use_k
-        self._shards = []  # (start, stop, idx memmap, logp memmap)
+        self._shards = []  # (start, stop, idx map, logp map)
         L = ids.shape[1]
         try:
             if int(entry["rows"]) != len(ids):
@@ -139,12 +192,15 @@ class CacheSplit:
             covered = 0
             for sh in entry["shards"]:
                 start, stop = (int(v) for v in sh["rows"])
-                idx = np.load(directory / f"{sh['name']}.idx.npy", mmap_mode="r")
-                lp = np.load(directory / f"{sh['name']}.logp.npy", mmap_mode="r")
+                idx_map = _Mapped(directory / f"{sh['name']}.idx.npy")
+                lp_map = _Mapped(directory / f"{sh['name']}.logp.npy")
+                idx, lp = idx_map.array, lp_map.array
+                if idx.dtype != np.int32 or lp.dtype != np.float32:
+                    raise ValueError(f"shard {sh['name']} holds {idx.dtype} / {lp.dtype} arrays")
                 if idx.shape != (stop - start, L, k) or lp.shape != (stop - start, L, k + 1) or start != covered:
                     raise ValueError(f"shard {sh['name']} holds {idx.shape} / {lp.shape} for rows {start}..{stop}")
                 covered = stop
-                self._shards.append((start, stop, idx, lp))
+                self._shards.append((start, stop, idx_map, lp_map))
             if covered != len(ids):
                 raise ValueError(f"shards cover {covered} of {len(ids)} rows")
         except (KeyError, TypeError, ValueError, OSError) as e:
@@ -169,13 +225,16 @@ class CacheSplit:
         K' = the operator's K: its buckets are the first K' outcomes and the rest as its tail (``head_buckets``)."""
         rows = self.rows_of(ids) if rows is None else rows
         rows = rows.cpu().numpy()
-        idx = np.empty((len(rows), self.ids.shape[1], self.k), np.int64)
-        lp = np.empty((len(rows), self.ids.shape[1], self.k + 1), np.float32)
-        for start, stop, i_mm, l_mm in self._shards:
+        # torch-allocated (an allocator's statistics see them), filled through NumPy views
+        idx_t = torch.empty((len(rows), self.ids.shape[1], self.k), dtype=torch.int64)
+        lp_t = torch.empty((len(rows), self.ids.shape[1], self.k + 1), dtype=torch.float32)
+        idx, lp = idx_t.numpy(), lp_t.numpy()
+        for start, stop, i_map, l_map in self._shards:
             sel = np.nonzero((rows >= start) & (rows < stop))[0]
             if len(sel):
-                idx[sel], lp[sel] = i_mm[rows[sel] - start], l_mm[rows[sel] - start]
-        idx_t, lp_t = torch.from_numpy(idx), torch.from_numpy(lp)
+                idx[sel], lp[sel] = i_map.array[rows[sel] - start], l_map.array[rows[sel] - start]
+                i_map.drop()
+                l_map.drop()
         if self.use_k < self.k:
             return idx_t[..., : self.use_k].contiguous(), head_buckets_torch(lp_t[..., : self.use_k])
         return idx_t, lp_t
@@ -213,21 +272,25 @@ class TopKCache:
     @classmethod
     def open_or_write(cls, directory: Path, stamp: Stamp, teacher, train_ids: torch.Tensor,
                       heldout_ids: torch.Tensor, use_k: int, batch_size: int, device=None, chunk: int = 0,
-                      reporter=None) -> TopKCache:
+                      reporter=None, team=None) -> TopKCache:
         """Reuse the cache at ``directory`` when its stamp matches (refuse it when not); else run the teacher once
-        and write it (every shard, then the manifest)."""
+        and write it: under a launcher (``team``, a ``distributed.Team``) every rank writes its shard of each split,
+        then the main process the manifest. Every rank calls this; it returns once the cache is complete."""
+        from .distributed import Team
+
+        team = team or Team()
         directory = Path(directory)
-        if (directory / MANIFEST).is_file():
+        if team.on_main(lambda: (directory / MANIFEST).is_file()):  # one verdict for all ranks
             if reporter is not None:
                 reporter.note(f"reusing the teacher top-{stamp.k} cache {directory}")
             return cls.open(directory, stamp, train_ids, heldout_ids, use_k)
         if reporter is not None:
+            split_over = f", split over {team.world} processes" if team.distributed else ""
             reporter.note(f"writing the teacher top-{stamp.k} cache {directory} "
-                          f"({len(train_ids) + len(heldout_ids)} × {stamp.seq_len} positions)")
+                          f"({len(train_ids) + len(heldout_ids)} × {stamp.seq_len} positions{split_over})")
         directory.mkdir(parents=True, exist_ok=True)
-        splits = {}
         for split, ids in zip(SPLITS, (train_ids, heldout_ids), strict=True):
-            entry = write_shard(directory, split, teacher, ids, stamp.k, 0, 1, batch_size, device, chunk)
-            splits[split] = {"rows": len(ids), "shards": [entry]}
-        write_manifest(directory, stamp, splits)
+            write_shard(directory, split, teacher, ids, stamp.k, team.rank, team.world, batch_size, device, chunk)
+        team.wait("every rank's shard of the teacher top-K cache")
+        team.on_main(finish, directory, stamp, {"train": len(train_ids), "heldout": len(heldout_ids)}, team.world)
         return cls.open(directory, stamp, train_ids, heldout_ids, use_k)
