@@ -23,7 +23,7 @@ from sparsekd_deploy.exporters.trt_precision import (
     EnginePrecisionError,
     asymmetric_qdq,
     check_device,
-    check_symmetric,
+    check_for_tensorrt,
     choose,
 )
 from sparsekd_deploy.exporters.trt_profiles import Profile
@@ -102,7 +102,16 @@ def test_zero_points_are_read_from_the_graph(qdq_graphs):
     bad = asymmetric_qdq(qdq_graphs["onnxruntime"] / "model.int8.onnx")
     assert bad  # uint8 activations carry zero points
     with pytest.raises(EnginePrecisionError, match=r"zero points .* in \d+ Q/DQ node\(s\).*--target tensorrt"):
-        check_symmetric(qdq_graphs["onnxruntime"] / "model.int8.onnx")
+        check_for_tensorrt(qdq_graphs["onnxruntime"] / "model.int8.onnx")
+
+
+def test_onnxruntime_operator_forms_are_refused(exported, tmp_path):
+    _, path = exported["llama"]
+    for mode, ops in (("int8-dynamic", "DynamicQuantizeLinear, MatMulInteger"), ("int4-weight", "MatMulNBits")):
+        dst = tmp_path / f"{mode}.onnx"
+        quantize_onnx(path, dst, mode, target="onnxruntime")
+        with pytest.raises(EnginePrecisionError, match=f"ONNX Runtime's own operators \\(.*{ops.split(',')[0]}"):
+            check_for_tensorrt(dst)
 
 
 def _build(d, monkeypatch, version, cc, **kw):

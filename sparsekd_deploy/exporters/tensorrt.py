@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import SparseKDError
 from .trt_compat import sparse_tensor_cores, this_machine
 from .trt_logs import parse_inspector, parse_parser_errors, parse_sparsity, sparsity_report
-from .trt_precision import QUANTIZED, EnginePrecisionError, check_device, check_symmetric, choose
+from .trt_precision import QUANTIZED, EnginePrecisionError, check_device, check_for_tensorrt, choose
 from .trt_profiles import Profile
 
 
@@ -81,6 +81,22 @@ def _timing_cache_name(device: dict) -> str:
     return "timing-" + re.sub(r"[^A-Za-z0-9.]+", "_", key) + ".cache"
 
 
+def _builder_flag(trt, name: str):
+    """``trt.BuilderFlag.<name>``, spelled out (not getattr) so scripts/check_trt_api.py checks every name against the
+    real bindings; ``trt_precision.choose`` asks for the precision flags on TensorRT 10.x only (11 has none)."""
+    if name == "SPARSE_WEIGHTS":
+        return trt.BuilderFlag.SPARSE_WEIGHTS
+    if name == "FP16":
+        return trt.BuilderFlag.FP16
+    if name == "INT8":
+        return trt.BuilderFlag.INT8
+    if name == "FP8":
+        return trt.BuilderFlag.FP8
+    if name == "INT4":
+        return trt.BuilderFlag.INT4
+    raise EngineBuildError(f"no TensorRT builder flag {name!r}")
+
+
 def build_engine(onnx_fp32: Path, onnx_fp16: Path | None, out_dir: Path, profile: Profile, *, fp16: bool = True,
                  sparse: bool = True, workspace_mib: int = 4096, cache_dir: Path | None = None,
                  precision: str | None = None, onnx_quantized: Path | None = None) -> EngineBuildResult:
@@ -107,7 +123,7 @@ def build_engine(onnx_fp32: Path, onnx_fp16: Path | None, out_dir: Path, profile
         raise EngineBuildError(str(e)) from None
     onnx_path = graphs[chosen.onnx]
     if precision in QUANTIZED:
-        check_symmetric(onnx_path)
+        check_for_tensorrt(onnx_path)
     lines: list[str] = []
     logger = list_logger(trt, lines)
     builder = trt.Builder(logger)
@@ -123,7 +139,7 @@ def build_engine(onnx_fp32: Path, onnx_fp16: Path | None, out_dir: Path, profile
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     for flag in chosen.flags:  # FP16 / INT8 / FP8 / INT4 (10.x only) and SPARSE_WEIGHTS
-        config.set_flag(getattr(trt.BuilderFlag, flag))
+        config.set_flag(_builder_flag(trt, flag))
     inputs = {network.get_input(i).name: list(network.get_input(i).shape) for i in range(network.num_inputs)}
     opt = builder.create_optimization_profile()
     for name, (mn, op, mx) in profile.shapes(inputs).items():

@@ -27,6 +27,9 @@ from ..errors import SparseKDError
 # quantization mode -> (TensorRT 10 BuilderFlag name, trtexec switch)
 QUANTIZED = {"int8": ("INT8", "--int8"), "fp8": ("FP8", "--fp8"), "int4-weight": ("INT4", "--int4")}
 ENGINE_PRECISIONS = ("fp16", "fp32", *QUANTIZED)
+# The onnxruntime target's quantized forms (QOperator): TensorRT parses Q/DQ only.
+ORT_ONLY_OPS = {"MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "GatherBlockQuantized",
+                "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
 FP8_MIN_CC = (8, 9)
 FP8_MIN_TRT = 10
 
@@ -126,7 +129,17 @@ def asymmetric_qdq(onnx_path: Path) -> list[str]:
     return bad
 
 
-def check_symmetric(onnx_path: Path) -> None:
+def check_for_tensorrt(onnx_path: Path) -> None:
+    """Refuse a quantized graph TensorRT cannot take: ONNX Runtime's own quantized operators (the onnxruntime
+    target's MatMulInteger / MatMulNBits form), or Q/DQ nodes with zero points."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    ort_only = sorted({n.op_type for n in model.graph.node if n.op_type in ORT_ONLY_OPS})
+    if ort_only:
+        raise EnginePrecisionError(
+            f"{onnx_path.name} is quantized in ONNX Runtime's own operators ({', '.join(ort_only)}), which TensorRT "
+            "does not parse; rebuild the bundle with --target tensorrt (Q/DQ graph)")
     bad = asymmetric_qdq(onnx_path)
     if bad:
         raise EnginePrecisionError(
