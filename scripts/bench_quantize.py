@@ -5,13 +5,18 @@ weights, pruned 2:4 by magnitude so the audit has zeros to prove), exported once
 quantized copy this tool makes (``sparsekd_deploy.exporters.quantize``), alternated over rounds, medians: greedy decode
 tokens/s (batch 1, 16-token prompt, KV cache) and 512-token prefill ms, file size; every quantized copy audited.
 "int8 (trt QDQ)" is the int8 graph made for --target tensorrt (symmetric int8 activations) run on ORT's CPU provider:
-why the onnxruntime target's int8 uses uint8 activations instead.
+why the onnxruntime target's int8 uses uint8 activations instead. "plain dynamic" is the issue's reference, a plain
+``onnxruntime.quantization.quantize_dynamic(per_channel=True)`` with default settings of the same graph, run in the
+same rounds with the same session options: the product's int8-dynamic must not be slower (the table says whether
+the two files are byte-identical). ``--profile`` adds ORT's per-op-type kernel times of one 512-token prefill, fp32
+vs int8-dynamic: what quantization cannot speed up (attention softmax, masks) bounds the prefill ratio.
 
 Part 2, quality: a distillation run's 2:4 student (default the demo's) exported fp32 and quantized (static modes
 calibrated on the run's training split), each scored on the run's held-out sequences against the teacher: full-
 vocabulary KL(teacher‖x) and top-1 agreement, next to the fp32 student's.
 
     .venv/bin/python scripts/bench_quantize.py [--run dist/demo.run] [--rounds 5] [--cache runs/bench_quantize]
+        [--modes int8-dynamic,int8,int4-weight,int8-trt] [--skip-quality] [--profile]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from sparsekd_deploy.pipeline.export_step import calibration_feeds
 from sparsekd_deploy.targets.onnxruntime import OnnxRuntimeTarget
 
 MODES = ("int8-dynamic", "int8", "int4-weight")
+SPEED_MODES = MODES + ("int8-trt",)  # int8-trt: the --target tensorrt int8 graph, run on ORT CPU
 
 
 def bar_model(cache: Path) -> tuple[Path, dict]:
@@ -83,18 +89,68 @@ def speed(graphs: dict[str, Path], rounds: int, tokens: int, vocab: int) -> dict
     return {n: {"decode_tok_s": statistics.median(dec[n]), "prefill_512_ms": statistics.median(pre[n])} for n in dec}
 
 
-def part1(cache: Path, rounds: int, tokens: int) -> dict:
+def plain_dynamic(src: Path, dst: Path) -> Path:
+    """The issue's reference: quantize_dynamic, per-channel, every other setting at its default."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    from sparsekd_deploy.exporters.quantize import _quiet
+
+    with _quiet():
+        quantize_dynamic(str(src), str(dst), per_channel=True)
+    return dst
+
+
+def prefill_profile(graphs: dict[str, Path], vocab: int, top: int = 8) -> None:
+    """ORT's own per-op-type kernel times (ms) of one 512-token prefill after a warm-up, side by side."""
+    import onnxruntime as ort
+
+    ids = np.random.default_rng(0).integers(0, vocab, (1, 512))
+    per = {}
+    for name, path in graphs.items():
+        so = ort.SessionOptions()
+        so.log_severity_level, so.enable_profiling = 3, True
+        so.profile_file_prefix = str(path.with_name(f"profile_{path.stem}"))
+        target = OnnxRuntimeTarget(path)
+        target.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        target.logits(ids[:, :64])
+        target.logits(ids)
+        trace = Path(target.session.end_profiling())
+        ops: dict[str, float] = {}
+        kernels = [e for e in json.loads(trace.read_text()) if e.get("cat") == "Node"
+                   and e["name"].endswith("_kernel_time")]
+        for e in kernels[len(kernels) // 2:]:  # the 512-token run (the warm-up ran the same nodes first)
+            ops[e["args"]["op_name"]] = ops.get(e["args"]["op_name"], 0.0) + e["dur"] / 1e3
+        trace.unlink()
+        per[name] = ops
+    names = list(per)
+    rows = sorted({op for ops in per.values() for op in ops}, key=lambda op: -max(p.get(op, 0) for p in per.values()))
+    print(f"\nORT kernel time of one 512-token prefill, ms per op type (top {top})")
+    print(f"{'op type':30s}" + "".join(f"{n:>16s}" for n in names))
+    for op in rows[:top]:
+        print(f"{op:30s}" + "".join(f"{per[n].get(op, 0):16.1f}" for n in names))
+    print(f"{'all kernels':30s}" + "".join(f"{sum(per[n].values()):16.1f}" for n in names))
+
+
+def part1(cache: Path, rounds: int, tokens: int, modes=SPEED_MODES, profile: bool = False) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     src, pruned = bar_model(cache)
     graphs, info = {"fp32": src}, {}
-    calib = calibration_feeds(src, np.random.default_rng(1).integers(0, 32000, (8, 128)))
-    for mode, target in [(m, "onnxruntime") for m in MODES] + [("int8", "tensorrt")]:
+    calib = calibration_feeds(src, np.random.default_rng(1).integers(0, 32000, (8, 128))) if "int8" in modes else None
+    runs = [(m, "onnxruntime") for m in MODES if m in modes] + [("int8", "tensorrt")] * ("int8-trt" in modes)
+    for mode, target in runs:
         name = mode if target == "onnxruntime" else "int8 (trt QDQ)"
         dst = quantized_path(src, mode).with_suffix(".trt.onnx" if target == "tensorrt" else ".onnx")
         start = time.perf_counter()
         q = quantize_onnx(src, dst, mode, target=target, calibration=calib if mode == "int8" else None)
         info[name] = {"seconds": time.perf_counter() - start, "audit": audited(dst, pruned), "skipped": q.skipped}
         graphs[name] = dst
+    if "int8-dynamic" in modes:
+        ref = plain_dynamic(src, src.with_name("model.plain-dynamic.onnx"))
+        same = ref.read_bytes() == graphs["int8-dynamic"].read_bytes()
+        info["plain dynamic"] = {"audit": audited(ref, pruned), "identical_to_int8_dynamic": same}
+        graphs["plain dynamic"] = ref
+        print(f"plain quantize_dynamic(per_channel=True) vs the product's int8-dynamic: "
+              f"{'byte-identical files' if same else 'the files differ'}")
     res = speed(graphs, rounds, tokens, 32000)
     for name, p in graphs.items():
         res[name]["mb"] = p.stat().st_size / 1e6
@@ -107,6 +163,8 @@ def part1(cache: Path, rounds: int, tokens: int) -> dict:
         print(f"{name:14s} {r['decode_tok_s']:12.1f} {r['decode_tok_s'] / base['decode_tok_s']:7.2f} "
               f"{r['prefill_512_ms']:11.0f} {base['prefill_512_ms'] / r['prefill_512_ms']:7.2f} {r['mb']:7.1f} "
               f"{r['mb'] / base['mb']:7.3f}  {r.get('audit', '-')}")
+    if profile and "int8-dynamic" in graphs:
+        prefill_profile({"fp32": src, "int8-dynamic": graphs["int8-dynamic"]}, 32000)
     return res
 
 
@@ -153,14 +211,22 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=Path("runs/bench_quantize"), help="where the bar model is kept")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--modes", default=",".join(SPEED_MODES), help="speed part: which quantized graphs")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="speed part: per-op prefill kernel times, fp32 vs int8")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args()
     torch.set_num_threads(2)
     out = {}
+    modes = tuple(m for m in args.modes.split(",") if m)
+    unknown = [m for m in modes if m not in SPEED_MODES]
+    if unknown:
+        ap.error(f"unknown --modes {', '.join(unknown)}; choose from {', '.join(SPEED_MODES)}")
     if not args.skip_speed:
-        out["bar_model"] = part1(args.cache, args.rounds, args.tokens)
-    out["demo"] = part2(args.run)
+        out["bar_model"] = part1(args.cache, args.rounds, args.tokens, modes, args.profile)
+    if not args.skip_quality:
+        out["demo"] = part2(args.run)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0

@@ -3,7 +3,13 @@
 Size, sparsity, held-out KL / top-1 (from the bundle's validation), repeat-prompt consistency, and ONNX Runtime
 greedy-decoding latency of both (the teacher exported the same way, same prompts, alternated rounds).
 
-    .venv/bin/python scripts/results_table.py dist/demo [--rounds 5]
+Then one row per graph precision the bundle carries (fp32, fp16, int8, …): file size, and what that graph's own
+last validation recorded (validation/by-model/): full-vocabulary KL, top-1, greedy match, consistency ratio and
+greedy decode speed with the runtime that measured it. A graph never validated, or validated before decode speed
+was recorded, says so ("not validated", "not measured"): no number is filled in. ``--precisions-only`` prints just
+that table (no teacher export, no timing).
+
+    .venv/bin/python scripts/results_table.py dist/demo [--rounds 5] [--precisions-only]
 """
 
 from __future__ import annotations
@@ -29,13 +35,55 @@ def ms_per_token(target, prompts: np.ndarray, tokens: int) -> float:
     return (time.perf_counter() - start) * 1000 / (tokens * len(prompts))
 
 
+def precision_rows(b: Bundle) -> list[tuple[str, ...]]:
+    """(precision, file, KL, top-1, greedy, consistency, decode) per graph of the bundle, from its own records."""
+    from sparsekd_deploy.precisions import PRECISIONS, manifest_key
+    from sparsekd_deploy.validate.validator import per_model_record
+
+    model = b.manifest["model"]
+    fp32_bytes = (b.path / model["onnx"]).stat().st_size
+    rows = []
+    for precision in PRECISIONS:
+        rel = model.get(manifest_key(precision))
+        if not isinstance(rel, str) or not (b.path / rel).is_file():
+            continue
+        size = (b.path / rel).stat().st_size
+        file = f"{size / 1e6:.1f} MB" + (f" ({size / fp32_bytes:.2f}× fp32)" if precision != "fp32" else "")
+        rec = b.read_json(per_model_record(rel), "validation record", "rerun `sparsekd-deploy validate`")
+        if rec is None:
+            rows.append((precision, file, "not validated", "not validated", "not validated", "not validated",
+                         "not measured"))
+            continue
+        mm = rec.get("metrics", {})
+        decode = mm.get("decode") or {}
+        rt = rec.get("runtime", {})
+        speed = (f"{decode['tokens_per_s']:.1f} tok/s ({rt.get('runtime', '?')} {rt.get('provider', '')}, batch 1)"
+                 if isinstance(decode.get("tokens_per_s"), (int, float)) else "not measured")
+        kl_full = mm.get("kl_full")
+        rows.append((precision, file, f"{kl_full:.4f}" if isinstance(kl_full, (int, float)) else "teacher absent",
+                     f"{mm['top1_agreement']:.3f}", f"{mm['greedy_match']:.2f}", f"{mm['consistency_ratio']:.3f}",
+                     speed))
+    return rows
+
+
+def print_precisions(b: Bundle) -> None:
+    print("\n| precision | file | full KL vs teacher | top-1 | greedy match | consistency ratio | greedy decode |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for row in precision_rows(b):
+        print("| " + " | ".join(row) + " |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--precisions-only", action="store_true", help="only the per-precision table (recorded numbers)")
     args = ap.parse_args()
     b = Bundle.open(args.bundle)
+    if args.precisions_only:
+        print_precisions(b)
+        return 0
     m = b.manifest
     v = json.loads((b.path / "validation.json").read_text())
     refs = References.load(b)
@@ -67,6 +115,7 @@ def main() -> int:
     print("| | teacher | student |\n| --- | --- | --- |")
     for name, t, s in rows:
         print(f"| {name} | {t} | {s} |")
+    print_precisions(b)
     return 0
 
 

@@ -25,7 +25,7 @@ def fake_trt(version: str, calls: list, parse_ok: bool = True):
             pass
 
     class Flag:
-        FP16, SPARSE_WEIGHTS = "FP16", "SPARSE_WEIGHTS"
+        FP16, SPARSE_WEIGHTS, INT8, FP8, INT4 = "FP16", "SPARSE_WEIGHTS", "INT8", "FP8", "INT4"
 
     class Tensor:
         def __init__(self, name, shape):
@@ -133,13 +133,13 @@ def machine(monkeypatch):
     return set_machine
 
 
-def run_build(tmp_path, monkeypatch, version, parse_ok=True, **kw):
+def run_build(tmp_path, monkeypatch, version, parse_ok=True, fp16_graph=True, **kw):
     calls = []
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt(version, calls, parse_ok))
     (tmp_path / "model.onnx").write_bytes(b"x")
     (tmp_path / "model.fp16.onnx").write_bytes(b"x")
-    res = builder_mod.build_engine(tmp_path / "model.onnx", tmp_path / "model.fp16.onnx", tmp_path / "out",
-                                   Profile(), **kw)
+    res = builder_mod.build_engine(tmp_path / "model.onnx", tmp_path / "model.fp16.onnx" if fp16_graph else None,
+                                   tmp_path / "out", Profile(), **kw)
     return res, calls
 
 
@@ -160,6 +160,12 @@ def test_trt11_is_strongly_typed_and_parses_the_fp16_graph(tmp_path, monkeypatch
     res, calls = run_build(tmp_path, monkeypatch, "11.0.0")
     assert ("parse", "model.fp16.onnx") in calls and ("flag", "FP16") not in calls
     assert res.engine["strongly_typed"] and res.engine["onnx"] == "model.fp16.onnx"
+
+
+def test_trt11_fp16_without_an_fp16_graph_is_refused(tmp_path, monkeypatch, machine):
+    machine("9.0", "11.0.0")
+    with pytest.raises(builder_mod.EngineBuildError, match="TensorRT 11 builds FP16 only from an FP16 ONNX graph"):
+        run_build(tmp_path, monkeypatch, "11.0.0", fp16_graph=False)
 
 
 def test_pre_ampere_gpu_builds_dense_and_says_so(tmp_path, monkeypatch, machine):

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..console import err_console, stdout_json
+from ..exporters.trt_precision import ENGINE_PRECISIONS
 from .error_handling import handle_errors
 
 
@@ -23,9 +24,13 @@ def engine_group():
 @click.option("--workspace", type=int, default=4096, show_default=True, help="Workspace limit in MiB.")
 @click.option("--fp32", is_flag=True, help="Build FP32 instead of FP16.")
 @click.option("--dense", is_flag=True, help="Do not enable SPARSE_WEIGHTS.")
+@click.option("--precision", type=click.Choice(ENGINE_PRECISIONS),
+              help="Engine precision. int8 / fp8 / int4-weight build from the bundle's Q/DQ graph (explicit "
+                   "quantization, no calibrator; fp8 needs compute capability 8.9+). [default: the bundle's quantized "
+                   "graph when it has one for TensorRT, else fp16 (fp32 with --fp32)]")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def engine_build_cmd(bundle, batch, seq, past, workspace, fp32, dense, as_json):
+def engine_build_cmd(bundle, batch, seq, past, workspace, fp32, dense, precision, as_json):
     """Build engine.plan for this GPU, with a sparsity report (eligible vs sparse-tactic layers)."""
     from ..bundle import Bundle
     from ..exporters.trt_profiles import Profile
@@ -34,14 +39,15 @@ def engine_build_cmd(bundle, batch, seq, past, workspace, fp32, dense, as_json):
     profile = Profile.from_cli(batch, seq, past, b.manifest["model"].get("max_positions"))
     from ..pipeline.engine import build_into_bundle
 
-    res = build_into_bundle(b, profile, fp16=not fp32, sparse=not dense, workspace_mib=workspace)
+    res = build_into_bundle(b, profile, fp16=not fp32, sparse=not dense, workspace_mib=workspace, precision=precision)
     for w in res.warnings:
         err_console.print(f"[yellow]warning:[/yellow] {w}")
     if as_json:
         stdout_json({"engine": res.engine, "sparsity": res.sparsity})
     else:
         err_console.print(f"engine.plan built with TensorRT {res.engine['tensorrt_version']} for "
-                          f"{res.engine['device_name']} (sm {res.engine['compute_capability']}): {res.sparsity['summary']}")
+                          f"{res.engine['device_name']} (sm {res.engine['compute_capability']}), "
+                          f"{res.engine['precision']}: {res.sparsity['summary']}")
 
 
 @engine_group.command("add")

@@ -118,14 +118,14 @@ def _precision_rows(t: Table, b, f: _Fields, validation: dict | None) -> None:
             last = validation
         if last is None:
             seen = "not validated yet" + (f" (`sparsekd-deploy validate BUNDLE --model {precision}`)"
-                                          if precision != "fp32" else "")
+                                          if precision != "fp32" else "") + "; decode speed not measured"
         else:
             v = _Fields(last, f"{b.path / per_model_record(rel)}", "delete it and rerun `sparsekd-deploy validate`")
             kl_full = v("metrics.kl_full", default=None)
             seen = (f"{'PASS' if v('passed', bool) else 'FAIL'}: kl_topk {v('metrics.kl_topk', NUM):.4f}"
                     + (f", full KL {kl_full:.4f}" if isinstance(kl_full, NUM) else "")
                     + f", top-1 {v('metrics.top1_agreement', NUM):.3f}, greedy {v('metrics.greedy_match', NUM):.2f}"
-                    f" ({v('created')})")
+                    f"; {_decode_speed(v)} ({v('created')})")
         t.add_row(f"graph {precision}", f"{rel}, {size / 1e6:.1f} MB{ratio}; {seen}")
     q = f("quantization", dict, default=None)
     if q:
@@ -136,6 +136,15 @@ def _precision_rows(t: Table, b, f: _Fields, validation: dict | None) -> None:
                     f" training tokens")
         t.add_row("quantization", how + (f"; not quantized: {len(q.get('skipped') or [])} layers"
                                          if q.get("skipped") else ""))
+
+
+def _decode_speed(v: _Fields) -> str:
+    """The greedy decode speed the validation measured, with where (validations before it existed: not measured)."""
+    rate = v("metrics.decode.tokens_per_s", NUM, default=None)
+    if rate is None:
+        return "decode speed not measured"
+    where = f"{v('runtime.runtime', str, default='?')} {v('runtime.provider', str, default='')}".strip()
+    return f"decode {rate:.1f} tok/s (batch 1, {v('metrics.decode.new_tokens', NUM, default='?')} tokens, {where})"
 
 
 def _stability_line(stab: dict | None) -> str:

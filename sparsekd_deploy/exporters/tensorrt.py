@@ -2,6 +2,8 @@
 
 - FP16: TensorRT 10.x sets ``BuilderFlag.FP16`` on the FP32 graph (the flag is deprecated since 10.12 but still
   honoured); TensorRT 11 removed the precision flags — networks are strongly typed, so it parses the FP16 graph.
+- INT8 / FP8 / INT4 weights: built from the bundle's Q/DQ graph (explicit quantization, no calibrator) with the
+  flags ``trt_precision`` chooses per version; FP8 is refused on a GPU or TensorRT without it.
 - ``BuilderFlag.SPARSE_WEIGHTS`` lets TensorRT *time* sparse tactics; it keeps them only where they are faster.
   Compute capability < 8.0 has no sparse tensor cores: warn, build dense, say so.
 - The log is captured at VERBOSE (10.x prints its sparsity lines only there) and the engine inspector runs at
@@ -22,6 +24,7 @@ from pathlib import Path
 from ..errors import SparseKDError
 from .trt_compat import sparse_tensor_cores, this_machine
 from .trt_logs import parse_inspector, parse_parser_errors, parse_sparsity, sparsity_report
+from .trt_precision import QUANTIZED, EnginePrecisionError, check_device, check_for_tensorrt, choose
 from .trt_profiles import Profile
 
 
@@ -78,30 +81,54 @@ def _timing_cache_name(device: dict) -> str:
     return "timing-" + re.sub(r"[^A-Za-z0-9.]+", "_", key) + ".cache"
 
 
+def _builder_flag(trt, name: str):
+    """``trt.BuilderFlag.<name>``, spelled out (not getattr) so scripts/check_trt_api.py checks every name against the
+    real bindings; ``trt_precision.choose`` asks for the precision flags on TensorRT 10.x only (11 has none)."""
+    if name == "SPARSE_WEIGHTS":
+        return trt.BuilderFlag.SPARSE_WEIGHTS
+    if name == "FP16":
+        return trt.BuilderFlag.FP16
+    if name == "INT8":
+        return trt.BuilderFlag.INT8
+    if name == "FP8":
+        return trt.BuilderFlag.FP8
+    if name == "INT4":
+        return trt.BuilderFlag.INT4
+    raise EngineBuildError(f"no TensorRT builder flag {name!r}")
+
+
 def build_engine(onnx_fp32: Path, onnx_fp16: Path | None, out_dir: Path, profile: Profile, *, fp16: bool = True,
-                 sparse: bool = True, workspace_mib: int = 4096, cache_dir: Path | None = None) -> EngineBuildResult:
+                 sparse: bool = True, workspace_mib: int = 4096, cache_dir: Path | None = None,
+                 precision: str | None = None, onnx_quantized: Path | None = None) -> EngineBuildResult:
+    """``precision``: fp16 / fp32 (default, per ``fp16``) or a quantized one (int8, fp8, int4-weight) built from
+    ``onnx_quantized``, the bundle's Q/DQ graph (explicit quantization: no calibrator). The graph, typing and
+    flags per TensorRT version come from ``trt_precision.choose``."""
     trt = import_tensorrt()
     device = this_machine()
     if not device["compute_capability"]:
         raise TensorRTUnavailableError("no CUDA GPU visible: a TensorRT engine can only be built on the GPU it runs on")
+    precision = precision or ("fp16" if fp16 else "fp32")
+    check_device(precision, trt.__version__, device["compute_capability"])
     warnings = []
     if sparse and not sparse_tensor_cores(device["compute_capability"]):
         warnings.append(f"compute capability {device['compute_capability']} has no sparse tensor cores "
                         "(needs ≥ 8.0, Ampere): building a dense engine")
         sparse = False
     major = trt_major(trt)
+    graphs = {str(p): p for p in (onnx_fp32, onnx_fp16, onnx_quantized) if p is not None}
+    try:
+        chosen = choose(precision, trt_major=major, sparse=sparse, fp16_graph=str(onnx_fp16) if onnx_fp16 else None,
+                        quantized_graph=str(onnx_quantized) if onnx_quantized else None, fp32_graph=str(onnx_fp32))
+    except EnginePrecisionError as e:
+        raise EngineBuildError(str(e)) from None
+    onnx_path = graphs[chosen.onnx]
+    if precision in QUANTIZED:
+        check_for_tensorrt(onnx_path)
     lines: list[str] = []
     logger = list_logger(trt, lines)
     builder = trt.Builder(logger)
-    if major >= 11:
-        # Strongly typed: the graph's dtypes are the precision. FP16 needs the FP16 graph.
-        onnx_path = onnx_fp16 if fp16 else onnx_fp32
-        if fp16 and onnx_path is None:
-            raise EngineBuildError("TensorRT 11 builds FP16 only from an FP16 ONNX graph; the bundle has none")
-        network = builder.create_network(0)
-    else:
-        onnx_path = onnx_fp32
-        network = builder.create_network(0)  # explicit batch is the only mode since 10.0
+    # TensorRT 11 networks are always strongly typed (flag 0 means that there); 10.x builds weakly typed with flags.
+    network = builder.create_network(0)  # explicit batch is the only mode since 10.0
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -111,10 +138,8 @@ def build_engine(onnx_fp32: Path, onnx_fp16: Path | None, out_dir: Path, profile
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    if sparse:
-        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-    if fp16 and major < 11:
-        config.set_flag(trt.BuilderFlag.FP16)
+    for flag in chosen.flags:  # FP16 / INT8 / FP8 / INT4 (10.x only) and SPARSE_WEIGHTS
+        config.set_flag(_builder_flag(trt, flag))
     inputs = {network.get_input(i).name: list(network.get_input(i).shape) for i in range(network.num_inputs)}
     opt = builder.create_optimization_profile()
     for name, (mn, op, mx) in profile.shapes(inputs).items():
@@ -150,8 +175,8 @@ def build_engine(onnx_fp32: Path, onnx_fp16: Path | None, out_dir: Path, profile
         "plan": "engine.plan", "tensorrt_version": trt.__version__, "compute_capability": device["compute_capability"],
         "device_name": device["device_name"], "cuda_version": device["cuda_version"],
         "hardware_compatibility": "none", "version_compatible": False,
-        "precision": "fp16" if fp16 else "fp32", "strongly_typed": major >= 11, "sparse_weights": sparse,
-        "onnx": onnx_path.name, "profile": profile.to_dict(), "workspace_mib": workspace_mib,
+        "precision": precision, "strongly_typed": chosen.strongly_typed, "sparse_weights": sparse,
+        "builder_flags": list(chosen.flags), "onnx": onnx_path.name, "profile": profile.to_dict(), "workspace_mib": workspace_mib,
         "sparsity_summary": report["summary"], "warnings": warnings,
     }
     return EngineBuildResult(plan_path, record, report, warnings)

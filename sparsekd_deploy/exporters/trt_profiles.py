@@ -108,8 +108,14 @@ class Profile:
 
 
 def trtexec_argv(onnx: str, engine: str, shapes: dict, *, trt_major: int, fp16: bool, sparse: bool,
-                 workspace_mib: int, timing_cache: str, layer_info: str) -> list[str]:
-    """The exact trtexec command for the device (an argv list: it never passes through a shell)."""
+                 workspace_mib: int, timing_cache: str, layer_info: str, precision: str | None = None) -> list[str]:
+    """The exact trtexec command for the device (an argv list: it never passes through a shell). ``precision``: a
+    quantized one (int8, fp8, int4-weight) when ``onnx`` is the bundle's Q/DQ graph; else fp16 / fp32 per ``fp16``.
+    The precision switches are ``trt_precision.choose``'s, the same the Python builder sets as flags."""
+    from .trt_precision import choose
+
+    chosen = choose(precision or ("fp16" if fp16 else "fp32"), trt_major=trt_major, sparse=sparse, fp16_graph=onnx,
+                    quantized_graph=onnx, fp32_graph=onnx)
 
     def fmt(i):
         return ",".join(f"{n}:{'x'.join(str(d) for d in s[i])}" for n, s in shapes.items())
@@ -117,13 +123,8 @@ def trtexec_argv(onnx: str, engine: str, shapes: dict, *, trt_major: int, fp16: 
     argv = ["trtexec", f"--onnx={onnx}", f"--saveEngine={engine}", f"--minShapes={fmt(0)}", f"--optShapes={fmt(1)}",
             f"--maxShapes={fmt(2)}", f"--memPoolSize=workspace:{workspace_mib}M", "--profilingVerbosity=detailed",
             f"--exportLayerInfo={layer_info}", f"--timingCacheFile={timing_cache}", "--verbose"]
-    if sparse:
-        argv.append("--sparsity=enable")
-    if trt_major >= 11:
-        argv.append("--stronglyTyped")  # TensorRT 11: precision comes from the (FP16) graph itself
-    elif fp16:
-        argv.append("--fp16")
-    return argv
+    # TensorRT 11: --stronglyTyped (precision from the graph itself); 10.x: --fp16 / --int8 / --fp8 / --int4.
+    return argv + list(chosen.trtexec)
 
 
 def shell_line(argv: list[str]) -> str:

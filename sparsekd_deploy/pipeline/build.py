@@ -210,7 +210,9 @@ def _write_engine_step(bundle_dir: Path, exported: ExportResult, opts: BuildOpti
     limit = max_positions(exported.config)
     profile = opts.profile or Profile.from_cli(None, None, None, limit)
     profile.check(limit)
-    write_device_step(bundle_dir, profile, fp16=True, sparse=exported.sparse_nm, workspace_mib=opts.workspace_mib)
+    q = exported.quantization  # a Q/DQ graph for TensorRT (int8, fp8, int4-weight): the engine is built from it
+    write_device_step(bundle_dir, profile, fp16=True, sparse=exported.sparse_nm, workspace_mib=opts.workspace_mib,
+                      quantization={"mode": q["mode"], "file": Path(q["path"]).name} if q else None)
 
 
 def _copy_run_files(run_dir: Path, bundle_dir: Path, target: str) -> None:

@@ -84,19 +84,22 @@ def engine_record(plan: Path, log_text: str | None, step: dict, *, compute_capab
     profile = _log_profile(info["shapes"]) if "shapes" in info else None
     major = version_tuple(version)[0]
     strongly_typed = major >= 11 or info.get("strongly_typed", False)
+    quantized = step.get("quantized_onnx")  # the bundle's Q/DQ graph, when the step builds from it
     if strongly_typed:
         # The graph's dtypes are the precision (the log's "Precision:" line does not say it): which graph was built?
-        onnx = info.get("onnx") or ("model.fp16.onnx" if step.get("fp16", True) else "model.onnx")
+        onnx = info.get("onnx") or quantized or ("model.fp16.onnx" if step.get("fp16", True) else "model.onnx")
         fp16 = onnx.endswith(".fp16.onnx")
     else:
-        onnx = info.get("onnx") or "model.onnx"
+        onnx = info.get("onnx") or quantized or "model.onnx"
         fp16 = info["precision"] == "fp16" if "precision" in info else bool(step.get("fp16", True))
+    # A Q/DQ graph's precision is its quantization (the scales are in the graph), whatever the float layers run in.
+    precision = step["precision"] if quantized and onnx == quantized else ("fp16" if fp16 else "fp32")
     return {
         "plan": "engine.plan", "tensorrt_version": version, "compute_capability": cc,
         "device_name": device_name or info.get("device_name") or here["device_name"],
         "cuda_version": here["cuda_version"] if from_here else None,
         "hardware_compatibility": "none", "version_compatible": False,
-        "precision": "fp16" if fp16 else "fp32", "strongly_typed": strongly_typed,
+        "precision": precision, "strongly_typed": strongly_typed,
         "sparse_weights": info.get("sparse_weights", bool(step.get("sparse_weights", True))),
         "onnx": onnx,
         # The shapes trtexec really ran with (a user may edit the line); else the ones the line was written with.

@@ -124,6 +124,10 @@ def validate_bundle(bundle: Bundle, runtime: str = "onnxruntime", provider: str 
     logits = target.logits(refs.tensors["input_ids"])  # one pass serves the top-k and the full KL
     metrics = M.run_all(target, refs, logits, samples=samples)
     metrics["kl_full"] = full_kl(bundle, logits, refs, teacher) if teacher is not None else None
+    from .speed import decode_speed
+
+    metrics["decode"] = decode_speed(target, refs.tensors["input_ids"][:1, : refs.meta["prefix"]],
+                                     refs.meta["greedy_tokens"])
     rows = evaluate(metrics, gates)
     metrics["stability"]["notes"] += skipped_gates(metrics, gates)
     report = ValidationReport(
