@@ -129,24 +129,37 @@ LOOSE = ["--max-kl", "5", "--min-top1", "0", "--min-greedy-match", "0", "--max-p
          "--min-consistency-ratio", "0"]
 
 
+def cli_build(teacher, out, *args):
+    """`sparsekd-deploy build --teacher T --out O ARGS --json FAST LOOSE` through click; fails the test unless it
+    succeeded, and returns the click result."""
+    from click.testing import CliRunner
+
+    from sparsekd_deploy.cli import main
+
+    r = CliRunner().invoke(main, ["build", "--teacher", str(teacher), "--out", str(out), *args, "--json", *FAST, *LOOSE],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def skip_where_tensorrt_runs():
+    """The engine-step fixtures describe a machine without TensorRT/GPU; where both are here, engines are built for
+    real (the tensorrt-marked tests)."""
+    from sparsekd_deploy.exporters.trt_compat import this_machine
+
+    if this_machine()["tensorrt_version"] and this_machine()["compute_capability"]:
+        pytest.skip("TensorRT and a GPU are here: the engine is built for real (tensorrt-marked tests)")
+
+
 @pytest.fixture(scope="session")
 def device_step_bundle(tiny_dirs, tmp_path_factory):
     """`build --target tensorrt` on a machine without TensorRT/GPU: (bundle dir, CLI output, JSON summary)."""
     import json
 
-    from click.testing import CliRunner
-
-    from sparsekd_deploy.cli import main
-    from sparsekd_deploy.exporters.trt_compat import this_machine
-
-    if this_machine()["tensorrt_version"] and this_machine()["compute_capability"]:
-        pytest.skip("TensorRT and a GPU are here: the engine is built for real (tensorrt-marked tests)")
+    skip_where_tensorrt_runs()
     root = tmp_path_factory.mktemp("trt")
-    r = CliRunner().invoke(main, ["build", "--target", "tensorrt", "--teacher", str(tiny_dirs["llama"]),
-                                  "--out", str(root / "b"), "--run-dir", str(root / "run"), "--batch", "1,2,4",
-                                  "--seq", "1,16,32", "--past", "0,16,32", "--json", *FAST, *LOOSE],
-                           catch_exceptions=False)
-    assert r.exit_code == 0, r.output
+    r = cli_build(tiny_dirs["llama"], root / "b", "--target", "tensorrt", "--run-dir", str(root / "run"),
+                  "--batch", "1,2,4", "--seq", "1,16,32", "--past", "0,16,32")
     return root / "b", r.output, json.loads(r.stdout[r.stdout.index("{"):])
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import FAST, LOOSE
+from conftest import cli_build
 
 from sparsekd_deploy.bundle import Bundle
 from sparsekd_deploy.cli import main
@@ -54,10 +54,7 @@ def test_decode_speed_times_batch_one_runs_after_a_warm_up(monkeypatch):
 def q_bundle(tiny_dirs, tmp_path_factory):
     """fp32 + static int8 (int8-dynamic would fail the deterministic gate, README: its ranges are per call)."""
     root = tmp_path_factory.mktemp("q")
-    r = CliRunner().invoke(main, ["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(root / "b"),
-                                  "--quantize", "int8", "--calibration-samples", "8", "--json", *FAST, *LOOSE],
-                           catch_exceptions=False)
-    assert r.exit_code == 0, r.output
+    cli_build(tiny_dirs["llama"], root / "b", "--quantize", "int8", "--calibration-samples", "8")
     return root / "b"
 
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import FAST, LOOSE
+from conftest import cli_build, skip_where_tensorrt_runs
 from test_engine_add import LAYERS, plan_bytes
 from test_trt_builder_logic import fake_trt
 
@@ -150,16 +150,10 @@ def test_builder_refuses_before_parsing(qdq_graphs, monkeypatch):
 @pytest.fixture(scope="module")
 def trt_int8_bundle(tiny_dirs, tmp_path_factory):
     """`build --target tensorrt --quantize int8` where there is no TensorRT/GPU: the engine step is written."""
-    from sparsekd_deploy.exporters.trt_compat import this_machine
-
-    if this_machine()["tensorrt_version"] and this_machine()["compute_capability"]:
-        pytest.skip("TensorRT and a GPU are here: the engine is built for real (tensorrt-marked tests)")
+    skip_where_tensorrt_runs()
     root = tmp_path_factory.mktemp("trt-int8")
-    r = CliRunner().invoke(main, ["build", "--target", "tensorrt", "--teacher", str(tiny_dirs["llama"]),
-                                  "--out", str(root / "b"), "--batch", "1,2,4", "--seq", "1,16,32", "--past", "0,16,32",
-                                  "--quantize", "int8", "--calibration-samples", "8", "--json", *FAST, *LOOSE],
-                           catch_exceptions=False)
-    assert r.exit_code == 0, r.output
+    cli_build(tiny_dirs["llama"], root / "b", "--target", "tensorrt", "--batch", "1,2,4", "--seq", "1,16,32",
+              "--past", "0,16,32", "--quantize", "int8", "--calibration-samples", "8")
     return root / "b"
 
 
