@@ -100,3 +100,18 @@ def test_build_refuses_bad_qat_steps_in_one_line_before_distilling(args, message
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.run").exists()
+
+
+def test_rebuild_reuses_a_run_across_quantize_modes_only_without_qat(tmp_path):
+    """quantize is an export setting, unless a QAT stage trained against it: then another mode is another run."""
+    from sparsekd_deploy.pipeline.build import _differing_flags
+
+    state = tmp_path / "state.json"
+    plain = build_config(None, {"quantize": "int8"})
+    state.write_text(json.dumps({"config": plain.to_dict()}))
+    assert _differing_flags(state, build_config(None, {"quantize": "int8-dynamic"})) == ""
+    trained = build_config(None, {"quantize": "int8", "qat_steps": 30})
+    state.write_text(json.dumps({"config": trained.to_dict()}))
+    assert _differing_flags(state, build_config(None, {"quantize": "int8-dynamic", "qat_steps": 30})) == \
+        "quantize=int8 (now int8-dynamic)"
+    assert "qat_steps=30 (now 0)" in _differing_flags(state, build_config(None, {"quantize": "int8"}))
