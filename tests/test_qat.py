@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import FAST, build_tiny
+from conftest import FAST, LOOSE, build_tiny
 from safetensors.torch import load_file
 
 from sparsekd_deploy.cli import main
@@ -115,3 +115,22 @@ def test_rebuild_reuses_a_run_across_quantize_modes_only_without_qat(tmp_path):
     assert _differing_flags(state, build_config(None, {"quantize": "int8-dynamic", "qat_steps": 30})) == \
         "quantize=int8 (now int8-dynamic)"
     assert "qat_steps=30 (now 0)" in _differing_flags(state, build_config(None, {"quantize": "int8"}))
+
+
+def test_build_with_qat_exports_the_qat_student_and_records_the_stage(tiny_dirs, tmp_path):
+    r = CliRunner().invoke(main, ["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"),
+                                  "--quantize", "int8", "--calibration-samples", "8", "--qat-steps", "4", "--json",
+                                  *FAST, *LOOSE], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    b = tmp_path / "b"
+    manifest = json.loads((b / "manifest.json").read_text())
+    assert [t["label"] for t in manifest["trajectory"]][-1] == "qat int8"
+    assert json.loads((b / "trajectory.json").read_text())["stages"][-1]["qat"]["layers"] == 15
+    q = manifest["quantization"]
+    assert len(next(v for k, v in q["kept_float"].items() if k.startswith("activation x activation"))) > 0
+    run_student = load_file(str(tmp_path / "b.run" / "student" / "model.safetensors"))
+    before = load_file(str(tmp_path / "b.run" / "checkpoints" / "stage-2" / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(run_student[name], before[name])  # the QAT stage trained the exported student
+    audit = json.loads((b / "audit.json").read_text())
+    assert audit["model.int8.onnx"]["holding"] == audit["model.onnx"]["checked"] > 0
