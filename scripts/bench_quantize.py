@@ -13,10 +13,15 @@ vs int8-dynamic: what quantization cannot speed up (attention softmax, masks) bo
 
 Part 2, quality: a distillation run's 2:4 student (default the demo's) exported fp32 and quantized (static modes
 calibrated on the run's training split), each scored on the run's held-out sequences against the teacher: full-
-vocabulary KL(teacher‖x) and top-1 agreement, next to the fp32 student's.
+vocabulary KL(teacher‖x) and top-1 agreement, next to the fp32 student's. "int8 (ORT default ops)" is
+``quantize_static`` left to choose its nodes (every MatMul, attention and rotary included, and their outputs), what
+``--quantize int8`` did before it kept to the weight-bearing inputs. With ``--qat-run`` (a run made with
+``--quantize int8 --qat-steps N``) the fp32 student is that run's last pruning stage (its checkpoint, before the QAT
+stage) and two more rows show its QAT-trained student: float, and static int8.
 
-    .venv/bin/python scripts/bench_quantize.py [--run dist/demo.run] [--rounds 5] [--cache runs/bench_quantize]
-        [--modes int8-dynamic,int8,int4-weight,int8-trt] [--skip-quality] [--profile]
+    .venv/bin/python scripts/bench_quantize.py [--run dist/demo.run] [--qat-run RUN] [--rounds 5]
+        [--cache runs/bench_quantize] [--modes int8-dynamic,int8,int4-weight,int8-trt] [--skip-speed] [--skip-quality]
+        [--profile]
 """
 
 from __future__ import annotations
@@ -168,39 +173,79 @@ def part1(cache: Path, rounds: int, tokens: int, modes=SPEED_MODES, profile: boo
     return res
 
 
-def part2(run: Path) -> dict:
+def ort_default_static(src: Path, dst: Path, feeds: list[dict]) -> Path:
+    """``quantize_static`` with this tool's int8 settings but ORT's own node choice (the comparison row)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from sparsekd_deploy.exporters.quantize import _Feeds, _quiet, fold_transposed_weights
+
+    model = onnx.load(str(src))
+    fold_transposed_weights(model)
+    with _quiet():
+        quantize_static(model, str(dst), _Feeds(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["MatMul", "Gather"],
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "MatMulConstBOnly": True,
+                                       "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
+    return dst
+
+
+def _pre_qat_checkpoint(run: Path) -> Path:
+    stages = json.loads((run / "trajectory.json").read_text())["stages"]
+    qat = next((r for r in stages if "qat" in r and r["accepted"]), None)
+    if qat is None:
+        raise SystemExit(f"{run} has no accepted QAT stage (make it with --quantize int8 --qat-steps N)")
+    return run / "checkpoints" / f"stage-{qat['stage'] - 1}"
+
+
+def part2(run: Path, qat_run: Path | None = None) -> dict:
     from safetensors.torch import load_file
 
     from sparsekd_deploy.models.loading import load_model, resolve_teacher
     from sparsekd_deploy.numerics import kl, log_softmax
 
+    if qat_run is not None:
+        run = qat_run
     config = json.loads((run / "state.json").read_text()).get("config", {})
     data = load_file(str(run / "data.safetensors"))
     held, train = data["heldout"], data["train"].numpy()
     teacher = load_model(resolve_teacher(config.get("teacher")))
     with torch.no_grad():
         t_logp = log_softmax(teacher(input_ids=held).logits.double().numpy())
-    pruned = pruned_weights(run / "student", json.loads((run / "sparsity.json").read_text()))
+    student = _pre_qat_checkpoint(run) if qat_run is not None else run / "student"
+    pruned = pruned_qat = pruned_weights(student, json.loads((run / "sparsity.json").read_text()))
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "model.onnx"
-        export_onnx(run / "student", src)
+        export_onnx(student, src)
         graphs = {"fp32": src}
+        feeds = calibration_feeds(src, train[:32])
         for mode in MODES:
-            feeds = calibration_feeds(src, train[:32]) if mode == "int8" else None
-            graphs[mode] = Path(quantize_onnx(src, quantized_path(src, mode), mode, calibration=feeds).path)
+            graphs[mode] = Path(quantize_onnx(src, quantized_path(src, mode), mode,
+                                              calibration=feeds if mode == "int8" else None).path)
+            if mode == "int8":
+                graphs["int8 (ORT default ops)"] = ort_default_static(src, Path(tmp) / "ort-default.onnx", feeds)
+        if qat_run is not None:
+            qsrc = Path(tmp) / "qat" / "model.onnx"
+            qsrc.parent.mkdir()
+            export_onnx(run / "student", qsrc)
+            graphs["fp32 after QAT"] = qsrc
+            pruned_qat = pruned_weights(run / "student", json.loads((run / "sparsity.json").read_text()))
+            graphs["int8 + QAT"] = Path(quantize_onnx(qsrc, quantized_path(qsrc, "int8"), "int8",
+                                                      calibration=calibration_feeds(qsrc, train[:32])).path)
         for name, p in graphs.items():
             logits = OnnxRuntimeTarget(p).logits(held.numpy())
             s_logp = log_softmax(logits.astype(np.float64))
             res[name] = {"kl_full": float(kl(t_logp, s_logp).mean()),
                          "top1": float((s_logp.argmax(-1) == t_logp.argmax(-1)).mean()),
-                         "mb": p.stat().st_size / 1e6, "audit": audited(p, pruned)}
+                         "mb": p.stat().st_size / 1e6, "audit": audited(p, pruned_qat if "QAT" in name else pruned)}
     base = res["fp32"]
     print(f"\n{run} student vs its teacher on the run's {held.shape[0]} x {held.shape[1]} held-out tokens "
           "(static int8 calibrated on 32 training sequences)")
-    print(f"{'graph':14s} {'full KL':>9s} {'x fp32':>7s} {'top-1':>7s} {'- fp32':>7s} {'MB':>6s}  2:4 audit")
+    print(f"{'graph':24s} {'full KL':>9s} {'x fp32':>7s} {'top-1':>7s} {'- fp32':>7s} {'MB':>6s}  2:4 audit")
     for name, r in res.items():
-        print(f"{name:14s} {r['kl_full']:9.4f} {r['kl_full'] / base['kl_full']:7.2f} {r['top1']:7.3f} "
+        print(f"{name:24s} {r['kl_full']:9.4f} {r['kl_full'] / base['kl_full']:7.2f} {r['top1']:7.3f} "
               f"{r['top1'] - base['top1']:+7.3f} {r['mb']:6.1f}  {r['audit']}")
     return res
 
@@ -208,6 +253,7 @@ def part2(run: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=Path("dist/demo.run"), help="distillation run dir (student/, data)")
+    ap.add_argument("--qat-run", type=Path, help="a run made with --quantize int8 --qat-steps N (replaces --run)")
     ap.add_argument("--cache", type=Path, default=Path("runs/bench_quantize"), help="where the bar model is kept")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
@@ -226,7 +272,7 @@ def main() -> int:
     if not args.skip_speed:
         out["bar_model"] = part1(args.cache, args.rounds, args.tokens, modes, args.profile)
     if not args.skip_quality:
-        out["demo"] = part2(args.run)
+        out["demo"] = part2(args.run, args.qat_run)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0

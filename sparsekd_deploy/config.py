@@ -83,6 +83,9 @@ class DistillConfig:
     quantize: str = "none"  # none | int8-dynamic | int8 | int4-weight | fp8 (exporters/quantize.py says why per mode)
     calibration: str = "minmax"  # static modes: minmax | entropy | percentile (fp8: ORT allows only its histogram)
     calibration_samples: int = 32  # training sequences (never held-out) that calibrate static activations
+    # A last distillation stage of this many steps with the student's Linear layers fake-quantized as `quantize` will
+    # quantize them (core/qat.py); 0 = none. It changes the student, so unlike the three above it is a distill setting.
+    qat_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -199,7 +202,29 @@ def _quantize_problems(cfg: DistillConfig) -> list[str]:
     elif cfg.quantize in STATIC and cfg.data is None and cfg.calibration_samples > cfg.num_samples:
         p.append(f"quantize {cfg.quantize} calibrates on {cfg.calibration_samples} training sequences but the run "
                  f"samples only num_samples {cfg.num_samples}: lower calibration_samples or raise num_samples")
+    p.extend(_qat_problems(cfg))
     return p
+
+
+def _qat_problems(cfg: DistillConfig) -> list[str]:
+    from .core.patterns import is_auto
+    from .core.qat import QAT_MODES
+    from .precisions import MODES as MODES_WITH_NONE
+
+    if cfg.qat_steps < 0:
+        return [f"qat_steps must be ≥ 0 (0 = no quantization-aware stage), got {cfg.qat_steps}"]
+    if not cfg.qat_steps or cfg.quantize not in MODES_WITH_NONE:
+        return []
+    if cfg.quantize == "none":
+        return [f"qat_steps {cfg.qat_steps} trains the student against a quantization's rounding and quantize is none: "
+                f"add --quantize ({', '.join(QAT_MODES)}), or drop --qat-steps"]
+    if cfg.quantize not in QAT_MODES:
+        return [f"qat_steps is not available for quantize {cfg.quantize} (torch has no float8 fake-quant op with a "
+                f"straight-through gradient); it supports {', '.join(QAT_MODES)}"]
+    if is_auto(cfg.pattern):
+        return [f"qat_steps needs a fixed pattern; {cfg.pattern!r} searches its sparsity (run the search, then "
+                "build its result's pattern with --qat-steps)"]
+    return []
 
 
 def _auto_problems(cfg: DistillConfig) -> list[str]:

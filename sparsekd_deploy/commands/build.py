@@ -27,6 +27,10 @@ from .quantize_options import quantize_flags, quantize_options
 @click.option("--past", help="tensorrt: past-length profile MIN,OPT,MAX. [default: 0,128,512; with --seq, within the model's positions]")
 @click.option("--workspace", type=int, default=4096, show_default=True, help="tensorrt: workspace limit (MiB).")
 @quantize_options
+@click.option("--qat-steps", "qat_steps", type=int, default=None,
+              help="With --quantize int8, int8-dynamic or int4-weight: a last distillation stage of N steps with the "
+                   "Linear layers fake-quantized that way (weights; int8: input activations too), under the same KL "
+                   "budget, so the exported student is trained around the rounding. [default: 0, none]")
 @gate_options
 @distill_options
 @handle_errors(resumable=True)
@@ -42,7 +46,7 @@ def build_cmd(target, out, run_dir, provider, opset, fp16, batch, seq, past, wor
 
     gates = gates_from(flags)
     cfg = config_from_flags(recipe, None, flags, require_out=False,  # build chooses the run dir
-                            extra=quantize_flags(flags))
+                            extra=quantize_flags(flags) | {"qat_steps": flags.pop("qat_steps", None)})
     # Check profile shapes before hours of distillation (the model's position limit is checked again later).
     profile = Profile.from_cli(batch, seq, past, None) if (batch or seq or past) else None
     reporter = RichReporter()

@@ -392,7 +392,10 @@ class StagedDistiller:
                 self.restore_everywhere(accepted)
                 return self._finish("stopped", stop_reason(stage, outcome, cfg.kl_budget, cfg.retries), accepted)
             accepted = self._accept(stage, record)
-        return self._finish("complete", f"reached {self.pattern.spec} in {cfg.stages} stage(s)", accepted)
+        reason = f"reached {self.pattern.spec} in {cfg.stages} stage(s)"
+        if cfg.qat_steps and accepted == cfg.stages:  # a resumed run whose QAT stage was accepted skips it
+            accepted, reason = self.run_qat_stage(accepted, reason)
+        return self._finish("complete", reason, accepted)
 
     def _run_auto(self, accepted: int, calib: list[torch.Tensor]) -> Result:
         """Stages add sparsity until the next would break the budget; a rejected one is undone and the step halved."""
@@ -596,6 +599,58 @@ class StagedDistiller:
         # share_new: of the weights the stage keeps, how many the one-shot criterion had pruned
         return {"method": self.cfg.mask_learning, "steps": steps, "lr": lr, "flips": flips,
                 "share_new": round(new / max(kept, 1), 6), "after": self.measure()}
+
+    def run_qat_stage(self, accepted: int, reason: str) -> tuple[int, str]:
+        """The quantization-aware stage (``--qat-steps``, core/qat.py) after the last pruning stage: train with the
+        Linear layers fake-quantized as ``cfg.quantize`` will quantize them, under the same KL budget, recorded in
+        the trajectory with a ``qat`` entry. Its KL is the fake-quantized student's. Rejected, the run keeps the
+        last pruning stage's student and says so. Returns (last accepted stage, the run's reason)."""
+        from . import qat
+
+        cfg = self.cfg
+        stage = Stage(accepted + 1, 1.0, f"qat {cfg.quantize}", cfg.qat_steps)
+        layers = qat.quantized_linears(self.raw, cfg.quantize)
+        ranges = None
+        if cfg.quantize == "int8":  # the exporter calibrates on the same leading training sequences
+            ids = self.train_ids[: cfg.calibration_samples]
+            ranges = self.team.on_main(qat.calibrate, self.raw, layers, list(ids.split(self.local_batch)), self.device)
+        before = self.measure()  # the float student, for the record and the damage the rounding does
+        with qat.fake_quantized(self.raw, cfg.quantize, ranges):
+            self.optimizer.state.clear()
+            after = self.measure()
+            # Rule 1 of recovery.py (the step size follows the damage), the damage being what the rounding added.
+            outcome = StageOutcome(after["kl"], recovery_lr(cfg.lr, max(after["kl"] - before["kl"], 0.0)),
+                                   Recovery.start(self.raw, after))
+            self.reset_throughput()
+            self.reporter.stage_begin(stage.label, stage.steps)
+            try:
+                for attempt in range(cfg.retries + 1):
+                    n = stage.steps * (attempt + 1)
+                    if attempt:
+                        self.reporter.add_steps(n)
+                    outcome.attempts = attempt + 1
+                    train = functools.partial(self.train_steps, self.batches(cfg.seed + 100 * stage.index + attempt),
+                                              total=n, peak_lr=outcome.lr, stage_label=stage.label)
+                    if outcome.recovery.attempt(self.raw, n, train, self.measure):
+                        self.optimizer.state.clear()
+                    if outcome.recovery.metrics["kl"] <= cfg.kl_budget:
+                        outcome.accepted = True
+                        break
+            except NonFiniteLossError as e:
+                outcome.error = str(e)
+            finally:
+                outcome.recovery.release()
+            record = self._record(stage, outcome)
+            record["qat"] = {**qat.describe(cfg.quantize), "layers": len(layers), "kl_float_before": before["kl"],
+                             "top1_float_before": before["top1"]}
+            if outcome.accepted:
+                accepted = self._accept(stage, record)
+        record["qat"]["kl_float_after"] = self.measure()["kl"]  # the trained student without the rounding
+        if not outcome.accepted:
+            self.restore_everywhere(accepted)
+            return accepted, (f"{reason}; the QAT stage was dropped ({stop_reason(stage, outcome, cfg.kl_budget, cfg.retries)}): "
+                              "the student is the last pruning stage's")
+        return accepted, f"{reason}, then {stage.steps} quantization-aware ({cfg.quantize}) step(s)"
 
     def _finish(self, status: str, reason: str, accepted: int) -> Result:
         """The run's outputs, written by the main process; the other ranks wait for it and return the same result."""

@@ -17,7 +17,8 @@ def plot_trajectory(trajectory: list[dict], budget: float, path: Path) -> Path:
 
     ax = axes[0]
     kl = [r["kl"] if r["kl"] is not None else float("nan") for r in trajectory]
-    ax.plot(xs, [r["kl_after_prune"] for r in trajectory], "o--", color="tab:orange", label="right after pruning")
+    ax.plot(xs, [r["kl_after_prune"] for r in trajectory], "o--", color="tab:orange",
+            label="right after pruning (a QAT stage: after fake-quantizing)")
     ax.plot(xs, kl, "o-", color="tab:blue", label="after distillation")
     for x, k, a in zip(xs, kl, ok, strict=True):
         if not a:

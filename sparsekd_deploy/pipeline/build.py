@@ -199,6 +199,8 @@ def _differing_flags(state_file: Path, cfg: DistillConfig) -> str:
         return f"its {state_file.name} is missing or unreadable"
     now = cfg.to_dict()
     same_run = ("out", *EXPORT_ONLY)  # settings that change the export, never the distillation
+    if now.get("qat_steps") or saved.get("qat_steps"):  # ... except when a QAT stage trained against them
+        same_run = ("out", "calibration")
     return ", ".join(f"{k}={saved[k]} (now {now[k]})" for k in now if k not in same_run and k in saved and saved[k] != now[k])
 
 
