@@ -9,73 +9,31 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ..config import DistillConfig
-from ..errors import NonFiniteLossError, OutputExistsError
 from ..locks import dir_lock
-from ..models.adapters import shrink_mlp
 from ..models.loading import load_model, load_tokenizer, resolve_teacher
 from . import consistency
 from .auto_search import AutoSearch
 from .distributed import LossModule, RankLostError, Team, check_global_batch
-from .evaluate import heldout_metrics
-from .importance import ScoringContext, input_norms
 from .kd_objective import KDObjective
 from .load_plan import LoadPlan, plan_load_paths
 from .losses import make_loss
-from .lr_search import search_lr, wanted
-from .mask_learning import MaskLearner, learning_start, learning_steps
+from .mask_learning import MaskLearner
 from .memory import PeakMemory, release_memory
 from .operators import make_operator
-from .patterns import NM, Channels, is_auto, make_pattern
-from .pruner import Masks, Pruner, apply_masks, check_integrity, sparsity_report
-from .recovery import Recovery, cosine_lr, recovery_lr
-from .rundir import STATE, RunDir, check_resume_config, read_run_json, writing
+from .patterns import is_auto, make_pattern
+from .pruner import Masks, Pruner, apply_masks, final_report, sparsity_report
+from .result import NullReporter, Result
+from .rundir import STATE, RunDir, check_resume_config, writing
 from .schedule import Stage, plan
 from .stability import StageStability
-from .stage import StageOutcome, prune_stage, stage_record, stop_reason
-
-
-class NullReporter:
-    """Receives progress events; the CLI's rich reporter draws bars and tables from them."""
-
-    def stage_begin(self, label: str, steps: int) -> None: ...
-    def advance(self, loss: float) -> None: ...
-    def add_steps(self, steps: int) -> None: ...
-    def stage_end(self, record: dict) -> None: ...
-    def note(self, message: str) -> None: ...
-
-
-@dataclass
-class Result:
-    status: str  # "complete" | "stopped"
-    reason: str
-    out: Path
-    trajectory: list[dict] = field(default_factory=list)
-    summary: dict = field(default_factory=dict)
-
-    @property
-    def reached_target(self) -> bool:
-        return self.status == "complete"
-
-    @classmethod
-    def from_dir(cls, out: Path) -> Result:
-        """A finished run, read back from its directory (``build --resume`` reuses it instead of retraining)."""
-        summary = read_run_json(out / "summary.json")
-        trajectory = read_run_json(out / "trajectory.json").get("stages")
-        try:
-            return cls(summary["status"], summary["reason"], out, list(trajectory), summary)
-        except (KeyError, TypeError):
-            raise OutputExistsError(f"run {out} has a damaged summary.json or trajectory.json; pass --overwrite to "
-                                    "redo it") from None
+from .stage import StageOutcome, stage_record, stop_reason
+from .stage_training import StageTraining
 
 
 def make_accelerator(precision: str):
@@ -89,7 +47,7 @@ def make_accelerator(precision: str):
     return Accelerator(mixed_precision="no" if precision == "fp32" else precision)
 
 
-class StagedDistiller:
+class StagedDistiller(StageTraining):
     """Runs the stages of one distillation: for each, prune (``stage.prune_stage``) → recover (``recovery.Recovery``)
     → record (``stage.stage_record``), then accept it, or stop at the last accepted one."""
 
@@ -149,72 +107,6 @@ class StagedDistiller:
         self._trained_tokens = 0
         self._train_seconds = 0.0
 
-    # -- one optimizer step --------------------------------------------------------------------------------
-    def loss_on(self, ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """KD loss on ``ids``; ``rows``: their row numbers in the training set (a top-K cache finds them by content
-        when None). Called as it is (scoring), gradients stay local; a training step calls it through the wrapped
-        ``self.student`` (``distributed.LossModule``), whose backward DDP averages over the ranks."""
-        if self.cfg.teacher_access == "text":
-            with self.accelerator.autocast():
-                s_logits = self.raw(input_ids=ids).logits
-                # Black-box teacher: its sampled tokens are the targets (sequence-level KD).
-                return F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        return self.kd(self.raw, self.teacher, ids, rows, self.accelerator.autocast)
-
-    def batches(self, seed: int) -> torch.Generator:
-        """The batch order of one recovery attempt: the same generator on every rank, which draws the global batch
-        and takes its share (``train_steps``)."""
-        return torch.Generator().manual_seed(seed * 1009)
-
-    def train_steps(self, gen: torch.Generator, start: int, stop: int, total: int, peak_lr: float,
-                    stage_label: str) -> None:
-        """Steps ``start..stop-1`` of a ``total``-step cosine schedule peaking at ``peak_lr``."""
-        cfg = self.cfg
-        self.student.train()
-        began = time.perf_counter()
-        with self.team.collective(f"stage {stage_label} trained"):  # DDP averages gradients with the other ranks
-            self._train_range(gen, start, stop, total, peak_lr, stage_label)
-        self._train_seconds += time.perf_counter() - began
-        self._trained_tokens += (stop - start) * cfg.batch_size * cfg.seq_len
-        self.tokens_per_second = self._trained_tokens / max(self._train_seconds, 1e-9)
-
-    def _train_range(self, gen: torch.Generator, start: int, stop: int, total: int, peak_lr: float,
-                     stage_label: str) -> None:
-        cfg = self.cfg
-        for i in range(start, stop):
-            lr = cosine_lr(peak_lr, i, total)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            # The global batch, drawn alike on every rank; this rank trains its share (all of it with one process).
-            rows = self.team.shard(torch.randint(len(self.train_ids), (cfg.batch_size,), generator=gen))
-            ids = self.train_ids[rows].to(self.device)
-            loss = self.student(ids, rows)
-            reported = self.team.mean(loss)  # the global batch's loss: every rank takes the same decision on it
-            if not torch.isfinite(reported):
-                raise NonFiniteLossError(f"non-finite loss ({reported.item()}) at stage {stage_label}, step {i + 1}")
-            self.accelerator.backward(loss)
-            self.accelerator.clip_grad_norm_(self.student.parameters(), 1.0)
-            if self.mask_learner:
-                self.mask_learner.before_step()  # the step updates the dense latents (straight-through)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            # Masks are enforced after every step: pruned weights stay exactly zero (a learning stage re-chooses them).
-            if self.mask_learner:
-                self.mask_learner.after_step(lr)
-            else:
-                apply_masks(self.raw, self.masks)
-            self.reporter.advance(reported.item())
-
-    def reset_throughput(self) -> None:
-        self._trained_tokens, self._train_seconds = 0, 0.0
-        self.peak.reset()
-
-    # -- measurements ----------------------------------------------------------------------------------
-    def measure(self) -> dict:
-        """Held-out metrics, measured by the main process and shared: every rank's recovery keeps the same state."""
-        return self.team.on_main(heldout_metrics, self.teacher, self.raw, self.heldout_ids, self.local_batch,
-                                 self.device, cached=self.cache.heldout if self.cache is not None else None)
-
     def consistency_of(self, model) -> dict:
         cfg = self.cfg
         return {
@@ -227,6 +119,7 @@ class StagedDistiller:
         return sparsity_report(self.pruner, self.raw)["overall_sparsity"]
 
     # -- state -----------------------------------------------------------------------------------------
+
     def restore(self, stage: int) -> None:
         """Load the weights and masks of an accepted stage (0 = the dense teacher)."""
         if stage == 0:
@@ -479,179 +372,6 @@ class StagedDistiller:
         self.reporter.stage_end(record)
         return stage.index
 
-    def run_stage(self, stage: Stage, calib: list[torch.Tensor]) -> StageOutcome:
-        """Prune to the stage's share of the pattern, then recover: train at an lr sized to the damage, keeping the
-        best held-out state (the post-prune one included); retries (each longer) while it is over the budget."""
-        cfg = self.cfg
-        self.reset_throughput()
-        self.reporter.stage_begin(stage.label, stage.steps)
-        searched = self._search_lr(stage, calib) if self.base_lr is None else None
-        before = self.masks
-        dense = learning_start(self.raw, self.pruner) if cfg.mask_learning != "off" else None
-        self._prune(stage.fraction, calib)
-        self.optimizer.state.clear()  # momentum from the previous stage points at a different model
-        after = self.measure()
-        learned = None
-        if dense is not None and (k := learning_steps(stage.steps, cfg.mask_learning_share)):
-            learned = self._learn_masks(stage, k, dense, before, calib, recovery_lr(self.base_lr, after["kl"]))
-        start = learned["after"] if learned else after
-        outcome = StageOutcome(after["kl"], recovery_lr(self.base_lr, start["kl"]), Recovery.start(self.raw, start))
-        outcome.lr_search = searched
-        if learned:
-            outcome.mask_learning = {**{k: v for k, v in learned.items() if k != "after"}, "kl_after": start["kl"]}
-        try:
-            for attempt in range(cfg.retries + 1):
-                # each retry trains longer than the last; a learning stage's first attempt recovers for what is left
-                n = stage.steps * (attempt + 1) - (learned["steps"] if learned and not attempt else 0)
-                if attempt:
-                    self.reporter.add_steps(n)
-                outcome.attempts = attempt + 1
-                train = functools.partial(self.train_steps, self.batches(cfg.seed + 100 * stage.index + attempt),
-                                          total=n, peak_lr=outcome.lr, stage_label=stage.label)
-                went_back = outcome.recovery.attempt(self.raw, n, train, self.measure)
-                if went_back:
-                    self.optimizer.state.clear()  # the moments belong to the state that was dropped
-                if outcome.recovery.metrics["kl"] <= cfg.kl_budget:
-                    outcome.accepted = True
-                    break
-                if attempt < cfg.retries:
-                    self.reporter.note(f"stage {stage.label}: held-out KL {outcome.recovery.metrics['kl']:.4f} > "
-                                       f"budget {cfg.kl_budget}; retry {attempt + 1}/{cfg.retries} with more steps")
-        except NonFiniteLossError as e:
-            outcome.error = str(e)
-        finally:
-            outcome.recovery.release()
-        return outcome
-
-    def _prune(self, fraction: float, calib: list[torch.Tensor]) -> None:
-        """Scored and masked once, by the main process (taylor's gradients stay local there); every rank applies
-        the masks."""
-        if self.team.is_main:
-            self.masks = prune_stage(self.raw, self.pruner, self.cfg.importance, fraction, calib, self.masks,
-                                     kd_loss=lambda ids: self.loss_on(ids.to(self.device)),
-                                     allocation=self.load_plan.allocation if self.load_plan else None)
-        self.masks = self.team.share_masks(self.masks)
-        if not self.team.is_main:
-            apply_masks(self.raw, self.masks)
-
-    def _search_lr(self, stage: Stage, calib: list[torch.Tensor]) -> dict | None:
-        """The run's base lr: found again in the trajectory of a resumed run, else from a range test when
-        ``lr_search`` asks for one (lr_search.py), else ``cfg.lr``. The trials train a copy of the student pruned
-        to the *whole* target, whatever share of it this first stage removes: the base lr is the one for full
-        damage (recovery.py scales it down for lighter stages). A first stage at 20 % picked half the lr that
-        suited the run's 80 % stages on the wide teacher."""
-        cfg = self.cfg
-        done = [r["lr_search"] for r in self.trajectory if r.get("lr_search")]
-        if done:
-            self.base_lr = done[0]["chosen"]
-            return None
-        budget = cfg.stages * cfg.steps_per_stage
-        if not wanted(cfg.lr_search, budget):
-            self.base_lr = cfg.lr
-            return None
-
-        def trial(lr: float, steps: int) -> float:
-            self.reporter.add_steps(steps)
-            self.optimizer.state.clear()
-            # at the lr the run would give a stage with this damage, were ``lr`` its base
-            self.train_steps(self.batches(cfg.seed + 100 * stage.index + 77), 0, steps, steps,
-                             recovery_lr(lr, damage), f"{stage.label} lr {lr:.2g}")
-            return self.measure()["kl"]
-
-        start = {n: p.detach().clone() for n, p in self.raw.named_parameters()}
-        masks = self.masks
-        try:
-            self._prune(1.0, calib)
-            damage = self.measure()["kl"]
-            search = search_lr(self.raw, cfg.lr, budget, trial)
-        finally:
-            with torch.no_grad():
-                for n, p in self.raw.named_parameters():
-                    p.copy_(start[n])
-            self.masks = masks
-        self.optimizer.state.clear()
-        self.base_lr = search.chosen
-        self.reporter.note(f"learning rate: {search.chosen:.3g} (range test from {cfg.lr:.3g}: "
-                           + ", ".join(f"{lr:.3g} → KL {kl:.4f}" for lr, kl in search.trials) + ")")
-        return search.to_dict()
-
-    def _learn_masks(self, stage: Stage, steps: int, dense: dict, before: Masks, calib: list[torch.Tensor],
-                     lr: float) -> dict:
-        """The first ``steps`` of a stage choose its masks through the KD loss (SR-STE, mask_learning.py), then
-        freeze them; returns what it did and the held-out metrics where the recovery starts."""
-        norms = None
-        if self.cfg.importance != "magnitude":  # the masks are re-ranked by |W| · ‖x‖ (Wanda's form)
-            norms = input_norms(ScoringContext(self.raw, self.pruner.layers, calib))
-        one_shot = {k: v.clone() for k, v in self.masks.items()}
-        allocation = self.load_plan.allocation if self.load_plan else None
-        self.mask_learner = MaskLearner(self.raw, self.pruner, self.masks, stage.fraction, norms, frozen=before,
-                                        allocation=allocation)
-        self.mask_learner.start(dense)
-        try:
-            self.train_steps(self.batches(self.cfg.seed + 100 * stage.index + 50), 0, steps, steps, lr, stage.label)
-        finally:
-            self.masks = self.mask_learner.finish()
-            flips = self.mask_learner.flips
-            self.mask_learner = None
-        self.optimizer.state.clear()  # the moments were the latents'
-        new = sum(int((m & ~one_shot[k]).sum()) for k, m in self.masks.items())
-        kept = sum(int(m.sum()) for m in self.masks.values())
-        # share_new: of the weights the stage keeps, how many the one-shot criterion had pruned
-        return {"method": self.cfg.mask_learning, "steps": steps, "lr": lr, "flips": flips,
-                "share_new": round(new / max(kept, 1), 6), "after": self.measure()}
-
-    def run_qat_stage(self, accepted: int, reason: str) -> tuple[int, str]:
-        """The quantization-aware stage (``--qat-steps``, core/qat.py) after the last pruning stage: train with the
-        Linear layers fake-quantized as ``cfg.quantize`` will quantize them, under the same KL budget, recorded in
-        the trajectory with a ``qat`` entry. Its KL is the fake-quantized student's. Rejected, the run keeps the
-        last pruning stage's student and says so. Returns (last accepted stage, the run's reason)."""
-        from . import qat
-
-        cfg = self.cfg
-        stage = Stage(accepted + 1, 1.0, f"qat {cfg.quantize}", cfg.qat_steps)
-        layers = qat.quantized_linears(self.raw, cfg.quantize)
-        ranges = None
-        if cfg.quantize == "int8":  # the exporter calibrates on the same leading training sequences
-            ids = self.train_ids[: cfg.calibration_samples]
-            ranges = self.team.on_main(qat.calibrate, self.raw, layers, list(ids.split(self.local_batch)), self.device)
-        before = self.measure()  # the float student, for the record and the damage the rounding does
-        with qat.fake_quantized(self.raw, cfg.quantize, ranges):
-            self.optimizer.state.clear()
-            after = self.measure()
-            # Rule 1 of recovery.py (the step size follows the damage), the damage being what the rounding added.
-            outcome = StageOutcome(after["kl"], recovery_lr(cfg.lr, max(after["kl"] - before["kl"], 0.0)),
-                                   Recovery.start(self.raw, after))
-            self.reset_throughput()
-            self.reporter.stage_begin(stage.label, stage.steps)
-            try:
-                for attempt in range(cfg.retries + 1):
-                    n = stage.steps * (attempt + 1)
-                    if attempt:
-                        self.reporter.add_steps(n)
-                    outcome.attempts = attempt + 1
-                    train = functools.partial(self.train_steps, self.batches(cfg.seed + 100 * stage.index + attempt),
-                                              total=n, peak_lr=outcome.lr, stage_label=stage.label)
-                    if outcome.recovery.attempt(self.raw, n, train, self.measure):
-                        self.optimizer.state.clear()
-                    if outcome.recovery.metrics["kl"] <= cfg.kl_budget:
-                        outcome.accepted = True
-                        break
-            except NonFiniteLossError as e:
-                outcome.error = str(e)
-            finally:
-                outcome.recovery.release()
-            record = self._record(stage, outcome)
-            record["qat"] = {**qat.describe(cfg.quantize), "layers": len(layers), "kl_float_before": before["kl"],
-                             "top1_float_before": before["top1"]}
-            if outcome.accepted:
-                accepted = self._accept(stage, record)
-        record["qat"]["kl_float_after"] = self.measure()["kl"]  # the trained student without the rounding
-        if not outcome.accepted:
-            self.restore_everywhere(accepted)
-            return accepted, (f"{reason}; the QAT stage was dropped ({stop_reason(stage, outcome, cfg.kl_budget, cfg.retries)}): "
-                              "the student is the last pruning stage's")
-        return accepted, f"{reason}, then {stage.steps} quantization-aware ({cfg.quantize}) step(s)"
-
     def _finish(self, status: str, reason: str, accepted: int) -> Result:
         """The run's outputs, written by the main process; the other ranks wait for it and return the same result."""
         final, trajectory, summary = self.team.on_main(self._write_outputs, status, reason, accepted)
@@ -660,19 +380,9 @@ class StagedDistiller:
     def _write_outputs(self, status: str, reason: str, accepted: int) -> tuple[Path, list[dict], dict]:
         cfg = self.cfg
         out = self.run.partial
-        zeros = check_integrity(self.raw, self.masks)
-        report = sparsity_report(self.pruner, self.raw)
-        report.update({"final_stage": accepted, "stages": cfg.stages, "reached_target": status == "complete",
-                       "pruned_weights_verified_zero": zeros})
-        if isinstance(self.pattern, NM) and status == "complete":
-            lost = [n for n, e in report["layers"].items() if not e.get("pattern_holds", True)]
-            if lost:
-                from ..errors import IntegrityError
-
-                raise IntegrityError(f"{self.pattern.spec} does not hold in {len(lost)} layer(s): {', '.join(lost[:3])}")
+        report = final_report(self.pruner, self.raw, self.masks, complete=status == "complete")
+        report.update({"final_stage": accepted, "stages": cfg.stages})
         params_before = self.teacher_params
-        if isinstance(self.pattern, Channels) and self.masks:
-            report["intermediate_size"] = shrink_mlp(self.raw, self.pruner.channel_keeps(self.masks))
         report["parameters"] = {"teacher": params_before, "student": sum(p.numel() for p in self.raw.parameters())}
         student_dir = out / "student"
         with writing(student_dir):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import IntegrityError, PatternError
-from ..models.adapters import DEFAULT_EXCLUDE, MLPBlock, mlp_blocks, prunable_layers
+from ..models.adapters import DEFAULT_EXCLUDE, MLPBlock, mlp_blocks, prunable_layers, shrink_mlp
 from .patterns import Channels, Pattern
 
 Masks = dict[str, torch.Tensor]
@@ -122,3 +122,21 @@ def sparsity_report(pruner: Pruner, model: nn.Module) -> dict:
         "layers": layers,
         "skipped": dict(pruner.skipped),
     }
+
+
+def final_report(pruner: Pruner, model: nn.Module, masks: Masks, complete: bool) -> dict:
+    """The finished student's ``sparsity_report``, after proving every pruned weight zero, and that a completed n:m
+    run holds its pattern in every layer (IntegrityError otherwise). A channel pattern's MLPs are shrunk to the
+    channels they keep (``intermediate_size`` in the report)."""
+    from .patterns import NM
+
+    zeros = check_integrity(model, masks)
+    report = sparsity_report(pruner, model)
+    report.update({"reached_target": complete, "pruned_weights_verified_zero": zeros})
+    if isinstance(pruner.pattern, NM) and complete:
+        lost = [n for n, e in report["layers"].items() if not e.get("pattern_holds", True)]
+        if lost:
+            raise IntegrityError(f"{pruner.pattern.spec} does not hold in {len(lost)} layer(s): {', '.join(lost[:3])}")
+    if pruner.blocks and masks:
+        report["intermediate_size"] = shrink_mlp(model, pruner.channel_keeps(masks))
+    return report

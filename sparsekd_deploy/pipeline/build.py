@@ -80,7 +80,7 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions | None = None, reporter=None, gates=None
           ) -> BuildResult:
-    from ..core.distill import NullReporter
+    from ..core.result import NullReporter
 
     opts = opts or BuildOptions()
     reporter = reporter or NullReporter()

@@ -1,0 +1,257 @@
+"""One stage's training inside a distillation run (``StagedDistiller`` mixes this in): the optimizer step, the
+held-out measurement, and a stage — its lr range test (first stage), prune, optional mask learning, recovery with
+retries — plus the optional quantization-aware stage after the last one.
+
+Kept apart from ``distill.py``, which sets a run up, sequences its stages, and writes its outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import NonFiniteLossError
+from .evaluate import heldout_metrics
+from .importance import ScoringContext, input_norms
+from .lr_search import search_lr, wanted
+from .mask_learning import MaskLearner, learning_start, learning_steps
+from .pruner import Masks, apply_masks
+from .recovery import Recovery, cosine_lr, recovery_lr
+from .schedule import Stage
+from .stage import StageOutcome, prune_stage, stop_reason
+
+
+class StageTraining:
+    """Methods of ``StagedDistiller`` that train and measure; the attributes they use are set up there."""
+
+    # -- one optimizer step --------------------------------------------------------------------------------
+    def loss_on(self, ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """KD loss on ``ids``; ``rows``: their row numbers in the training set (a top-K cache finds them by content
+        when None). Called as it is (scoring), gradients stay local; a training step calls it through the wrapped
+        ``self.student`` (``distributed.LossModule``), whose backward DDP averages over the ranks."""
+        if self.cfg.teacher_access == "text":
+            with self.accelerator.autocast():
+                s_logits = self.raw(input_ids=ids).logits
+                # Black-box teacher: its sampled tokens are the targets (sequence-level KD).
+                return F.cross_entropy(s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        return self.kd(self.raw, self.teacher, ids, rows, self.accelerator.autocast)
+
+    def batches(self, seed: int) -> torch.Generator:
+        """The batch order of one recovery attempt: the same generator on every rank, which draws the global batch
+        and takes its share (``train_steps``)."""
+        return torch.Generator().manual_seed(seed * 1009)
+
+    def train_steps(self, gen: torch.Generator, start: int, stop: int, total: int, peak_lr: float,
+                    stage_label: str) -> None:
+        """Steps ``start..stop-1`` of a ``total``-step cosine schedule peaking at ``peak_lr``."""
+        cfg = self.cfg
+        self.student.train()
+        began = time.perf_counter()
+        with self.team.collective(f"stage {stage_label} trained"):  # DDP averages gradients with the other ranks
+            self._train_range(gen, start, stop, total, peak_lr, stage_label)
+        self._train_seconds += time.perf_counter() - began
+        self._trained_tokens += (stop - start) * cfg.batch_size * cfg.seq_len
+        self.tokens_per_second = self._trained_tokens / max(self._train_seconds, 1e-9)
+
+    def _train_range(self, gen: torch.Generator, start: int, stop: int, total: int, peak_lr: float,
+                     stage_label: str) -> None:
+        cfg = self.cfg
+        for i in range(start, stop):
+            lr = cosine_lr(peak_lr, i, total)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            # The global batch, drawn alike on every rank; this rank trains its share (all of it with one process).
+            rows = self.team.shard(torch.randint(len(self.train_ids), (cfg.batch_size,), generator=gen))
+            ids = self.train_ids[rows].to(self.device)
+            loss = self.student(ids, rows)
+            reported = self.team.mean(loss)  # the global batch's loss: every rank takes the same decision on it
+            if not torch.isfinite(reported):
+                raise NonFiniteLossError(f"non-finite loss ({reported.item()}) at stage {stage_label}, step {i + 1}")
+            self.accelerator.backward(loss)
+            self.accelerator.clip_grad_norm_(self.student.parameters(), 1.0)
+            if self.mask_learner:
+                self.mask_learner.before_step()  # the step updates the dense latents (straight-through)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            # Masks are enforced after every step: pruned weights stay exactly zero (a learning stage re-chooses them).
+            if self.mask_learner:
+                self.mask_learner.after_step(lr)
+            else:
+                apply_masks(self.raw, self.masks)
+            self.reporter.advance(reported.item())
+
+    def reset_throughput(self) -> None:
+        self._trained_tokens, self._train_seconds = 0, 0.0
+        self.peak.reset()
+
+    # -- measurements ----------------------------------------------------------------------------------
+    def measure(self) -> dict:
+        """Held-out metrics, measured by the main process and shared: every rank's recovery keeps the same state."""
+        return self.team.on_main(heldout_metrics, self.teacher, self.raw, self.heldout_ids, self.local_batch,
+                                 self.device, cached=self.cache.heldout if self.cache is not None else None)
+
+    def run_stage(self, stage: Stage, calib: list[torch.Tensor]) -> StageOutcome:
+        """Prune to the stage's share of the pattern, then recover: train at an lr sized to the damage, keeping the
+        best held-out state (the post-prune one included); retries (each longer) while it is over the budget."""
+        cfg = self.cfg
+        self.reset_throughput()
+        self.reporter.stage_begin(stage.label, stage.steps)
+        searched = self._search_lr(stage, calib) if self.base_lr is None else None
+        before = self.masks
+        dense = learning_start(self.raw, self.pruner) if cfg.mask_learning != "off" else None
+        self._prune(stage.fraction, calib)
+        self.optimizer.state.clear()  # momentum from the previous stage points at a different model
+        after = self.measure()
+        learned = None
+        if dense is not None and (k := learning_steps(stage.steps, cfg.mask_learning_share)):
+            learned = self._learn_masks(stage, k, dense, before, calib, recovery_lr(self.base_lr, after["kl"]))
+        start = learned["after"] if learned else after
+        outcome = StageOutcome(after["kl"], recovery_lr(self.base_lr, start["kl"]), Recovery.start(self.raw, start))
+        outcome.lr_search = searched
+        if learned:
+            outcome.mask_learning = {**{k: v for k, v in learned.items() if k != "after"}, "kl_after": start["kl"]}
+        first = stage.steps - learned["steps"] if learned else None  # the learning phase used the rest
+        return self._recover(stage, outcome, first)
+
+    def _recover(self, stage: Stage, outcome: StageOutcome, first: int | None = None) -> StageOutcome:
+        """Train toward the teacher at ``outcome.lr``, keeping the best held-out state (``recovery.Recovery``);
+        retries, each longer than the last, while it is over the budget. ``first``: the first attempt's steps when
+        part of the stage's budget went elsewhere (default ``stage.steps``)."""
+        cfg = self.cfg
+        try:
+            for attempt in range(cfg.retries + 1):
+                n = stage.steps * (attempt + 1) if attempt or first is None else first
+                if attempt:
+                    self.reporter.add_steps(n)
+                outcome.attempts = attempt + 1
+                train = functools.partial(self.train_steps, self.batches(cfg.seed + 100 * stage.index + attempt),
+                                          total=n, peak_lr=outcome.lr, stage_label=stage.label)
+                if outcome.recovery.attempt(self.raw, n, train, self.measure):
+                    self.optimizer.state.clear()  # the moments belong to the state that was dropped
+                if outcome.recovery.metrics["kl"] <= cfg.kl_budget:
+                    outcome.accepted = True
+                    break
+                if attempt < cfg.retries:
+                    self.reporter.note(f"stage {stage.label}: held-out KL {outcome.recovery.metrics['kl']:.4f} > "
+                                       f"budget {cfg.kl_budget}; retry {attempt + 1}/{cfg.retries} with more steps")
+        except NonFiniteLossError as e:
+            outcome.error = str(e)
+        finally:
+            outcome.recovery.release()
+        return outcome
+
+    def _prune(self, fraction: float, calib: list[torch.Tensor]) -> None:
+        """Scored and masked once, by the main process (taylor's gradients stay local there); every rank applies
+        the masks."""
+        if self.team.is_main:
+            self.masks = prune_stage(self.raw, self.pruner, self.cfg.importance, fraction, calib, self.masks,
+                                     kd_loss=lambda ids: self.loss_on(ids.to(self.device)),
+                                     allocation=self.load_plan.allocation if self.load_plan else None)
+        self.masks = self.team.share_masks(self.masks)
+        if not self.team.is_main:
+            apply_masks(self.raw, self.masks)
+
+    def _search_lr(self, stage: Stage, calib: list[torch.Tensor]) -> dict | None:
+        """The run's base lr: found again in the trajectory of a resumed run, else from a range test when
+        ``lr_search`` asks for one (lr_search.py), else ``cfg.lr``. The trials train a copy of the student pruned
+        to the *whole* target, whatever share of it this first stage removes: the base lr is the one for full
+        damage (recovery.py scales it down for lighter stages). A first stage at 20 % picked half the lr that
+        suited the run's 80 % stages on the wide teacher."""
+        cfg = self.cfg
+        done = [r["lr_search"] for r in self.trajectory if r.get("lr_search")]
+        if done:
+            self.base_lr = done[0]["chosen"]
+            return None
+        budget = cfg.stages * cfg.steps_per_stage
+        if not wanted(cfg.lr_search, budget):
+            self.base_lr = cfg.lr
+            return None
+
+        def trial(lr: float, steps: int) -> float:
+            self.reporter.add_steps(steps)
+            self.optimizer.state.clear()
+            # at the lr the run would give a stage with this damage, were ``lr`` its base
+            self.train_steps(self.batches(cfg.seed + 100 * stage.index + 77), 0, steps, steps,
+                             recovery_lr(lr, damage), f"{stage.label} lr {lr:.2g}")
+            return self.measure()["kl"]
+
+        start = {n: p.detach().clone() for n, p in self.raw.named_parameters()}
+        masks = self.masks
+        try:
+            self._prune(1.0, calib)
+            damage = self.measure()["kl"]
+            search = search_lr(self.raw, cfg.lr, budget, trial)
+        finally:
+            with torch.no_grad():
+                for n, p in self.raw.named_parameters():
+                    p.copy_(start[n])
+            self.masks = masks
+        self.optimizer.state.clear()
+        self.base_lr = search.chosen
+        self.reporter.note(f"learning rate: {search.chosen:.3g} (range test from {cfg.lr:.3g}: "
+                           + ", ".join(f"{lr:.3g} → KL {kl:.4f}" for lr, kl in search.trials) + ")")
+        return search.to_dict()
+
+    def _learn_masks(self, stage: Stage, steps: int, dense: dict, before: Masks, calib: list[torch.Tensor],
+                     lr: float) -> dict:
+        """The first ``steps`` of a stage choose its masks through the KD loss (SR-STE, mask_learning.py), then
+        freeze them; returns what it did and the held-out metrics where the recovery starts."""
+        norms = None
+        if self.cfg.importance != "magnitude":  # the masks are re-ranked by |W| · ‖x‖ (Wanda's form)
+            norms = input_norms(ScoringContext(self.raw, self.pruner.layers, calib))
+        one_shot = {k: v.clone() for k, v in self.masks.items()}
+        allocation = self.load_plan.allocation if self.load_plan else None
+        self.mask_learner = MaskLearner(self.raw, self.pruner, self.masks, stage.fraction, norms, frozen=before,
+                                        allocation=allocation)
+        self.mask_learner.start(dense)
+        try:
+            self.train_steps(self.batches(self.cfg.seed + 100 * stage.index + 50), 0, steps, steps, lr, stage.label)
+        finally:
+            self.masks = self.mask_learner.finish()
+            flips = self.mask_learner.flips
+            self.mask_learner = None
+        self.optimizer.state.clear()  # the moments were the latents'
+        new = sum(int((m & ~one_shot[k]).sum()) for k, m in self.masks.items())
+        kept = sum(int(m.sum()) for m in self.masks.values())
+        # share_new: of the weights the stage keeps, how many the one-shot criterion had pruned
+        return {"method": self.cfg.mask_learning, "steps": steps, "lr": lr, "flips": flips,
+                "share_new": round(new / max(kept, 1), 6), "after": self.measure()}
+
+    def run_qat_stage(self, accepted: int, reason: str) -> tuple[int, str]:
+        """The quantization-aware stage (``--qat-steps``, core/qat.py) after the last pruning stage: train with the
+        Linear layers fake-quantized as ``cfg.quantize`` will quantize them, under the same KL budget, recorded in
+        the trajectory with a ``qat`` entry. Its KL is the fake-quantized student's. Rejected, the run keeps the
+        last pruning stage's student and says so. Returns (last accepted stage, the run's reason)."""
+        from . import qat
+
+        cfg = self.cfg
+        stage = Stage(accepted + 1, 1.0, f"qat {cfg.quantize}", cfg.qat_steps)
+        layers = qat.quantized_linears(self.raw, cfg.quantize)
+        ranges = None
+        if cfg.quantize == "int8":  # the exporter calibrates on the same leading training sequences
+            ids = self.train_ids[: cfg.calibration_samples]
+            ranges = self.team.on_main(qat.calibrate, self.raw, layers, list(ids.split(self.local_batch)), self.device)
+        before = self.measure()  # the float student, for the record and the damage the rounding does
+        with qat.fake_quantized(self.raw, cfg.quantize, ranges):
+            self.optimizer.state.clear()
+            after = self.measure()
+            # Rule 1 of recovery.py (the step size follows the damage), the damage being what the rounding added.
+            outcome = StageOutcome(after["kl"], recovery_lr(self.base_lr or cfg.lr, max(after["kl"] - before["kl"], 0.0)),
+                                   Recovery.start(self.raw, after))
+            self.reset_throughput()
+            self.reporter.stage_begin(stage.label, stage.steps)
+            self._recover(stage, outcome)
+            record = self._record(stage, outcome)
+            record["qat"] = {**qat.describe(cfg.quantize), "layers": len(layers), "kl_float_before": before["kl"],
+                             "top1_float_before": before["top1"]}
+            if outcome.accepted:
+                accepted = self._accept(stage, record)
+        record["qat"]["kl_float_after"] = self.measure()["kl"]  # the trained student without the rounding
+        if not outcome.accepted:
+            self.restore_everywhere(accepted)
+            return accepted, (f"{reason}; the QAT stage was dropped ({stop_reason(stage, outcome, cfg.kl_budget, cfg.retries)}): "
+                              "the student is the last pruning stage's")
+        return accepted, f"{reason}, then {stage.steps} quantization-aware ({cfg.quantize}) step(s)"
