@@ -89,9 +89,57 @@ def test_range_test_chooses_records_and_trains_at_the_chosen_lr(tiny_dirs, fast_
     assert search["chosen"] == pytest.approx(GOLDEN_CHOSEN)
     assert stage["kl"] == pytest.approx(GOLDEN_KL, rel=2e-3)
     assert stage["steps"] == 20  # the trials are extra compute, not part of the stage's budget
-    # off: no record, the configured lr
-    off = distill(build_config(None, {**cfg.to_dict(), "lr_search": "off", "out": cfg.out + "-off"}))
-    assert "lr_search" not in off.trajectory[1]
+    # The trials leave no trace: the same run told the chosen lr, without searching, trains to the same student.
+    told = distill(build_config(None, {**cfg.to_dict(), "lr_search": "off", "lr": GOLDEN_CHOSEN,
+                                       "out": cfg.out + "-told"}))
+    assert "lr_search" not in told.trajectory[1]
+    assert told.trajectory[1]["lr"] == stage["lr"]
+    assert told.trajectory[1]["kl_after_prune"] == pytest.approx(stage["kl_after_prune"], rel=1e-6)
+    assert told.trajectory[1]["kl"] == pytest.approx(stage["kl"], rel=1e-6)
+
+
+def test_a_staged_run_searches_once_and_keeps_its_first_prune(tiny_dirs, fast_cfg):
+    # The trials prune the student to the whole target; the first stage must still start from its own share.
+    base = {**fast_cfg, "teacher": str(tiny_dirs["llama"]), "pattern": "unstructured:0.6", "steps_per_stage": 10}
+    on = distill(build_config(None, {**base, "lr_search": "on"}))
+    off = distill(build_config(None, {**base, "lr_search": "off", "out": base["out"] + "-off"}))
+    assert on.trajectory[1]["kl_after_prune"] == pytest.approx(off.trajectory[1]["kl_after_prune"], rel=1e-6)
+    assert "lr_search" in on.trajectory[1] and "lr_search" not in on.trajectory[2]
+
+
+def test_a_diverging_trial_loses_and_the_run_goes_on(tiny_dirs, fast_cfg, monkeypatch):
+    from sparsekd_deploy.core.stage_training import StageTraining
+    from sparsekd_deploy.errors import NonFiniteLossError
+
+    real = StageTraining.train_steps
+
+    def diverging_above_1e3(self, gen, start, stop, total, peak_lr, stage_label):
+        if " lr " in stage_label and peak_lr > 1.5e-3:
+            raise NonFiniteLossError("non-finite loss (nan)")
+        return real(self, gen, start, stop, total, peak_lr, stage_label)
+
+    monkeypatch.setattr(StageTraining, "train_steps", diverging_above_1e3)
+    cfg = build_config(None, {**fast_cfg, "teacher": str(tiny_dirs["llama"]), "stages": 1, "steps_per_stage": 20,
+                              "lr_search": "on"})
+    res = distill(cfg)
+    assert res.reached_target
+    trials = res.trajectory[1]["lr_search"]["trials"]
+    assert [lr for lr, _ in trials] == pytest.approx([5e-4, 1e-3, 2e-3]) and trials[2][1] == math.inf
+    assert res.trajectory[1]["lr_search"]["chosen"] == pytest.approx(1e-3)
+
+
+def test_a_resumed_run_trains_on_at_the_lr_it_chose():
+    from types import SimpleNamespace
+
+    from sparsekd_deploy.core.stage_training import StageTraining
+
+    def base_lr(trajectory):
+        return StageTraining._base_lr(SimpleNamespace(base_lr=None, trajectory=trajectory, cfg=SimpleNamespace(lr=5e-4)))
+
+    dense = {"stage": 0}
+    assert base_lr([dense]) is None  # the first stage decides
+    assert base_lr([dense, {"stage": 1, "lr_search": {"chosen": 2e-3}}, {"stage": 2}]) == 2e-3
+    assert base_lr([dense, {"stage": 1}]) == 5e-4  # a run that did not search (or began before searching existed)
 
 
 def test_bad_lr_search_is_one_line():

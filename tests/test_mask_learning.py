@@ -74,7 +74,7 @@ def test_learning_steps_leave_the_recovery_at_least_one():
 
 
 # Seeded golden values (CPU, fp32, fast_cfg): tiny Llama, 2:4, two stages of 4 steps, half of each learning masks.
-GOLDEN = [(0.018417, 0.015416), (0.035411, 0.030466)]
+GOLDEN = [(0.018417, 0.015943), (0.033033, 0.028150)]
 
 
 def test_sr_ste_stage_keeps_the_pattern_and_records_what_it_learned(tiny_dirs, fast_cfg):
@@ -86,7 +86,7 @@ def test_sr_ste_stage_keeps_the_pattern_and_records_what_it_learned(tiny_dirs, f
         ml = stage["mask_learning"]
         assert ml["method"] == "sr-ste" and ml["steps"] == 2 and stage["steps"] == 4
         assert 0.0 < ml["share_new"] < 0.1 and ml["flips"] > 0  # some masks moved, most one-shot choices held
-    assert [s["mask_learning"]["kl_after"] for s in res.trajectory[1:]] == pytest.approx([0.017266, 0.034131], rel=2e-3)
+    assert [s["mask_learning"]["kl_after"] for s in res.trajectory[1:]] == pytest.approx([0.017947, 0.030733], rel=2e-3)
     from sparsekd_deploy.models.loading import load_model
 
     student = load_model(res.out / "student", role="student")
@@ -99,3 +99,21 @@ def test_bad_mask_learning_options_are_one_line():
     with pytest.raises(ConfigError, match="mask_learning must be off or sr-ste") as e:
         build_config(None, {"mask_learning": "magic", "mask_learning_share": 1.5})
     assert "mask_learning_share must be in (0, 1)" in str(e.value)
+
+
+def test_a_diverging_mask_learning_phase_stops_the_run_at_its_last_stage(tiny_dirs, fast_cfg, monkeypatch):
+    from sparsekd_deploy.errors import NonFiniteLossError
+
+    calls = []
+
+    def diverge_in_stage_2(self, lr):
+        calls.append(lr)
+        if len(calls) > 2:  # stage 1 learns for 2 steps; stage 2's first step diverges
+            raise NonFiniteLossError("non-finite loss (nan) at stage 2")
+        return real(self, lr)
+
+    real = MaskLearner.after_step
+    monkeypatch.setattr(MaskLearner, "after_step", diverge_in_stage_2)
+    res = distill(build_config(None, {**fast_cfg, "teacher": str(tiny_dirs["llama"]), "mask_learning": "sr-ste"}))
+    assert not res.reached_target and res.summary["final_stage"] == 1
+    assert "non-finite" in res.reason

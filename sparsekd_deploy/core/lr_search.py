@@ -3,8 +3,8 @@
 The default lr (5e-4) was tuned on the demo teacher; on another model the best step size can be several times larger
 or smaller (a user's small Llama wanted 3e-3 at batch 32). Before the first stage's recovery, the pruned student
 trains a few steps at a candidate lr from its post-prune state, on the same batches each time, and the held-out KL
-after the trial ranks the candidates. The walk starts at the configured lr, tries ×2 and ÷2, and keeps moving by
-factors of 2 in the direction that wins, until a step does not win or ``MAX_FACTOR`` is reached. The student goes
+after the trial ranks the candidates. The walk starts at the configured lr, tries ×2 (then ÷2 if ×2 did not win),
+and keeps moving by factors of 2 in the direction that wins, until a step does not win or ``MAX_FACTOR`` is reached. The student goes
 back to its post-prune state and the run continues with the chosen lr as its base (later stages scale it by their
 damage as before, recovery.py). The trials' steps are extra compute, not part of the stage's step budget, and are
 recorded beside it.
@@ -62,7 +62,7 @@ def search_lr(model: nn.Module, base: float, budget: int, trial: Callable[[float
     """Walk the lr from ``base``; ``trial(lr, steps)`` trains ``steps`` from the current state and returns the held-out
     KL. The model is put back into the state it came in with after every trial."""
     search = LRSearch(base, trial_steps(budget))
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    start = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}  # the device holds one copy
 
     def run(lr: float) -> float:
         try:
@@ -89,4 +89,4 @@ def search_lr(model: nn.Module, base: float, budget: int, trial: Callable[[float
 @torch.no_grad()
 def _load(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     for n, p in model.named_parameters():
-        p.copy_(state[n])
+        p.copy_(state[n].to(p.device))

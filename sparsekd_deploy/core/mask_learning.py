@@ -7,9 +7,10 @@ cannot see what the teacher's distribution needs. Here the stage keeps a dense *
 - the forward pass uses latent ⊙ mask (the student is always exactly in the pattern);
 - the gradient of the masked weight updates the latent everywhere (straight-through), so a pruned weight that the
   KD loss wants back grows and can win its group's place;
-- pruned latents decay (SR-STE's "sparse-refined" term, decoupled as in AdamW), so the mask settles instead of
-  flipping back and forth;
-- after every step the mask is chosen again from the latents by the same criterion and the same pattern.
+- pruned latents can decay (SR-STE's "sparse-refined" term, decoupled as in AdamW) so the mask settles instead of
+  flipping back and forth — off by default (``DEFAULT_DECAY``): on the demo it changed nothing measurable;
+- after every step the mask is chosen again from the latents, with the same pattern, by |W| · ‖x‖ (Wanda's form, the
+  activation norms taken before the prune) or |W| for magnitude importance.
 
 At the end of the phase the mask is frozen and the student's weights are latent ⊙ mask; the stage's ordinary
 recovery continues from there. Weights pruned by an earlier stage stay pruned (only this stage's share is learned).

@@ -8,6 +8,7 @@ Kept apart from ``distill.py``, which sets a run up, sequences its stages, and w
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import torch
@@ -99,15 +100,25 @@ class StageTraining:
         cfg = self.cfg
         self.reset_throughput()
         self.reporter.stage_begin(stage.label, stage.steps)
-        searched = self._search_lr(stage, calib) if self.base_lr is None else None
+        searched = self._search_lr(stage, calib) if self._base_lr() is None else None
         before = self.masks
-        dense = learning_start(self.raw, self.pruner) if cfg.mask_learning != "off" else None
+        k = learning_steps(stage.steps, cfg.mask_learning_share) if cfg.mask_learning != "off" else 0
+        # The latents start from the weights before the prune, and the masks are re-ranked with the activation norms
+        # the one-shot criterion scored (so the first re-rank moves nothing that the gradient did not move).
+        dense = learning_start(self.raw, self.pruner) if k else None
+        norms = input_norms(ScoringContext(self.raw, self.pruner.layers, calib)) if k and cfg.importance != "magnitude" else None
         self._prune(stage.fraction, calib)
         self.optimizer.state.clear()  # momentum from the previous stage points at a different model
         after = self.measure()
         learned = None
-        if dense is not None and (k := learning_steps(stage.steps, cfg.mask_learning_share)):
-            learned = self._learn_masks(stage, k, dense, before, calib, recovery_lr(self.base_lr, after["kl"]))
+        if dense is not None:
+            try:
+                learned = self._learn_masks(stage, k, dense, norms, before, recovery_lr(self.base_lr, after["kl"]))
+            except NonFiniteLossError as e:  # the run stops at its last accepted stage, as a diverging recovery does
+                outcome = StageOutcome(after["kl"], recovery_lr(self.base_lr, after["kl"]), Recovery.start(self.raw, after))
+                outcome.error, outcome.lr_search = str(e), searched
+                outcome.recovery.release()
+                return outcome
         start = learned["after"] if learned else after
         outcome = StageOutcome(after["kl"], recovery_lr(self.base_lr, start["kl"]), Recovery.start(self.raw, start))
         outcome.lr_search = searched
@@ -154,17 +165,25 @@ class StageTraining:
         if not self.team.is_main:
             apply_masks(self.raw, self.masks)
 
+    def _base_lr(self) -> float | None:
+        """The run's base lr once known: the one its first stage's range test chose (read back from the trajectory
+        when the run was resumed: a resumed run trains on at the lr it began with), or ``cfg.lr`` when the run did
+        not search; None before the first stage decided."""
+        if self.base_lr is None:
+            done = [r["lr_search"] for r in self.trajectory if r.get("lr_search")]
+            if done:
+                self.base_lr = done[0]["chosen"]
+            elif any(r["stage"] > 0 for r in self.trajectory):  # resumed past stage 1 without a search
+                self.base_lr = self.cfg.lr
+        return self.base_lr
+
     def _search_lr(self, stage: Stage, calib: list[torch.Tensor]) -> dict | None:
-        """The run's base lr: found again in the trajectory of a resumed run, else from a range test when
-        ``lr_search`` asks for one (lr_search.py), else ``cfg.lr``. The trials train a copy of the student pruned
-        to the *whole* target, whatever share of it this first stage removes: the base lr is the one for full
-        damage (recovery.py scales it down for lighter stages). A first stage at 20 % picked half the lr that
-        suited the run's 80 % stages on the wide teacher."""
+        """Sets the run's base lr on its first stage: from a range test when ``lr_search`` asks for one
+        (lr_search.py), else ``cfg.lr``. The trials train the student pruned to the *whole* target, whatever share
+        of it this first stage removes, and restore it after: the base lr is the one for full damage (recovery.py
+        scales it down for lighter stages). A first stage at 20 % picked half the lr that suited the run's 80 %
+        stages on the wide teacher."""
         cfg = self.cfg
-        done = [r["lr_search"] for r in self.trajectory if r.get("lr_search")]
-        if done:
-            self.base_lr = done[0]["chosen"]
-            return None
         budget = cfg.stages * cfg.steps_per_stage
         if not wanted(cfg.lr_search, budget):
             self.base_lr = cfg.lr
@@ -174,11 +193,15 @@ class StageTraining:
             self.reporter.add_steps(steps)
             self.optimizer.state.clear()
             # at the lr the run would give a stage with this damage, were ``lr`` its base
-            self.train_steps(self.batches(cfg.seed + 100 * stage.index + 77), 0, steps, steps,
-                             recovery_lr(lr, damage), f"{stage.label} lr {lr:.2g}")
+            try:
+                self.train_steps(self.batches(cfg.seed + 100 * stage.index + 77), 0, steps, steps,
+                                 recovery_lr(lr, damage), f"{stage.label} lr {lr:.2g}")
+            except NonFiniteLossError:  # a diverging trial loses; the walk goes on from the others
+                return math.inf
             return self.measure()["kl"]
 
-        start = {n: p.detach().clone() for n, p in self.raw.named_parameters()}
+        # On the CPU, as recovery.py keeps its best state: the device holds the student once, not twice.
+        start = {n: p.detach().to("cpu", copy=True) for n, p in self.raw.named_parameters()}
         masks = self.masks
         try:
             self._prune(1.0, calib)
@@ -187,7 +210,7 @@ class StageTraining:
         finally:
             with torch.no_grad():
                 for n, p in self.raw.named_parameters():
-                    p.copy_(start[n])
+                    p.copy_(start[n].to(p.device))
             self.masks = masks
         self.optimizer.state.clear()
         self.base_lr = search.chosen
@@ -195,13 +218,11 @@ class StageTraining:
                            + ", ".join(f"{lr:.3g} → KL {kl:.4f}" for lr, kl in search.trials) + ")")
         return search.to_dict()
 
-    def _learn_masks(self, stage: Stage, steps: int, dense: dict, before: Masks, calib: list[torch.Tensor],
+    def _learn_masks(self, stage: Stage, steps: int, dense: dict, norms: dict | None, before: Masks,
                      lr: float) -> dict:
         """The first ``steps`` of a stage choose its masks through the KD loss (SR-STE, mask_learning.py), then
-        freeze them; returns what it did and the held-out metrics where the recovery starts."""
-        norms = None
-        if self.cfg.importance != "magnitude":  # the masks are re-ranked by |W| · ‖x‖ (Wanda's form)
-            norms = input_norms(ScoringContext(self.raw, self.pruner.layers, calib))
+        freeze them; returns what it did and the held-out metrics where the recovery starts. ``norms``: the input
+        norms the masks are re-ranked with, |W| · ‖x‖ (Wanda's form, also under taylor); None ranks by |W|."""
         one_shot = {k: v.clone() for k, v in self.masks.items()}
         allocation = self.load_plan.allocation if self.load_plan else None
         self.mask_learner = MaskLearner(self.raw, self.pruner, self.masks, stage.fraction, norms, frozen=before,
@@ -239,7 +260,7 @@ class StageTraining:
             self.optimizer.state.clear()
             after = self.measure()
             # Rule 1 of recovery.py (the step size follows the damage), the damage being what the rounding added.
-            outcome = StageOutcome(after["kl"], recovery_lr(self.base_lr or cfg.lr, max(after["kl"] - before["kl"], 0.0)),
+            outcome = StageOutcome(after["kl"], recovery_lr(self._base_lr() or cfg.lr, max(after["kl"] - before["kl"], 0.0)),
                                    Recovery.start(self.raw, after))
             self.reset_throughput()
             self.reporter.stage_begin(stage.label, stage.steps)
