@@ -67,6 +67,7 @@ def test_the_walk_is_bounded():
 
 def test_auto_searches_only_budgets_worth_it():
     assert not wanted("auto", 30) and wanted("auto", 90) and wanted("on", 8) and not wanted("off", 300)
+    assert not wanted("auto", 600, sparsity_search=True) and wanted("on", 600, sparsity_search=True)
     assert trial_steps(90) == 10 and trial_steps(300) == 20 and trial_steps(8) == 10
     assert LRSearch(1e-3, 10, [[1e-3, 0.1]], 1e-3).to_dict()["chosen"] == 1e-3
 

@@ -185,7 +185,7 @@ class StageTraining:
         stages on the wide teacher."""
         cfg = self.cfg
         budget = cfg.stages * cfg.steps_per_stage
-        if not wanted(cfg.lr_search, budget):
+        if not wanted(cfg.lr_search, budget, sparsity_search=self.search is not None):
             self.base_lr = cfg.lr
             return None
 
