@@ -22,8 +22,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
+
+from .recovery import restore, snapshot
 
 MARGIN = 0.01  # a neighbour wins only with a held-out KL more than 1 % below the current candidate's
 MAX_FACTOR = 16.0  # the walk stays within [lr / 16, lr × 16]
@@ -64,13 +65,13 @@ def search_lr(model: nn.Module, base: float, budget: int, trial: Callable[[float
     """Walk the lr from ``base``; ``trial(lr, steps)`` trains ``steps`` from the current state and returns the held-out
     KL. The model is put back into the state it came in with after every trial."""
     search = LRSearch(base, trial_steps(budget))
-    start = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}  # the device holds one copy
+    start = snapshot(model)
 
     def run(lr: float) -> float:
         try:
             kl = float(trial(lr, search.steps))
         finally:
-            _load(model, start)
+            restore(model, start)
         search.trials.append([lr, kl])
         return kl if math.isfinite(kl) else math.inf
 
@@ -86,9 +87,3 @@ def search_lr(model: nn.Module, base: float, budget: int, trial: Callable[[float
         best_lr, best = best_lr * direction, kl
     search.chosen = best_lr
     return search
-
-
-@torch.no_grad()
-def _load(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    for n, p in model.named_parameters():
-        p.copy_(state[n].to(p.device))

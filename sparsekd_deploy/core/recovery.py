@@ -47,8 +47,16 @@ def checkpoint_steps(total: int, count: int = CHECKPOINTS) -> list[int]:
     return sorted({max(1, round(total * j / count)) for j in range(1, count + 1)})
 
 
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters, copied to the CPU: the device holds the student once, not twice."""
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put a ``snapshot`` back into the model's parameters, on their device."""
+    for n, p in model.named_parameters():
+        p.copy_(state[n].to(p.device))
 
 
 @dataclass
@@ -64,7 +72,7 @@ class Recovery:
     @classmethod
     def start(cls, model: nn.Module, metrics_after_prune: dict[str, float]) -> Recovery:
         rec = cls(dict(metrics_after_prune), checkpoints=[[0, metrics_after_prune["kl"]]])
-        rec._state = _snapshot(model)
+        rec._state = snapshot(model)
         return rec
 
     def attempt(self, model: nn.Module, n: int, train: Callable[[int, int], None],
@@ -81,12 +89,10 @@ class Recovery:
             self.checkpoints.append([self.steps, m["kl"]])
             if m["kl"] < self.metrics["kl"]:  # a non-finite KL never wins
                 self.metrics, self.step = dict(m), self.steps
-                self._state = _snapshot(model)
+                self._state = snapshot(model)
         if self.step == self.steps:
             return False
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(self._state[name].to(p.device))
+        restore(model, self._state)
         return True
 
     def release(self) -> None:

@@ -20,7 +20,7 @@ from .importance import ScoringContext, input_norms
 from .lr_search import search_lr, wanted
 from .mask_learning import MaskLearner, learning_start, learning_steps
 from .pruner import Masks, apply_masks
-from .recovery import Recovery, cosine_lr, recovery_lr
+from .recovery import Recovery, cosine_lr, recovery_lr, restore, snapshot
 from .schedule import Stage
 from .stage import StageOutcome, prune_stage, stop_reason
 
@@ -200,17 +200,14 @@ class StageTraining:
                 return math.inf
             return self.measure()["kl"]
 
-        # On the CPU, as recovery.py keeps its best state: the device holds the student once, not twice.
-        start = {n: p.detach().to("cpu", copy=True) for n, p in self.raw.named_parameters()}
+        start = snapshot(self.raw)
         masks = self.masks
         try:
             self._prune(1.0, calib)
             damage = self.measure()["kl"]
             search = search_lr(self.raw, cfg.lr, budget, trial)
         finally:
-            with torch.no_grad():
-                for n, p in self.raw.named_parameters():
-                    p.copy_(start[n].to(p.device))
+            restore(self.raw, start)
             self.masks = masks
         self.optimizer.state.clear()
         self.base_lr = search.chosen
