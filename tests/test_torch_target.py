@@ -56,3 +56,30 @@ def test_semi_structured_matches_dense_on_gpu():
     dense = model(x)
     assert to_semi_structured(model, skip=()) == {"0": "sparse"}
     torch.testing.assert_close(model(x), dense, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_build_torch_target_end_to_end_on_gpu(tmp_path):
+    """`build --target torch` on a GPU: distilled on CUDA, validated on the torch target with its Linear layers on the
+    2:4 kernels (the model is wide enough for them: every dimension a multiple of 64), and the gates pass."""
+    import json
+
+    import transformers as tf
+    from conftest import cli_build, tiny_tokenizer
+
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("2:4 sparse tensor cores need compute capability ≥ 8.0")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
+                         eos_token_id=2)
+    teacher = tmp_path / "teacher"
+    tf.LlamaForCausalLM(cfg).save_pretrained(teacher, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(teacher)
+    out = cli_build(teacher, tmp_path / "b", "--target", "torch", "--run-dir", str(tmp_path / "run")).stdout
+    res = json.loads(out[out.index("{"):])
+    v = res["validation"]
+    assert v["runtime"]["runtime"] == "torch" and v["runtime"]["provider"] == "cuda"
+    assert v["runtime"]["sparse_layers"] == 2 * 7, v["runtime"]  # q k v o gate up down per layer; lm_head stays dense
+    assert v["passed"], v["gates"]

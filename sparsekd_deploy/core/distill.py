@@ -20,6 +20,7 @@ from ..models.loading import load_model, load_tokenizer, resolve_teacher
 from . import consistency
 from .auto_search import AutoSearch
 from .distributed import LossModule, RankLostError, Team, check_global_batch
+from .flops import Utilisation
 from .kd_objective import KDObjective
 from .load_plan import LoadPlan, plan_load_paths
 from .losses import make_loss
@@ -104,6 +105,7 @@ class StagedDistiller(StageTraining):
         self.kd: KDObjective | None = None  # the KD loss of a batch (chunked or not; teacher or its top-K cache)
         self.cache = None  # topk_cache.TopKCache under --teacher-access topk:K
         self.peak: PeakMemory | None = None  # peak memory since the last reset_throughput()
+        self.utilisation: Utilisation | None = None  # on CUDA: the stage records' model-FLOPs utilisation (flops.py)
         self._trained_tokens = 0
         self._train_seconds = 0.0
 
@@ -231,6 +233,9 @@ class StagedDistiller(StageTraining):
                                       self.train_ids, self.heldout_ids, self.device,
                                       self.run.partial / "teacher-topk", self.reporter, team=self.team)
         self.kd_chunk = self.kd.chunk
+        # A training step runs the teacher's forward only when it distils from the teacher in memory.
+        in_step = self.teacher if self.cfg.teacher_access == "logits" else None
+        self.utilisation = Utilisation.for_run(self.device, self.raw, in_step, self.cfg.seq_len, self.team.world)
 
     def _release_teacher(self) -> None:
         """With a top-K cache, the teacher's work is done once the run is set up (data, cache, consistency, load
@@ -347,6 +352,8 @@ class StagedDistiller(StageTraining):
         record["layer_sparsity"] = {name: e["sparsity"] for name, e in report["layers"].items()}
         record.update(self.peak.read())  # training + held-out measurements of this stage (memory.py)
         record["kd_chunk"] = self.kd_chunk
+        if self.utilisation is not None:
+            record.update(self.utilisation.record(self.tokens_per_second))
         if self.team.distributed:
             # Checked, not assumed: DDP's averaged gradients must leave every rank with the main process's weights.
             record["ranks"] = {"world_size": self.team.world, "weights_identical": self.team.same_weights(self.raw)}

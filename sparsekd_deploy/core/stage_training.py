@@ -53,6 +53,8 @@ class StageTraining:
         began = time.perf_counter()
         with self.team.collective(f"stage {stage_label} trained"):  # DDP averages gradients with the other ranks
             self._train_range(gen, start, stop, total, peak_lr, stage_label)
+        if self.device.type == "cuda":  # the last step's kernels are queued, not done: time them too
+            torch.cuda.synchronize(self.device)
         self._train_seconds += time.perf_counter() - began
         self._trained_tokens += (stop - start) * cfg.batch_size * cfg.seq_len
         self.tokens_per_second = self._trained_tokens / max(self._train_seconds, 1e-9)
