@@ -39,8 +39,36 @@ def build_teacher(out: Path, args) -> int:
                       tie_word_embeddings=False)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init on the GPU: seconds, not minutes
         model = LlamaForCausalLM(cfg)
-    model.save_pretrained(out, safe_serialization=True)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)  # half the bytes to write; loaded as fp32
     return sum(p.numel() for p in model.parameters())
+
+
+class Progress:
+    """Prints the run's events with the seconds since the start (the benchmark has no progress bar), and the stage
+    record's throughput as soon as the stage ends — before its checkpoint and the final student are written."""
+
+    def __init__(self, on_record):
+        self.t0, self.step, self.on_record = time.perf_counter(), 0, on_record
+
+    def _print(self, what: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:7.1f} s] {what}", flush=True)
+
+    def note(self, message: str) -> None:
+        self._print(message)
+
+    def stage_begin(self, label: str, steps: int) -> None:
+        self._print(f"stage {label}: {steps} steps")
+
+    def advance(self, loss: float) -> None:
+        self.step += 1
+        if self.step % 10 == 1:
+            self._print(f"step {self.step}: loss {loss:.4f}")
+
+    def add_steps(self, steps: int) -> None: ...
+
+    def stage_end(self, record: dict) -> None:
+        self._print(f"stage {record['label']} ended")
+        self.on_record(record)
 
 
 def main() -> int:
@@ -83,13 +111,19 @@ def main() -> int:
                             steps_per_stage=args.steps, retries=0, kl_budget=1e6, lr_search="off", seq_len=args.seq,
                             batch_size=args.batch, num_samples=n_train, heldout_samples=n_heldout, calib_batches=1,
                             consistency_prompts=2, consistency_samples=2, consistency_tokens=4, consistency_m=2)
-        record = distill(cfg).trajectory[-1]
-        wall = time.perf_counter() - t0
+        print(f"teacher ({params / 1e9:.2f} B parameters) built and saved in {time.perf_counter() - t0:.1f} s", flush=True)
+        distill(cfg, reporter=Progress(lambda rec: report(rec, params, args, t0)))
+    return 0
+
+
+def report(record: dict, params: int, args, t0: float) -> None:
+    """Print and write the stage record's throughput (called as the stage ends)."""
+    wall = time.perf_counter() - t0
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     res = {"device": device, "torch": torch.__version__, "parameters": params, "batch": args.batch, "seq": args.seq,
            "steps": args.steps, "tokens_per_second": record["tokens_per_second"], "mfu": record.get("mfu"),
            "model_tflops_per_second": record.get("model_tflops_per_second"), "mfu_peak": record.get("mfu_peak"),
-           "peak_memory_mb": record.get("peak_memory_mb"), "wall_seconds": round(wall, 1), "bar": BAR}
+           "peak_memory_mb": record.get("peak_memory_mb"), "seconds_to_stage_end": round(wall, 1), "bar": BAR}
     if res["mfu"] is not None:
         # The student's share of the counted FLOPs: 3 forward passes of the student for 1 of the teacher (same shape).
         res["mfu_student_only"] = round(res["mfu"] * 3 / 4, 4)
@@ -102,7 +136,6 @@ def main() -> int:
     print(json.dumps(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,15 +21,16 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package from this che
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)" > "$OUT/env.txt" 2>&1
 nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
-timeout 150 "$PY" scripts/bench_gpu.py --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1
+timeout 80 "$PY" scripts/bench_gpu.py --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1
 bench_rc=$?
-timeout 240 "$PY" scripts/bench_mfu.py --json "$OUT/bench_mfu.json" > "$OUT/bench_mfu.log" 2>&1
-mfu_rc=$?
 # Only the files that hold gpu/tensorrt tests: collecting the whole suite would import what the image lacks (asyncssh).
 files=$(grep -l -E "mark\.(gpu|tensorrt)" tests/test_*.py)
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or tensorrt" -rfEs --junitxml="$OUT/pytest.xml" $files \
+timeout 60 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or tensorrt" -rfEs --junitxml="$OUT/pytest.xml" $files \
   > "$OUT/pytest.log" 2>&1
 tests_rc=$?
+timeout 80 "$PY" scripts/bench_gpu.py --backend cutlass --json "$OUT/bench_gpu_cutlass.json" > "$OUT/bench_gpu_cutlass.log" 2>&1
+timeout 240 "$PY" scripts/bench_mfu.py --json "$OUT/bench_mfu.json" > "$OUT/bench_mfu.log" 2>&1
+mfu_rc=$?
 "$PY" - "$OUT" "$tests_rc" "$bench_rc" "$mfu_rc" <<'PYEOF'
 import json, pathlib, re, sys
 out, tests_rc, bench_rc, mfu_rc = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -42,6 +43,7 @@ summary = {
     "failed": re.findall(r"^(?:FAILED|ERROR) (.*)", log, re.M),
     "bench_exit_code": bench_rc,
     "bench": json.loads((out / "bench_gpu.json").read_text()) if (out / "bench_gpu.json").exists() else None,
+    "bench_cutlass": json.loads((out / "bench_gpu_cutlass.json").read_text()) if (out / "bench_gpu_cutlass.json").exists() else None,
     "mfu_exit_code": mfu_rc,
     "mfu": json.loads((out / "bench_mfu.json").read_text()) if (out / "bench_mfu.json").exists() else None,
 }

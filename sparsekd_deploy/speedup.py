@@ -50,10 +50,12 @@ def _cuda_ms(fn, repeats: int) -> float:
     return start.elapsed_time(end) / repeats
 
 
-def time_layers_torch(shapes: dict[str, tuple[int, int]], tokens: int, dtype: str = "fp16", repeats: int = 50) -> dict:
+def time_layers_torch(shapes: dict[str, tuple[int, int]], tokens: int, dtype: str = "fp16", repeats: int = 50,
+                      backend: str | None = None) -> dict:
     import torch
     import torch.nn.functional as F
-    from torch.sparse import to_sparse_semi_structured
+
+    from .targets.torch_cuda import semi_structured
 
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     by_shape: dict[tuple[int, int], dict] = {}
@@ -63,7 +65,7 @@ def time_layers_torch(shapes: dict[str, tuple[int, int]], tokens: int, dtype: st
         w.view(-1, 4)[:, :2] = 0
         dense = _cuda_ms(lambda x=x, w=w: F.linear(x, w), repeats)
         try:
-            ws = to_sparse_semi_structured(w)
+            ws = semi_structured(w, backend)
             sparse = _cuda_ms(lambda x=x, ws=ws: F.linear(x, ws), repeats)
         except (RuntimeError, ValueError):  # shape the kernels do not take: it stays dense
             sparse = float("inf")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.patterns import NM
@@ -29,19 +30,57 @@ def semi_structured_ok(weight: torch.Tensor) -> str | None:
     return None
 
 
-def to_semi_structured(model: nn.Module, skip=("lm_head",)) -> dict[str, str]:
-    """Swap every eligible Linear weight in place; returns {layer: 'sparse' | reason it stayed dense}."""
-    from torch.sparse import to_sparse_semi_structured
+BACKENDS = ("cusparselt", "cutlass")
 
+
+class SemiStructuredLinear(nn.Module):
+    """A Linear whose weight is a 2:4 semi-structured tensor. Its forward hands the kernels a 2-D contiguous input:
+    ``F.linear`` on a strided 3-D input decomposes into ``expand`` + ``bmm``, which the sparse tensor refuses."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def semi_structured(weight: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """``weight`` as torch's 2:4 tensor; ``backend``: cusparselt / cutlass, None = torch's choice (cuSPARSELt where
+    it is built in)."""
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    if backend not in (None, *BACKENDS):
+        raise TargetError(f"2:4 backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    forced = SparseSemiStructuredTensor._FORCE_CUTLASS
+    SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"  # read when the tensor is made, not later
+    try:
+        return to_sparse_semi_structured(weight)
+    finally:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = forced
+
+
+def to_semi_structured(model: nn.Module, skip=("lm_head",), backend: str | None = None,
+                       only: set[str] | None = None) -> dict[str, str]:
+    """Swap every eligible Linear (of ``only``, when given) for a ``SemiStructuredLinear`` in place; returns
+    {layer: 'sparse' | reason it stayed dense}."""
     report = {}
-    for name, mod in model.named_modules():
+    for name, mod in list(model.named_modules()):
         if not isinstance(mod, nn.Linear) or name.split(".")[-1] in skip:
+            continue
+        if only is not None and name not in only:
+            report[name] = "kept dense: not chosen"
             continue
         reason = semi_structured_ok(mod.weight)
         if reason:
             report[name] = reason
             continue
-        mod.weight = nn.Parameter(to_sparse_semi_structured(mod.weight.detach()), requires_grad=False)
+        swapped = SemiStructuredLinear(semi_structured(mod.weight.detach(), backend), mod.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, swapped)
         report[name] = "sparse"
     return report
 
