@@ -92,7 +92,7 @@ def main() -> int:
         print("no CUDA GPU: nothing to measure (--tiny runs the same path on a CPU)")
         return 2
 
-    from sparsekd_deploy.config import DistillConfig
+    from sparsekd_deploy.config import build_config
     from sparsekd_deploy.core import teacher as teacher_module
     from sparsekd_deploy.core.distill import distill
 
@@ -107,10 +107,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         params = build_teacher(Path(tmp) / "teacher", args)
-        cfg = DistillConfig(teacher=str(Path(tmp) / "teacher"), out=str(Path(tmp) / "run"), pattern="2:4", stages=1,
-                            steps_per_stage=args.steps, retries=0, kl_budget=1e6, lr_search="off", seq_len=args.seq,
-                            batch_size=args.batch, num_samples=n_train, heldout_samples=n_heldout, calib_batches=1,
-                            consistency_prompts=2, consistency_samples=2, consistency_tokens=4, consistency_m=2)
+        # Through build_config, as the CLI does: it resolves the pattern's defaults (a DistillConfig made directly
+        # leaves allocation unset, and the run would analyse every layer's load path first — minutes on 1 B).
+        cfg = build_config(None, dict(
+            teacher=str(Path(tmp) / "teacher"), out=str(Path(tmp) / "run"), pattern="2:4", stages=1,
+            steps_per_stage=args.steps, retries=0, kl_budget=1e6, lr_search="off", seq_len=args.seq,
+            batch_size=args.batch, num_samples=n_train, heldout_samples=n_heldout, calib_batches=1,
+            consistency_prompts=2, consistency_samples=2, consistency_tokens=4, consistency_m=2))
         print(f"teacher ({params / 1e9:.2f} B parameters) built and saved in {time.perf_counter() - t0:.1f} s", flush=True)
         distill(cfg, reporter=Progress(lambda rec: report(rec, params, args, t0)))
     return 0

@@ -85,3 +85,11 @@ def test_cubic_sparsity_schedule():
     assert fractions(3, "linear") == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert fractions(3, "cubic") == pytest.approx([1 - (2 / 3) ** 3, 1 - (1 / 3) ** 3, 1.0])
     assert [s.label for s in plan(NM(2, 4), 2, sparsity_schedule="cubic")] == ["2:4@88%", "2:4"]
+
+
+@pytest.mark.parametrize("pattern", [NM(2, 4), Unstructured(0.5)])
+def test_masks_are_made_on_the_scores_device(pattern):
+    """Scores on a GPU give masks on that GPU (a CPU helper tensor failed on the H200: "src is on cpu"). The meta
+    device stands in for it here: it refuses to mix with CPU tensors the same way."""
+    assert pattern.keep_mask(torch.rand(4, 8, device="meta"), 0.5).device.type == "meta"
+    assert Channels(0.5).channel_keep(torch.rand(8, device="meta"), 1.0).device.type == "meta"

@@ -68,12 +68,12 @@ class NM(Pattern):
         # is weakest get one more. At fraction 1 this is exactly n:m.
         full, rem = divmod(zeros_total, G)
         order = groups.argsort(dim=-1, stable=True)  # ascending importance
-        prune_rank = torch.full((G,), full, dtype=torch.long)
+        prune_rank = torch.full((G,), full, dtype=torch.long, device=scores.device)
         if rem:
             next_scores = groups.gather(1, order[:, full : full + 1]).squeeze(1)
             prune_rank[next_scores.argsort(stable=True)[:rem]] += 1
         ranks = torch.empty_like(order)
-        ranks.scatter_(1, order, torch.arange(self.m).expand(G, -1).contiguous())
+        ranks.scatter_(1, order, torch.arange(self.m, device=scores.device).expand(G, -1).contiguous())
         keep = ranks >= prune_rank[:, None]
         return keep.reshape(out_f, in_f)
 
@@ -101,7 +101,7 @@ class Unstructured(Pattern):
 
     def keep_mask(self, scores, fraction):
         k = round(fraction * self.sparsity * scores.numel())
-        keep = torch.ones(scores.numel(), dtype=torch.bool)
+        keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
         if k:
             keep[scores.flatten().argsort(stable=True)[:k]] = False
         return keep.view_as(scores)
@@ -132,7 +132,7 @@ class Channels(Pattern):
 
     def channel_keep(self, channel_scores: torch.Tensor, fraction: float) -> torch.Tensor:
         k = self.channels_to_remove(channel_scores.numel(), fraction)
-        keep = torch.ones(channel_scores.numel(), dtype=torch.bool)
+        keep = torch.ones(channel_scores.numel(), dtype=torch.bool, device=channel_scores.device)
         if k:
             keep[channel_scores.argsort(stable=True)[:k]] = False
         return keep
