@@ -80,6 +80,18 @@ METHODS: dict[str, dict] = {
                      "overrides": {"allocation": "uniform", "mask_learning": "sr-ste"}},
     # Every other row trains at the configured lr (lr_search off); these are the default recipes with the run's lr
     # chosen by a range test on the first stage (core/lr_search.py; its trial steps are extra compute).
+    # Channel staging variants (issue 9's channels bar; --methods): how the 90 steps and the removal are split.
+    "staged-equal": {"label": "staged, equal steps", "kind": "trained", "staged": True,
+                     "overrides": {"allocation": "uniform", "step_schedule": "equal"}},
+    "staged-linear": {"label": "staged, linear shares", "kind": "trained", "staged": True,
+                      "overrides": {"allocation": "uniform", "sparsity_schedule": "linear"}},
+    "staged2": {"label": "2 stages", "kind": "trained", "staged": True, "stages": 2,
+                "overrides": {"allocation": "uniform"}},
+    # Gradual demolition (core/demolition.py): each stage's removal fades out over the first half of its steps.
+    "oneshot-kd-gradual": {"label": "one stage, gradual demolition", "kind": "trained", "staged": False,
+                           "overrides": {"allocation": "uniform", "demolition": "gradual"}},
+    "staged-gradual": {"label": "staged, gradual demolition", "kind": "trained", "staged": True,
+                       "overrides": {"allocation": "uniform", "demolition": "gradual"}},
     "oneshot-kd-lrsearch": {"label": "one-shot + KD, lr search", "kind": "trained", "staged": False,
                             "overrides": {"allocation": "uniform", "lr_search": "on"}},
     "staged-loadpath-lrsearch": {"label": "staged + load-path, lr search", "kind": "trained", "staged": True,
@@ -196,7 +208,8 @@ def cell_config(cell: Cell, teacher: Path, out: Path, steps: int, sizes: dict, k
     if m["kind"] == "oneshot":
         opts["importance"] = m["importance"]
     elif m["staged"]:
-        opts.update(stages=STAGED_STAGES, steps_per_stage=max(1, steps // STAGED_STAGES))
+        stages = m.get("stages", STAGED_STAGES)
+        opts.update(stages=stages, steps_per_stage=max(1, steps // stages))
     else:
         opts.update(stages=1, steps_per_stage=steps)
     opts.update(m.get("overrides", {}))

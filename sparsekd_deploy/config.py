@@ -68,6 +68,10 @@ class DistillConfig:
     # straight-through gradients, re-ranked every step; core/mask_learning.py); off: the criterion's one-shot choice.
     mask_learning: str = "off"  # off | sr-ste
     mask_learning_share: float = 0.5
+    # gradual: what a stage's prune removes fades out (×1 → ×0, frozen) over its first demolition_share of steps while
+    # the KD loss trains the rest, then recovery under the masks (core/demolition.py); off: removed at once.
+    demolition: str = "off"  # off | gradual
+    demolition_share: float = 0.5
     dense_layers: str | None = None  # n:m: keep the K most load-bearing layers dense ("3"), or "auto"
     loadpaths: str | None = None  # a loadpaths.json from `analyze`; None = analysed in the run, on its training data
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on GPU; CPU runs fp32)
@@ -124,6 +128,12 @@ def _problems(cfg: DistillConfig) -> list[str]:
         p.append(f"mask_learning must be off or sr-ste, got {cfg.mask_learning!r}")
     if not (0.0 < cfg.mask_learning_share < 1.0):
         p.append(f"mask_learning_share must be in (0, 1), got {cfg.mask_learning_share}")
+    if cfg.demolition not in ("off", "gradual"):
+        p.append(f"demolition must be off or gradual, got {cfg.demolition!r}")
+    if not (0.0 < cfg.demolition_share < 1.0):
+        p.append(f"demolition_share must be in (0, 1), got {cfg.demolition_share}")
+    if cfg.demolition == "gradual" and cfg.mask_learning != "off":
+        p.append("demolition gradual and mask_learning both use the first part of each stage: choose one")
     if cfg.step_schedule not in ("equal", "backloaded"):
         p.append(f"step_schedule must be equal or backloaded, got {cfg.step_schedule!r}")
     p.extend(_teacher_access_problems(cfg))

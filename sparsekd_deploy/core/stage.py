@@ -39,6 +39,7 @@ class StageOutcome:
     accepted: bool = False
     error: str | None = None  # why training stopped early (a non-finite loss)
     mask_learning: dict | None = None  # what the stage's mask-learning phase did (its steps are part of the stage's)
+    demolition: dict | None = None  # a gradual demolition's fade (its steps are counted in the recovery's)
     lr_search: dict | None = None  # the run's lr range test, on the first stage (its steps are extra, not the stage's)
 
 
@@ -59,6 +60,7 @@ def stage_record(stage: Stage, outcome: StageOutcome, sparsity: float, tokens_pe
         # the kept state's held-out confidence (same passes as its KL); an accepted stage turns it into "stability"
         "confidence": {k: rec.metrics.get(k) for k in ("low_confidence", "teacher_low_confidence", "ece")},
         **({"mask_learning": outcome.mask_learning} if outcome.mask_learning else {}),
+        **({"demolition": outcome.demolition} if outcome.demolition else {}),
         **({"lr_search": outcome.lr_search} if outcome.lr_search else {}),
     }
 
