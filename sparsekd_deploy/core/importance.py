@@ -140,6 +140,9 @@ def fisher(ctx: ScoringContext) -> dict[str, torch.Tensor]:
     return out
 
 
+fisher.scores_channels = True  # only MLP channels (config refuses it with other patterns)
+
+
 def _oi(layer: PrunableLayer, native: torch.Tensor) -> torch.Tensor:
     return native.t() if layer.transposed else native
 
