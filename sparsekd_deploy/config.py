@@ -73,6 +73,9 @@ class DistillConfig:
     # gradual: what a stage's prune removes fades out (×1 → ×0, frozen) over its first demolition_share of steps while
     # the KD loss trains the rest, then recovery under the masks (core/demolition.py); off: removed at once.
     demolition: str = "off"  # off | gradual
+    # ls: after a channel prune, refit each MLP's output projection on the kept channels so the block's output on the
+    # calibration tokens stays as close as a ridge least-squares fit can make it (core/compensation.py).
+    compensation: str = "off"  # off | ls
     demolition_share: float = 0.5
     dense_layers: str | None = None  # n:m: keep the K most load-bearing layers dense ("3"), or "auto"
     loadpaths: str | None = None  # a loadpaths.json from `analyze`; None = analysed in the run, on its training data
@@ -130,10 +133,18 @@ def _problems(cfg: DistillConfig) -> list[str]:
         p.append(f"mask_learning must be off or sr-ste, got {cfg.mask_learning!r}")
     if not (0.0 < cfg.mask_learning_share < 1.0):
         p.append(f"mask_learning_share must be in (0, 1), got {cfg.mask_learning_share}")
+    if cfg.compensation not in ("off", "ls"):
+        p.append(f"compensation must be off or ls, got {cfg.compensation!r}")
+    elif cfg.compensation == "ls" and not str(cfg.pattern).strip().startswith("channels"):
+        p.append(f"compensation ls refits MLP output projections after a channel prune: use it with channels:S, "
+                 f"not {cfg.pattern!r}")
     if cfg.demolition not in ("off", "gradual"):
         p.append(f"demolition must be off or gradual, got {cfg.demolition!r}")
     if not (0.0 < cfg.demolition_share < 1.0):
         p.append(f"demolition_share must be in (0, 1), got {cfg.demolition_share}")
+    if cfg.demolition == "gradual" and cfg.compensation == "ls":
+        p.append("demolition gradual fades the removed channels out while compensation ls has the kept ones carry "
+                 "their load already: choose one")
     if cfg.demolition == "gradual" and cfg.mask_learning != "off":
         p.append("demolition gradual and mask_learning both use the first part of each stage: choose one")
     if cfg.step_schedule not in ("equal", "backloaded"):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .allocation import allocated_masks
+from .compensation import before_prune, compensate
 from .importance import ScoringContext, score
 from .pruner import Masks, Pruner, apply_masks
 from .recovery import Recovery
@@ -18,13 +19,17 @@ from .schedule import Stage
 
 def prune_stage(model: nn.Module, pruner: Pruner, importance: str, fraction: float, calib: list[torch.Tensor],
                 masks: Masks, kd_loss: Callable[[torch.Tensor], torch.Tensor],
-                allocation: dict[str, float] | None = None) -> Masks:
+                allocation: dict[str, float] | None = None, compensation: str = "off") -> Masks:
     """Score the current student and zero the weights outside ``fraction`` of the final pattern (each layer at its
-    own sparsity under a load-path ``allocation``); returns the masks."""
+    own sparsity under a load-path ``allocation``); under ``compensation`` "ls" a channel prune then refits the
+    output projections on the channels kept (compensation.py). Returns the masks."""
+    before = before_prune(model, pruner, calib) if compensation == "ls" and pruner.blocks else None
     ctx = ScoringContext(model, pruner.layers, calib, masks=masks, kd_loss=kd_loss)
     scores = score(importance, ctx)
     new = allocated_masks(pruner, scores, fraction, allocation) if allocation else pruner.stage_masks(scores, fraction)
     apply_masks(model, new)
+    if before is not None:
+        compensate(pruner, before, new)
     return new
 
 

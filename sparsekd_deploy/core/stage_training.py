@@ -198,7 +198,8 @@ class StageTraining:
         if self.team.is_main:
             self.masks = prune_stage(self.raw, self.pruner, self.cfg.importance, fraction, calib, self.masks,
                                      kd_loss=lambda ids: self.loss_on(ids.to(self.device)),
-                                     allocation=self.load_plan.allocation if self.load_plan else None)
+                                     allocation=self.load_plan.allocation if self.load_plan else None,
+                                     compensation=self.cfg.compensation)
         self.masks = self.team.share_masks(self.masks)
         if not self.team.is_main:
             apply_masks(self.raw, self.masks)
