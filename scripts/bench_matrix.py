@@ -50,7 +50,7 @@ SCRIPTS = Path(__file__).resolve().parent
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-from sparsekd_deploy.config import DistillConfig, build_config  # noqa: E402
+from sparsekd_deploy.config import DistillConfig, build_config, default_stages  # noqa: E402
 from sparsekd_deploy.errors import ConfigError  # noqa: E402
 
 ROOT = SCRIPTS.parent
@@ -116,6 +116,8 @@ METHODS: dict[str, dict] = {
     "staged-fisher-ls": {"label": "staged, Fisher + LS refit", "kind": "trained", "staged": True,
                          "overrides": {"allocation": "uniform", "importance": "fisher", "compensation": "ls"},
                          "only": ("channels",)},
+    # The config's default recipe for the pattern (stages, importance, compensation, lr search all left open).
+    "default": {"label": "default recipe", "kind": "trained", "default": True},
     "oneshot-kd-lrsearch": {"label": "one-shot + KD, lr search", "kind": "trained", "staged": False,
                             "overrides": {"allocation": "uniform", "lr_search": "on"}},
     "oneshot-kd-fisher-lrsearch": {"label": "one-shot Fisher + KD, lr search", "kind": "trained", "staged": False,
@@ -235,6 +237,12 @@ def cell_config(cell: Cell, teacher: Path, out: Path, steps: int, sizes: dict, k
     opts = dict(teacher=str(teacher), out=str(out), pattern=cell.pattern, seed=cell.seed, retries=0,
                 kl_budget=kl_budget, num_samples=sizes["num_samples"], heldout_samples=sizes["heldout_samples"],
                 seq_len=sizes["seq_len"], lr_search="off", **QUIET_CONSISTENCY)
+    if m.get("default"):  # the config's own recipe for the pattern: its stages, criterion, refit and lr search
+        stages = default_stages(cell.pattern)
+        opts.update(stages=stages, steps_per_stage=max(1, steps // stages), lr_search="auto")
+        return build_config(None, {**opts, **{k: v for k, v in (extra or {}).items() if v is not None}})
+    # Every other row keeps the meaning it had before the channel defaults changed: Wanda, no refit, unless it says.
+    opts.update(importance="wanda", compensation="off")
     if m["kind"] == "oneshot":
         opts["importance"] = m["importance"]
     elif m["staged"]:

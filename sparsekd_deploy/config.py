@@ -36,7 +36,9 @@ class DistillConfig:
     # 0.0184 on the demo at 300 steps (scripts/bench_staged_vs_oneshot.py).
     sparsity_schedule: str = "cubic"  # cubic | linear
     retries: int = 2
-    importance: str = "wanda"
+    # None = the pattern's default: fisher for channels:S / channels:auto (scores what a channel's output does to the
+    # predictions; README, channel results), wanda for weight patterns (fisher scores channels only).
+    importance: str | None = None
     operator: str = "power:1"
     loss: str = "forward-kl"
     # logits: teacher distributions (teacher in memory); text: teacher samples as targets (black box); topk:K: the
@@ -75,7 +77,8 @@ class DistillConfig:
     demolition: str = "off"  # off | gradual
     # ls: after a channel prune, refit each MLP's output projection on the kept channels so the block's output on the
     # calibration tokens stays as close as a ridge least-squares fit can make it (core/compensation.py).
-    compensation: str = "off"  # off | ls
+    # None = ls for channel patterns (README, channel results), off otherwise (it applies to channel prunes only).
+    compensation: str | None = None  # off | ls
     demolition_share: float = 0.5
     dense_layers: str | None = None  # n:m: keep the K most load-bearing layers dense ("3"), or "auto"
     loadpaths: str | None = None  # a loadpaths.json from `analyze`; None = analysed in the run, on its training data
@@ -372,6 +375,12 @@ def default_stages(pattern: str) -> int:
 
 def _resolve_defaults(cfg: DistillConfig) -> None:
     """Fill the pattern-dependent defaults (stages, steps per stage) the user left open."""
+    channels = str(cfg.pattern).strip().startswith("channels")
+    if cfg.importance is None:
+        cfg.importance = "fisher" if channels else "wanda"
+    if cfg.compensation is None:
+        # a gradual demolition asked for has the removed channels fade out instead (the two do not combine)
+        cfg.compensation = "ls" if channels and cfg.demolition != "gradual" else "off"
     if cfg.calib_batches is None:
         batch = cfg.batch_size if isinstance(cfg.batch_size, int) and cfg.batch_size >= 1 else 1
         cfg.calib_batches = -(-FISHER_CALIB_SEQUENCES // batch) if cfg.importance == "fisher" else CALIB_BATCHES

@@ -91,8 +91,10 @@ GOLDEN = [(0.010022, 0.009319, 0.009157), (0.012007, 0.012276, 0.011661)]
 
 
 def test_gradual_stages_fade_record_and_end_in_the_pattern(tiny_dirs, fast_cfg):
-    res = distill(build_config(None, {**fast_cfg, "teacher": str(tiny_dirs["llama"]), "pattern": "channels:0.5",
-                                      "demolition": "gradual"}))
+    cfg = build_config(None, {**fast_cfg, "teacher": str(tiny_dirs["llama"]), "pattern": "channels:0.5",
+                              "demolition": "gradual", "importance": "wanda"})
+    assert cfg.compensation == "off"  # asked for a fade, the default refit steps aside
+    res = distill(cfg)
     assert res.reached_target
     got = [(s["kl_after_prune"], s["demolition"]["kl_after"], s["kl"]) for s in res.trajectory[1:]]
     assert [k for g in got for k in g] == pytest.approx([k for g in GOLDEN for k in g], rel=2e-3, abs=1e-6)

@@ -87,4 +87,4 @@ def test_fisher_refuses_weight_patterns_in_one_line():
         build_config(None, {"pattern": "unstructured:0.5", "importance": "fisher"})
     assert build_config(None, {"pattern": "channels:0.5", "importance": "fisher"}).calib_batches == 32  # 256 seqs
     assert build_config(None, {"pattern": "channels:0.5", "importance": "fisher", "batch_size": 16}).calib_batches == 16
-    assert build_config(None, {"pattern": "channels:0.5"}).calib_batches == 4
+    assert build_config(None, {"pattern": "channels:0.5", "importance": "wanda"}).calib_batches == 4

@@ -22,7 +22,11 @@ DISTILL_OPTIONS = [
     ("--sparsity-schedule", "sparsity_schedule", dict(type=click.Choice(["linear", "cubic"]),
                                                       help="How sparsity grows over stages. [default: cubic]")),
     ("--retries", "retries", dict(type=int, help="Extra attempts (each longer) for a stage over budget. [default: 2]")),
-    ("--importance", "importance", dict(help="magnitude | wanda | taylor. [default: wanda]")),
+    ("--importance", "importance", dict(help="magnitude | wanda | taylor | fisher (channels only: Fisher of a gate on "
+                                             "each MLP channel). [default: fisher for channels:S, else wanda]")),
+    ("--compensation", "compensation", dict(type=click.Choice(["off", "ls"]),
+                                            help="channels: ls refits each MLP's output projection on the kept "
+                                                 "channels after a prune. [default: ls for channels:S]")),
     ("--operator", "operator", dict(help="Softening operator: power:T, mix:λ, topk:K. [default: power:1]")),
     ("--loss", "loss", dict(help="forward-kl | reverse-kl | js | mixed:α. [default: forward-kl]")),
     ("--teacher-access", "teacher_access", dict(help="logits (teacher distributions, teacher in memory), text (teacher "
