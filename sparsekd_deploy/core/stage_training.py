@@ -203,6 +203,9 @@ class StageTraining:
         self.masks = self.team.share_masks(self.masks)
         if not self.team.is_main:
             apply_masks(self.raw, self.masks)
+        if self.cfg.compensation == "ls" and self.pruner.blocks:  # the main process refitted its output projections
+            for block in self.pruner.blocks:
+                self.team.sync_module(block.output.module)
 
     def _base_lr(self) -> float | None:
         """The run's base lr once known: the one its first stage's range test chose (read back from the trajectory
