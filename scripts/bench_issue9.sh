@@ -20,3 +20,10 @@ done
     --retries 0 --out runs/auto-005 --overwrite --json > runs/auto-005.json
 $PY scripts/bench_matrix.py --steps "$STEPS" --threads 1 --models demo --patterns unstructured:0.8 \
     --methods oneshot-kd-loadpath
+# Channels 0.5 (issue 9's channel bar): staging variants, gradual demolition, Fisher scores, the LS refit and the
+# default recipe, side by side with the one-shot Wanda + KD reference on both teachers.
+$PY scripts/bench_matrix.py --steps "$STEPS" --threads 1 --models demo --patterns channels:0.5 --methods oneshot-kd \
+    staged staged2 oneshot-kd-gradual staged-gradual fisher oneshot-kd-fisher staged2-fisher wanda-ls fisher-ls \
+    oneshot-kd-fisher-ls staged2-fisher-ls staged-fisher-ls default
+$PY scripts/bench_matrix.py --steps "$STEPS" --threads 1 --models wide --patterns channels:0.5 --methods oneshot-kd \
+    staged fisher oneshot-kd-fisher staged2-fisher fisher-ls oneshot-kd-fisher-ls staged-fisher-ls default

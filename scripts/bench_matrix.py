@@ -50,7 +50,7 @@ SCRIPTS = Path(__file__).resolve().parent
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-from sparsekd_deploy.config import DistillConfig, build_config  # noqa: E402
+from sparsekd_deploy.config import DistillConfig, build_config, default_stages  # noqa: E402
 from sparsekd_deploy.errors import ConfigError  # noqa: E402
 
 ROOT = SCRIPTS.parent
@@ -80,8 +80,52 @@ METHODS: dict[str, dict] = {
                      "overrides": {"allocation": "uniform", "mask_learning": "sr-ste"}},
     # Every other row trains at the configured lr (lr_search off); these are the default recipes with the run's lr
     # chosen by a range test on the first stage (core/lr_search.py; its trial steps are extra compute).
+    # Channel staging variants (issue 9's channels bar; --methods): how the 90 steps and the removal are split.
+    "staged-equal": {"label": "staged, equal steps", "kind": "trained", "staged": True,
+                     "overrides": {"allocation": "uniform", "step_schedule": "equal"}},
+    "staged-linear": {"label": "staged, linear shares", "kind": "trained", "staged": True,
+                      "overrides": {"allocation": "uniform", "sparsity_schedule": "linear"}},
+    "staged2": {"label": "2 stages", "kind": "trained", "staged": True, "stages": 2,
+                "overrides": {"allocation": "uniform"}},
+    # Gradual demolition (core/demolition.py): each stage's removal fades out over the first half of its steps.
+    "oneshot-kd-gradual": {"label": "one stage, gradual demolition", "kind": "trained", "staged": False,
+                           "overrides": {"allocation": "uniform", "demolition": "gradual"}},
+    "staged-gradual": {"label": "staged, gradual demolition", "kind": "trained", "staged": True,
+                       "overrides": {"allocation": "uniform", "demolition": "gradual"}},
+    # Channels scored by the empirical Fisher of a gate on each channel (importance "fisher"), not Wanda's weight sums.
+    "fisher": {"label": "Fisher one-shot", "kind": "oneshot", "importance": "fisher", "only": ("channels",)},
+    "oneshot-kd-fisher": {"label": "one-shot Fisher + KD", "kind": "trained", "staged": False,
+                          "overrides": {"allocation": "uniform", "importance": "fisher"}, "only": ("channels",)},
+    "staged2-fisher": {"label": "2 stages, Fisher", "kind": "trained", "staged": True, "stages": 2,
+                       "overrides": {"allocation": "uniform", "importance": "fisher"}, "only": ("channels",)},
+    "staged-fisher": {"label": "staged, Fisher", "kind": "trained", "staged": True,
+                      "overrides": {"allocation": "uniform", "importance": "fisher"}, "only": ("channels",)},
+    # + compensation "ls": each prune refits the output projections on the kept channels (core/compensation.py).
+    "wanda-ls": {"label": "Wanda one-shot, LS refit", "kind": "oneshot", "importance": "wanda",
+                 "overrides": {"compensation": "ls"}, "only": ("channels",)},
+    "fisher-ls": {"label": "Fisher one-shot, LS refit", "kind": "oneshot", "importance": "fisher",
+                  "overrides": {"compensation": "ls"}, "only": ("channels",)},
+    "oneshot-kd-ls": {"label": "one-shot Wanda + LS refit + KD", "kind": "trained", "staged": False,
+                      "overrides": {"allocation": "uniform", "compensation": "ls"}, "only": ("channels",)},
+    "oneshot-kd-fisher-ls": {"label": "one-shot Fisher + LS refit + KD", "kind": "trained", "staged": False,
+                             "overrides": {"allocation": "uniform", "importance": "fisher", "compensation": "ls"},
+                             "only": ("channels",)},
+    "staged2-fisher-ls": {"label": "2 stages, Fisher + LS refit", "kind": "trained", "staged": True, "stages": 2,
+                          "overrides": {"allocation": "uniform", "importance": "fisher", "compensation": "ls"},
+                          "only": ("channels",)},
+    "staged-fisher-ls": {"label": "staged, Fisher + LS refit", "kind": "trained", "staged": True,
+                         "overrides": {"allocation": "uniform", "importance": "fisher", "compensation": "ls"},
+                         "only": ("channels",)},
+    # The config's default recipe for the pattern (stages, importance, compensation, lr search all left open).
+    "default": {"label": "default recipe", "kind": "trained", "default": True},
     "oneshot-kd-lrsearch": {"label": "one-shot + KD, lr search", "kind": "trained", "staged": False,
                             "overrides": {"allocation": "uniform", "lr_search": "on"}},
+    "oneshot-kd-fisher-lrsearch": {"label": "one-shot Fisher + KD, lr search", "kind": "trained", "staged": False,
+                                   "overrides": {"allocation": "uniform", "importance": "fisher", "lr_search": "on"},
+                                   "only": ("channels",)},
+    "staged2-fisher-lrsearch": {"label": "2 stages, Fisher, lr search", "kind": "trained", "staged": True,
+                                "stages": 2, "overrides": {"allocation": "uniform", "importance": "fisher",
+                                                           "lr_search": "on"}, "only": ("channels",)},
     "staged-loadpath-lrsearch": {"label": "staged + load-path, lr search", "kind": "trained", "staged": True,
                                  "overrides": {"allocation": "loadpath", "lr_search": "on"},
                                  "only": ("unstructured",)},
@@ -193,10 +237,17 @@ def cell_config(cell: Cell, teacher: Path, out: Path, steps: int, sizes: dict, k
     opts = dict(teacher=str(teacher), out=str(out), pattern=cell.pattern, seed=cell.seed, retries=0,
                 kl_budget=kl_budget, num_samples=sizes["num_samples"], heldout_samples=sizes["heldout_samples"],
                 seq_len=sizes["seq_len"], lr_search="off", **QUIET_CONSISTENCY)
+    if m.get("default"):  # the config's own recipe for the pattern: its stages, criterion, refit and lr search
+        stages = default_stages(cell.pattern)
+        opts.update(stages=stages, steps_per_stage=max(1, steps // stages), lr_search="auto")
+        return build_config(None, {**opts, **{k: v for k, v in (extra or {}).items() if v is not None}})
+    # Every other row keeps the meaning it had before the channel defaults changed: Wanda, no refit, unless it says.
+    opts.update(importance="wanda", compensation="off")
     if m["kind"] == "oneshot":
         opts["importance"] = m["importance"]
     elif m["staged"]:
-        opts.update(stages=STAGED_STAGES, steps_per_stage=max(1, steps // STAGED_STAGES))
+        stages = m.get("stages", STAGED_STAGES)
+        opts.update(stages=stages, steps_per_stage=max(1, steps // stages))
     else:
         opts.update(stages=1, steps_per_stage=steps)
     opts.update(m.get("overrides", {}))

@@ -16,7 +16,15 @@ ROOT = Path(__file__).resolve().parents[1] / "runs"
 SEEDS = (0, 1, 2)
 LABELS = {"magnitude": "magnitude one-shot", "wanda": "Wanda one-shot", "oneshot-kd": "one-shot Wanda + KD",
           "oneshot-kd-loadpath": "one-shot + KD + load-path", "staged": "staged, uniform",
-          "staged-loadpath": "staged + load-path"}
+          "staged-loadpath": "staged + load-path", "staged2": "2 stages", "oneshot-kd-gradual": "one stage, gradual demolition",
+          "staged-gradual": "staged, gradual demolition", "fisher": "Fisher one-shot", "oneshot-kd-fisher": "one-shot Fisher + KD",
+          "staged2-fisher": "2 stages, Fisher", "wanda-ls": "Wanda one-shot + LS refit", "fisher-ls": "Fisher one-shot + LS refit",
+          "oneshot-kd-fisher-ls": "one-shot Fisher + LS refit + KD", "staged2-fisher-ls": "2 stages, Fisher + LS refit",
+          "staged-fisher-ls": "staged (3), Fisher + LS refit", "default": "default recipe (1 stage, Fisher + LS, lr search)"}
+# Channels 0.5 (issue 9's channel bar): every variant measured, in the order of the README's table.
+CHANNEL_METHODS = ["wanda", "oneshot-kd", "staged", "staged2", "oneshot-kd-gradual", "staged-gradual", "fisher",
+                   "oneshot-kd-fisher", "staged2-fisher", "wanda-ls", "fisher-ls", "oneshot-kd-fisher-ls",
+                   "staged2-fisher-ls", "staged-fisher-ls", "default"]
 
 
 def cells(root: Path) -> dict[tuple, dict]:
@@ -106,6 +114,9 @@ def main() -> int:
     print("\n".join(table(c, "demo", demo_patterns, methods)))
     print("\n### wide teacher (GPT-2 shape)\n")
     print("\n".join(table(c, "wide", ["2:4", "unstructured:0.8", "channels:0.5"], methods)))
+    for model in ("demo", "wide"):
+        print(f"\n### channels 0.5, {model} teacher\n")
+        print("\n".join(table(c, model, ["channels:0.5"], CHANNEL_METHODS)))
     print("\n### bars\n")
     for label, model, p, m, ref in (
             ("unstructured 0.8: default recipe (staged + load-path) / one-shot + KD", "demo", "unstructured:0.8",
@@ -114,6 +125,18 @@ def main() -> int:
             ("unstructured 0.8: staged + load-path / one-shot + KD + load-path", "demo", "unstructured:0.8",
              "staged-loadpath", "oneshot-kd-loadpath"),
             ("channels 0.5: staged / one-shot + KD", "demo", "channels:0.5", "staged", "oneshot-kd"),
+            ("channels 0.5: default recipe (1 stage, Fisher + LS refit, lr search) / one-shot Wanda + KD", "demo",
+             "channels:0.5", "default", "oneshot-kd"),
+            ("channels 0.5: staged (3), Fisher + LS refit / one-shot Wanda + KD", "demo", "channels:0.5",
+             "staged-fisher-ls", "oneshot-kd"),
+            ("channels 0.5: staged (3) / one stage, both Fisher + LS refit (what staging buys)", "demo",
+             "channels:0.5", "staged-fisher-ls", "oneshot-kd-fisher-ls"),
+            ("wide channels 0.5: default recipe / one-shot Wanda + KD", "wide", "channels:0.5", "default",
+             "oneshot-kd"),
+            ("wide channels 0.5: staged (3), Fisher + LS refit / one-shot Wanda + KD", "wide", "channels:0.5",
+             "staged-fisher-ls", "oneshot-kd"),
+            ("wide channels 0.5: staged (3) / one stage, both Fisher + LS refit", "wide", "channels:0.5",
+             "staged-fisher-ls", "oneshot-kd-fisher-ls"),
             ("unstructured 0.7: load-path / uniform allocation (staged)", "demo", "unstructured:0.7",
              "staged-loadpath", "staged"),
             ("2:4: 3-stage recipe / one-shot + KD (the default is now 1 stage = one-shot + KD)", "demo", "2:4",

@@ -7,7 +7,18 @@ from sparsekd_deploy.errors import ConfigError
 def test_defaults_are_valid():
     cfg = build_config()
     # 2:4: one stage (staging does not pay there), one sparsity for every layer
-    assert cfg == DistillConfig(stages=1, steps_per_stage=300, allocation="uniform")
+    assert cfg == DistillConfig(stages=1, steps_per_stage=300, allocation="uniform", importance="wanda",
+                                compensation="off", calib_batches=4)
+
+
+@pytest.mark.parametrize("pattern,importance,compensation,calib", [
+    ("2:4", "wanda", "off", 4), ("unstructured:0.8", "wanda", "off", 4), ("channels:0.5", "fisher", "ls", 32),
+    ("channels:auto", "fisher", "ls", 32)])
+def test_channel_patterns_default_to_fisher_scores_and_a_refit(pattern, importance, compensation, calib):
+    cfg = build_config(None, {"pattern": pattern})
+    assert (cfg.importance, cfg.compensation, cfg.calib_batches) == (importance, compensation, calib)
+    cfg = build_config(None, {"pattern": pattern, "importance": "magnitude", "compensation": "off"})
+    assert (cfg.importance, cfg.compensation, cfg.calib_batches) == ("magnitude", "off", 4)
 
 
 @pytest.mark.parametrize("pattern,allocation", [("2:4", "uniform"), ("unstructured:0.8", "loadpath"),

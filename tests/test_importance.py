@@ -22,7 +22,7 @@ def _ctx(family="llama"):
 
 
 def test_registry_lists_all_criteria():
-    assert IMPORTANCE.names() == ["magnitude", "taylor", "wanda"]
+    assert IMPORTANCE.names() == ["fisher", "magnitude", "taylor", "wanda"]
 
 
 @pytest.mark.parametrize("criterion", ["magnitude", "wanda", "taylor"])
@@ -56,3 +56,35 @@ def test_masked_weights_score_minus_inf():
     ctx.masks = {layer.param_name: keep}
     s = score("magnitude", ctx)[layer.name]
     assert torch.isinf(s[0, :3]).all() and torch.isfinite(s[1:]).all()
+
+
+def test_fisher_drops_a_channel_whose_weights_are_large_but_whose_output_is_not():
+    """Wanda sums a channel's |W| · ‖x‖ over its gate/up rows and down column: large input rows keep a channel
+    whose output barely reaches the block's result. Fisher scores what the output does to the predictions."""
+    from sparsekd_deploy.core.patterns import make_pattern
+    from sparsekd_deploy.core.pruner import Pruner
+
+    model = build_tiny("llama")
+    pruner = Pruner(model, make_pattern("channels:0.5"))
+    block = pruner.blocks[0]
+    with torch.no_grad():
+        for layer in block.inputs:
+            layer.module.weight[0] *= 10.0  # channel 0: big gate/up rows...
+        block.output.module.weight[:, 0] *= 1e-3  # ...and a near-silent down column
+    calib = [torch.randint(3, 256, (4, 16), generator=torch.Generator().manual_seed(0))]
+    ctx = ScoringContext(model, pruner.layers, calib)
+    keeps = {name: pruner.channel_keeps(pruner.stage_masks(score(name, ctx), 1.0))[block.name]
+             for name in ("wanda", "fisher")}
+    assert keeps["wanda"][0] and not keeps["fisher"][0]
+    assert all(p.grad is None for p in model.parameters())  # scoring leaves no gradients behind
+
+
+def test_fisher_refuses_weight_patterns_in_one_line():
+    from sparsekd_deploy.config import build_config
+    from sparsekd_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="importance fisher scores whole MLP channels"):
+        build_config(None, {"pattern": "unstructured:0.5", "importance": "fisher"})
+    assert build_config(None, {"pattern": "channels:0.5", "importance": "fisher"}).calib_batches == 32  # 256 seqs
+    assert build_config(None, {"pattern": "channels:0.5", "importance": "fisher", "batch_size": 16}).calib_batches == 16
+    assert build_config(None, {"pattern": "channels:0.5", "importance": "wanda"}).calib_batches == 4

@@ -91,7 +91,7 @@ def test_every_pattern_removes_its_target_share_least_important_first(kind, name
 def test_every_importance_criterion_scores_every_weight(kind, name, tiny_dirs):
     import torch
 
-    from sparsekd_deploy.core.importance import ScoringContext, score
+    from sparsekd_deploy.core.importance import IMPORTANCE, ScoringContext, score
     from sparsekd_deploy.models.adapters import prunable_layers
     from sparsekd_deploy.models.loading import load_model
 
@@ -102,6 +102,17 @@ def test_every_importance_criterion_scores_every_weight(kind, name, tiny_dirs):
     def kd(ids):
         return model(input_ids=ids).logits.float().pow(2).mean()  # any differentiable loss on the student
 
+    if getattr(IMPORTANCE.get(name), "scores_channels", False):  # a channel criterion: every channel of every MLP
+        from sparsekd_deploy.core.patterns import make_pattern
+        from sparsekd_deploy.core.pruner import Pruner
+
+        pruner = Pruner(model, make_pattern("channels:0.5"))
+        scores = score(name, ScoringContext(model, pruner.layers, calib, kd_loss=kd))
+        assert set(scores) == {ly.name for ly in pruner.layers}
+        for b in pruner.blocks:
+            ch = sum(scores[ly.name].sum(1) for ly in b.inputs) + scores[b.output.name].sum(0)
+            assert ch.shape == (b.intermediate,) and torch.isfinite(ch).all() and (ch > 0).all()
+        return
     scores = score(name, ScoringContext(model, layers, calib, kd_loss=kd))
     assert set(scores) == {ly.name for ly in layers}
     for ly in layers:

@@ -22,7 +22,11 @@ DISTILL_OPTIONS = [
     ("--sparsity-schedule", "sparsity_schedule", dict(type=click.Choice(["linear", "cubic"]),
                                                       help="How sparsity grows over stages. [default: cubic]")),
     ("--retries", "retries", dict(type=int, help="Extra attempts (each longer) for a stage over budget. [default: 2]")),
-    ("--importance", "importance", dict(help="magnitude | wanda | taylor. [default: wanda]")),
+    ("--importance", "importance", dict(help="magnitude | wanda | taylor | fisher (channels only: Fisher of a gate on "
+                                             "each MLP channel). [default: fisher for channels:S, else wanda]")),
+    ("--compensation", "compensation", dict(type=click.Choice(["off", "ls"]),
+                                            help="channels: ls refits each MLP's output projection on the kept "
+                                                 "channels after a prune. [default: ls for channels:S]")),
     ("--operator", "operator", dict(help="Softening operator: power:T, mix:λ, topk:K. [default: power:1]")),
     ("--loss", "loss", dict(help="forward-kl | reverse-kl | js | mixed:α. [default: forward-kl]")),
     ("--teacher-access", "teacher_access", dict(help="logits (teacher distributions, teacher in memory), text (teacher "
@@ -58,6 +62,11 @@ DISTILL_OPTIONS = [
                                                    "(straight-through, re-ranked every step), then recovers. [default: off]")),
     ("--mask-learning-share", "mask_learning_share",
      dict(type=float, help="Share of a stage's steps spent learning its masks. [default: 0.5]")),
+    ("--demolition", "demolition", dict(type=click.Choice(["off", "gradual"]),
+                                        help="gradual: what a stage removes fades out over its first steps while "
+                                             "the rest trains, then recovery under the masks. [default: off]")),
+    ("--demolition-share", "demolition_share",
+     dict(type=float, help="Share of a stage's steps over which its removal fades. [default: 0.5]")),
     ("--loadpaths", "loadpaths", dict(help="loadpaths.json from `sparsekd-deploy analyze` (default: analysed in the run).")),
     ("--sparsify-only-faster", "sparsify_only_faster",
      dict(help="profile.json from `sparsekd-deploy profile`: keep dense the layers where 2:4 is not faster.")),

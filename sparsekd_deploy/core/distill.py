@@ -93,6 +93,7 @@ class StagedDistiller(StageTraining):
         self.pruner: Pruner | None = None
         self.masks: Masks = {}
         self.mask_learner: MaskLearner | None = None  # while a stage learns its masks (mask_learning.py)
+        self.fade = None  # while a stage's removal fades out (demolition.py)
         self.base_lr: float | None = None  # cfg.lr, or the lr the first stage's range test chose (lr_search.py)
         self.load_plan: LoadPlan | None = None  # --allocation loadpath / --dense-layers (load_plan.py)
         self.train_ids: torch.Tensor | None = None  # [N, L] token ids distilled on

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..models.adapters import PrunableLayer
+from ..models.adapters import PrunableLayer, mlp_blocks
 from ..registry import Registry
 
 
@@ -85,6 +86,61 @@ def taylor(ctx: ScoringContext) -> dict[str, torch.Tensor]:
         layer.name: _oi(layer, (p.detach().float() * acc).abs().cpu())
         for layer, p, acc in zip(ctx.layers, params, grads, strict=True)
     }
+
+
+@IMPORTANCE.register("fisher")
+def fisher(ctx: ScoringContext) -> dict[str, torch.Tensor]:
+    """Channel patterns: the empirical Fisher information of a gate on each MLP channel, Σ over calibration
+    sequences of (Σ over their tokens of h · ∂L/∂h)², L the sequence's next-token cross-entropy on its own tokens
+    (teacher samples when data-free) and h the channel's activation entering the output projection — the
+    second-order estimate of the loss a channel's removal costs (Kwon et al. 2022's mask Fisher). Wanda's |W| · ‖x‖
+    summed over a channel's weights measures how large its weights and inputs are, not what its output does; this
+    measures the output's effect on the model's predictions. The KD loss would not do on a first stage: at the
+    dense student it equals the teacher, and its gradient is zero.
+
+    Scores come as the output projection's [out, in] matrix whose column c sums to channel c's Fisher (input
+    projections 0), so the pruner's per-channel sum is exactly the Fisher."""
+    blocks = mlp_blocks(ctx.student)
+    chosen = {layer.name for layer in ctx.layers}
+    blocks = [b for b in blocks if b.output.name in chosen]
+    if not blocks:
+        raise ValueError("fisher importance scores MLP channels: use it with a channels:S pattern")
+    acts: dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(_mod, inputs):
+            acts[name] = inputs[0]
+
+        return hook
+
+    fisher_sum = {b.name: torch.zeros(b.intermediate, dtype=torch.float64) for b in blocks}
+    handles = [b.output.module.register_forward_pre_hook(hook_for(b.name)) for b in blocks]
+    try:
+        ctx.student.eval()
+        with torch.enable_grad():
+            for ids in ctx.calib:
+                ids = ids.to(_device(ctx.student))
+                acts.clear()
+                logits = ctx.student(input_ids=ids).logits
+                # Summed over the batch: sequences do not interact, so the gradient at a sequence's activations is
+                # its own loss's.
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+                names = list(acts)
+                grads = torch.autograd.grad(loss, [acts[n] for n in names])  # parameters' .grad stay untouched
+                for name, g in zip(names, grads, strict=True):
+                    gate = (g.float() * acts[name].detach().float()).sum(1)  # [batch, channels]
+                    fisher_sum[name] += (gate.double() ** 2).sum(0).cpu()
+    finally:
+        for h in handles:
+            h.remove()
+    out = {layer.name: torch.zeros(layer.shape_oi) for layer in ctx.layers}
+    for b in blocks:
+        rows = b.output.shape_oi[0]
+        out[b.output.name] = (fisher_sum[b.name].float() / rows)[None, :].expand(rows, -1).clone()
+    return out
+
+
+fisher.scores_channels = True  # only MLP channels (config refuses it with other patterns)
 
 
 def _oi(layer: PrunableLayer, native: torch.Tensor) -> torch.Tensor:

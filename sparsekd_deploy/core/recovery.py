@@ -95,6 +95,15 @@ class Recovery:
         restore(model, self._state)
         return True
 
+    def offer(self, model: nn.Module, metrics: dict[str, float], steps: int) -> None:
+        """A state that ``steps`` more steps of the stage reached outside ``attempt`` (a fade, demolition.py) is a
+        candidate like a checkpoint of an attempt."""
+        self.steps += steps
+        self.checkpoints.append([self.steps, metrics["kl"]])
+        if metrics["kl"] < self.metrics["kl"]:
+            self.metrics, self.step = dict(metrics), self.steps
+            self._state = snapshot(model)
+
     def release(self) -> None:
         """Drop the kept copy of the weights once the stage is decided."""
         self._state = None

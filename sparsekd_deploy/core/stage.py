@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .allocation import allocated_masks
+from .compensation import before_prune, compensate
 from .importance import ScoringContext, score
 from .pruner import Masks, Pruner, apply_masks
 from .recovery import Recovery
@@ -18,13 +19,17 @@ from .schedule import Stage
 
 def prune_stage(model: nn.Module, pruner: Pruner, importance: str, fraction: float, calib: list[torch.Tensor],
                 masks: Masks, kd_loss: Callable[[torch.Tensor], torch.Tensor],
-                allocation: dict[str, float] | None = None) -> Masks:
+                allocation: dict[str, float] | None = None, compensation: str = "off") -> Masks:
     """Score the current student and zero the weights outside ``fraction`` of the final pattern (each layer at its
-    own sparsity under a load-path ``allocation``); returns the masks."""
+    own sparsity under a load-path ``allocation``); under ``compensation`` "ls" a channel prune then refits the
+    output projections on the channels kept (compensation.py). Returns the masks."""
+    before = before_prune(model, pruner, calib) if compensation == "ls" and pruner.blocks else None
     ctx = ScoringContext(model, pruner.layers, calib, masks=masks, kd_loss=kd_loss)
     scores = score(importance, ctx)
     new = allocated_masks(pruner, scores, fraction, allocation) if allocation else pruner.stage_masks(scores, fraction)
     apply_masks(model, new)
+    if before is not None:
+        compensate(pruner, before, new)
     return new
 
 
@@ -39,6 +44,7 @@ class StageOutcome:
     accepted: bool = False
     error: str | None = None  # why training stopped early (a non-finite loss)
     mask_learning: dict | None = None  # what the stage's mask-learning phase did (its steps are part of the stage's)
+    demolition: dict | None = None  # a gradual demolition's fade (its steps are counted in the recovery's)
     lr_search: dict | None = None  # the run's lr range test, on the first stage (its steps are extra, not the stage's)
 
 
@@ -59,6 +65,7 @@ def stage_record(stage: Stage, outcome: StageOutcome, sparsity: float, tokens_pe
         # the kept state's held-out confidence (same passes as its KL); an accepted stage turns it into "stability"
         "confidence": {k: rec.metrics.get(k) for k in ("low_confidence", "teacher_low_confidence", "ece")},
         **({"mask_learning": outcome.mask_learning} if outcome.mask_learning else {}),
+        **({"demolition": outcome.demolition} if outcome.demolition else {}),
         **({"lr_search": outcome.lr_search} if outcome.lr_search else {}),
     }
 

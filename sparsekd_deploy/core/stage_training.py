@@ -7,7 +7,6 @@ Kept apart from ``distill.py``, which sets a run up, sequences its stages, and w
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NonFiniteLossError
+from .demolition import Fade, fade_steps
 from .evaluate import heldout_metrics
 from .importance import ScoringContext, input_norms
 from .lr_search import search_lr, wanted
@@ -84,6 +84,8 @@ class StageTraining:
                 self.mask_learner.after_step(lr)
             else:
                 apply_masks(self.raw, self.masks)
+                if self.fade:  # a gradual demolition holds the stage's removed weights at their fading values
+                    self.fade.after_step()
             self.reporter.advance(reported.item())
 
     def reset_throughput(self) -> None:
@@ -105,13 +107,17 @@ class StageTraining:
         searched = self._search_lr(stage, calib) if self._base_lr() is None else None
         before = self.masks
         k = learning_steps(stage.steps, cfg.mask_learning_share) if cfg.mask_learning != "off" else 0
+        fading = fade_steps(stage.steps, cfg.demolition_share) if cfg.demolition == "gradual" else 0
         # The latents start from the weights before the prune, and the masks are re-ranked with the activation norms
-        # the one-shot criterion scored (so the first re-rank moves nothing that the gradient did not move).
-        dense = learning_start(self.raw, self.pruner) if k else None
+        # the one-shot criterion scored (so the first re-rank moves nothing that the gradient did not move). A fade
+        # starts from the same weights.
+        dense = learning_start(self.raw, self.pruner) if k or fading else None
         norms = input_norms(ScoringContext(self.raw, self.pruner.layers, calib)) if k and cfg.importance != "magnitude" else None
         self._prune(stage.fraction, calib)
         self.optimizer.state.clear()  # momentum from the previous stage points at a different model
         after = self.measure()
+        if fading:
+            return self._demolish(stage, fading, dense, before, after, searched)
         learned = None
         if dense is not None:
             try:
@@ -129,10 +135,37 @@ class StageTraining:
         first = stage.steps - learned["steps"] if learned else None  # the learning phase used the rest
         return self._recover(stage, outcome, first)
 
-    def _recover(self, stage: Stage, outcome: StageOutcome, first: int | None = None) -> StageOutcome:
+    def _demolish(self, stage: Stage, steps: int, dense: dict, before: Masks, after: dict,
+                  searched: dict | None) -> StageOutcome:
+        """Gradual demolition (demolition.py): the stage's removal fades out over its first ``steps`` while the KD
+        loss trains the rest, then the recovery goes on under the masks for the remaining steps, continuing the same
+        cosine schedule. The state right after the (hard) prune stays the recovery's first candidate, so the stage
+        still never ends above its post-prune KL."""
+        cfg = self.cfg
+        outcome = StageOutcome(after["kl"], recovery_lr(self.base_lr, after["kl"]), Recovery.start(self.raw, after))
+        outcome.lr_search = searched
+        self.fade = Fade(self.raw, self.pruner, dense, before, self.masks, steps)
+        self.fade.hold()  # the removed weights are back, at factor 1
+        try:
+            self.train_steps(self.batches(cfg.seed + 100 * stage.index + 60), 0, steps, stage.steps, outcome.lr,
+                             stage.label)
+        except NonFiniteLossError as e:  # the run stops at its last accepted stage, as a diverging recovery does
+            outcome.error = str(e)
+            outcome.recovery.release()
+            return outcome
+        finally:
+            self.fade = None
+            apply_masks(self.raw, self.masks)  # the factor ended at 0: the masks hold exactly
+        faded = self.measure()
+        outcome.recovery.offer(self.raw, faded, steps)
+        outcome.demolition = {"method": cfg.demolition, "steps": steps, "kl_after": faded["kl"]}
+        return self._recover(stage, outcome, first=stage.steps - steps, offset=steps)
+
+    def _recover(self, stage: Stage, outcome: StageOutcome, first: int | None = None, offset: int = 0) -> StageOutcome:
         """Train toward the teacher at ``outcome.lr``, keeping the best held-out state (``recovery.Recovery``);
         retries, each longer than the last, while it is over the budget. ``first``: the first attempt's steps when
-        part of the stage's budget went elsewhere (default ``stage.steps``)."""
+        part of the stage's budget went elsewhere (default ``stage.steps``); ``offset``: steps of the first
+        attempt's cosine schedule already trained (by a fade), which it continues."""
         cfg = self.cfg
         try:
             for attempt in range(cfg.retries + 1):
@@ -140,8 +173,13 @@ class StageTraining:
                 if attempt:
                     self.reporter.add_steps(n)
                 outcome.attempts = attempt + 1
-                train = functools.partial(self.train_steps, self.batches(cfg.seed + 100 * stage.index + attempt),
-                                          total=n, peak_lr=outcome.lr, stage_label=stage.label)
+                skip = 0 if attempt else offset
+                gen = self.batches(cfg.seed + 100 * stage.index + attempt)
+
+                def train(start, stop, gen=gen, skip=skip, n=n):
+                    self.train_steps(gen, start + skip, stop + skip, total=n + skip, peak_lr=outcome.lr,
+                                     stage_label=stage.label)
+
                 if outcome.recovery.attempt(self.raw, n, train, self.measure):
                     self.optimizer.state.clear()  # the moments belong to the state that was dropped
                 if outcome.recovery.metrics["kl"] <= cfg.kl_budget:
@@ -162,10 +200,14 @@ class StageTraining:
         if self.team.is_main:
             self.masks = prune_stage(self.raw, self.pruner, self.cfg.importance, fraction, calib, self.masks,
                                      kd_loss=lambda ids: self.loss_on(ids.to(self.device)),
-                                     allocation=self.load_plan.allocation if self.load_plan else None)
+                                     allocation=self.load_plan.allocation if self.load_plan else None,
+                                     compensation=self.cfg.compensation)
         self.masks = self.team.share_masks(self.masks)
         if not self.team.is_main:
             apply_masks(self.raw, self.masks)
+        if self.cfg.compensation == "ls" and self.pruner.blocks:  # the main process refitted its output projections
+            for block in self.pruner.blocks:
+                self.team.sync_module(block.output.module)
 
     def _base_lr(self) -> float | None:
         """The run's base lr once known: the one its first stage's range test chose (read back from the trajectory
