@@ -49,7 +49,7 @@ class FusionInfo:
 
 def _scalar(value) -> float | None:
     """The one number a constant value holds (a [1]-shaped tensor counts), else None."""
-    import onnx_ir as ir
+    from onnxscript import ir
 
     tensor = ir.convenience.get_const_tensor(value) if value is not None else None
     if tensor is None:
@@ -105,11 +105,12 @@ def _rule():
 
 def fuse_attention_model(model) -> int:
     """Rewrite ``model`` (an ``onnx.ModelProto``) in place; returns how many attention subgraphs were fused."""
-    import onnx_ir as ir
+    from onnxscript import ir
+    from onnxscript.ir.passes.common import ShapeInferencePass
 
     ir_model = ir.from_proto(model)
     # The exporter writes no intermediate shapes; the rule needs the query's rank and the key's head count.
-    ir.passes.common.ShapeInferencePass()(ir_model)
+    ShapeInferencePass()(ir_model)
     count = _rule().apply_to_model(ir_model)
     if count:
         ir_model.graph.opset_imports.setdefault(DOMAIN, 1)
@@ -120,7 +121,8 @@ def fuse_attention_model(model) -> int:
 
 def fuse_attention(src: str | Path, dst: str | Path | None = None) -> FusionInfo:
     """Fuse ``src``'s attention into MultiHeadAttention and write it to ``dst`` (default: over ``src``; temp name,
-    then rename: never half-written). A graph with no matching attention is written unchanged (fused 0)."""
+    then rename: never half-written). A graph with no matching attention is left as it was (fused 0): not
+    rewritten in place, copied unchanged to another ``dst``."""
     import onnx
     import onnxscript
 
