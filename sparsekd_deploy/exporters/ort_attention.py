@@ -87,8 +87,10 @@ def _rule():
             heads, head_size = key.shape[1], key.shape[3]
             if not isinstance(heads, int) or not isinstance(head_size, int):
                 return result.fail("the key's head count and head size are not static")
-            if value.shape[1] != heads or (isinstance(query.shape[3], int) and query.shape[3] != head_size):
-                return result.fail("the query's head size or the value's head count differs from the key's")
+            q_heads, q_size = query.shape[1], query.shape[3]
+            if value.shape[1] != heads or (isinstance(q_heads, int) and q_heads != heads) or \
+                    (isinstance(q_size, int) and q_size != head_size):
+                return result.fail("the query's or the value's heads or head size differ from the key's")
             self._heads, self._scale = heads, consts["q_scale"] * consts["k_scale"]
             return result
 
