@@ -129,12 +129,12 @@ def asymmetric_qdq(onnx_path: Path) -> list[str]:
     return bad
 
 
-def check_ort_contrib(onnx_path: Path, model=None) -> None:
+def check_ort_contrib(onnx_path: Path) -> None:
     """Refuse any graph holding ONNX Runtime's contrib operators (domain com.microsoft: the onnxruntime target's
     fused attention, ``exporters/ort_attention.py``), which TensorRT's ONNX parser does not know."""
     import onnx
 
-    model = model if model is not None else onnx.load(str(onnx_path), load_external_data=False)
+    model = onnx.load(str(onnx_path), load_external_data=False)
     ops = sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"})
     if ops:
         raise EnginePrecisionError(
