@@ -7,9 +7,13 @@ tokens/s (batch 1, 16-token prompt, KV cache) and 512-token prefill ms, file siz
 "int8 (trt QDQ)" is the int8 graph made for --target tensorrt (symmetric int8 activations) run on ORT's CPU provider:
 why the onnxruntime target's int8 uses uint8 activations instead. "plain dynamic" is the issue's reference, a plain
 ``onnxruntime.quantization.quantize_dynamic(per_channel=True)`` with default settings of the same graph, run in the
-same rounds with the same session options: the product's int8-dynamic must not be slower (the table says whether
-the two files are byte-identical). ``--profile`` adds ORT's per-op-type kernel times of one 512-token prefill, fp32
-vs int8-dynamic: what quantization cannot speed up (attention softmax, masks) bounds the prefill ratio.
+same rounds with the same session options, next to the plain fp32 graph it came from ("fp32 (plain)"). The
+onnxruntime target's graphs (fp32, int8-dynamic, int8, int4-weight) carry ORT's fused attention
+(``exporters/ort_attention.py``, applied after quantizing, as build / export do); each row's "x fp32" is against the
+fp32 graph of its own kind, so the fused pair and the plain pair are each the same graph fp32 vs quantized (the table
+says whether the product's int8-dynamic before the fusion is byte-identical to the plain one). "int8 (trt QDQ)" is
+never fused (TensorRT's graph stays standard ONNX). ``--profile`` adds ORT's per-op-type kernel times of one
+512-token prefill of the four graphs: what quantization cannot speed up (attention) bounds the prefill ratio.
 
 Part 2, quality: a distillation run's 2:4 student (default the demo's) exported fp32 and quantized (static modes
 calibrated on the run's training split), each scored on the run's held-out sequences against the teacher: full-
@@ -38,6 +42,7 @@ import torch
 
 from sparsekd_deploy.exporters.audit import audit_onnx, pruned_weights
 from sparsekd_deploy.exporters.onnx import export_onnx
+from sparsekd_deploy.exporters.ort_attention import fuse_attention
 from sparsekd_deploy.exporters.quantize import quantize_onnx, quantized_path
 from sparsekd_deploy.pipeline.export_step import calibration_feeds
 from sparsekd_deploy.targets.onnxruntime import OnnxRuntimeTarget
@@ -136,10 +141,20 @@ def prefill_profile(graphs: dict[str, Path], vocab: int, top: int = 8) -> None:
     print(f"{'all kernels':30s}" + "".join(f"{sum(per[n].values()):16.1f}" for n in names))
 
 
+def fused(path: Path) -> tuple[Path, int]:
+    """The onnxruntime target's graph: ``path`` with ORT's fused attention (what build / export write for it)."""
+    dst = path.with_name(path.stem + ".fused.onnx")
+    return dst, fuse_attention(path, dst).fused
+
+
 def part1(cache: Path, rounds: int, tokens: int, modes=SPEED_MODES, profile: bool = False) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     src, pruned = bar_model(cache)
-    graphs, info = {"fp32": src}, {}
+    # Each row's ratio is taken against the fp32 graph of its own kind: the onnxruntime target's graphs (attention
+    # fused after quantizing) against the fused fp32, the plain graphs (before the fusion) against the plain fp32.
+    graphs, info, base_of = {}, {}, {}
+    graphs["fp32"], n = fused(src)
+    info["fp32"] = {"fused_layers": n}
     calib = calibration_feeds(src, np.random.default_rng(1).integers(0, 32000, (8, 128))) if "int8" in modes else None
     runs = [(m, "onnxruntime") for m in MODES if m in modes] + [("int8", "tensorrt")] * ("int8-trt" in modes)
     for mode, target in runs:
@@ -148,28 +163,37 @@ def part1(cache: Path, rounds: int, tokens: int, modes=SPEED_MODES, profile: boo
         start = time.perf_counter()
         q = quantize_onnx(src, dst, mode, target=target, calibration=calib if mode == "int8" else None)
         info[name] = {"seconds": time.perf_counter() - start, "audit": audited(dst, pruned), "skipped": q.skipped}
+        if target == "onnxruntime":
+            plain_q, (dst, info[name]["fused_layers"]) = dst, fused(dst)
+            info[name]["audit"] = audited(dst, pruned)
+            if mode == "int8-dynamic":
+                plain_int8 = plain_q
         graphs[name] = dst
     if "int8-dynamic" in modes:
+        graphs["fp32 (plain)"] = src
         ref = plain_dynamic(src, src.with_name("model.plain-dynamic.onnx"))
-        same = ref.read_bytes() == graphs["int8-dynamic"].read_bytes()
-        info["plain dynamic"] = {"audit": audited(ref, pruned), "identical_to_int8_dynamic": same}
+        same = ref.read_bytes() == plain_int8.read_bytes()
+        info["plain dynamic"] = {"audit": audited(ref, pruned), "identical_to_int8_dynamic_before_fusion": same}
         graphs["plain dynamic"] = ref
-        print(f"plain quantize_dynamic(per_channel=True) vs the product's int8-dynamic: "
+        base_of["plain dynamic"] = base_of["fp32 (plain)"] = "fp32 (plain)"
+        print(f"plain quantize_dynamic(per_channel=True) vs the product's int8-dynamic before the attention fusion: "
               f"{'byte-identical files' if same else 'the files differ'}")
     res = speed(graphs, rounds, tokens, 32000)
     for name, p in graphs.items():
         res[name]["mb"] = p.stat().st_size / 1e6
         res[name].update(info.get(name, {}))
-    base = res["fp32"]
-    print(f"\nbar model (Llama 1024 x 8, 2:4, random weights), onnxruntime CPU, {rounds} alternated rounds, medians")
-    print(f"{'graph':14s} {'decode tok/s':>12s} {'x fp32':>7s} {'prefill ms':>11s} {'x fp32':>7s} {'MB':>7s} "
-          f"{'x fp32':>7s}  2:4 audit")
+    print(f"\nbar model (Llama 1024 x 8, 2:4, random weights), onnxruntime CPU, {rounds} alternated rounds, medians;"
+          " x fp32 against the fp32 graph of the same kind (fused / plain)")
+    print(f"{'graph':16s} {'decode tok/s':>12s} {'x fp32':>7s} {'prefill ms':>11s} {'x fp32':>7s} {'MB':>7s} "
+          f"{'x fp32':>7s}  2:4 audit  fused attention")
     for name, r in res.items():
-        print(f"{name:14s} {r['decode_tok_s']:12.1f} {r['decode_tok_s'] / base['decode_tok_s']:7.2f} "
+        base = res[base_of.get(name, "fp32")]
+        print(f"{name:16s} {r['decode_tok_s']:12.1f} {r['decode_tok_s'] / base['decode_tok_s']:7.2f} "
               f"{r['prefill_512_ms']:11.0f} {base['prefill_512_ms'] / r['prefill_512_ms']:7.2f} {r['mb']:7.1f} "
-              f"{r['mb'] / base['mb']:7.3f}  {r.get('audit', '-')}")
+              f"{r['mb'] / base['mb']:7.3f}  {r.get('audit', '-'):9s}  {r.get('fused_layers', 0)} layers")
     if profile and "int8-dynamic" in graphs:
-        prefill_profile({"fp32": src, "int8-dynamic": graphs["int8-dynamic"]}, 32000)
+        prefill_profile({"fp32": graphs["fp32"], "int8-dynamic": graphs["int8-dynamic"], "fp32 (plain)": src,
+                         "plain dynamic": graphs["plain dynamic"]}, 32000)
     return res
 
 

@@ -44,7 +44,7 @@ def export_cmd(model_dir, fmt, out, pattern, opset, fp16, no_kv_cache, target, o
         raise ExportError(f"--out {out} is a directory; name the .onnx file to write")
     res = export_and_audit(Path(model_dir), out, make_pattern(pattern) if pattern else None, fp16=fp16, opset=opset,
                            with_past=not no_kv_cache, prompts=_parity_prompts(Path(model_dir)),
-                           quantize=_quantize_request(Path(model_dir), target, q))
+                           quantize=_quantize_request(Path(model_dir), target, q), target=target)
     result = {"export": {**res.info, "path": str(out)}, "parity": res.parity, "pattern_share": res.pattern_share,
               **{f"audit:{name}": report for name, report in res.audits.items()}}
     if fp16:

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import SparseKDError
 from .trt_compat import sparse_tensor_cores, this_machine
 from .trt_logs import parse_inspector, parse_parser_errors, parse_sparsity, sparsity_report
-from .trt_precision import QUANTIZED, EnginePrecisionError, check_device, check_for_tensorrt, choose
+from .trt_precision import QUANTIZED, EnginePrecisionError, check_device, check_for_tensorrt, check_ort_contrib, choose
 from .trt_profiles import Profile
 
 
@@ -122,6 +122,7 @@ def build_engine(onnx_fp32: Path, onnx_fp16: Path | None, out_dir: Path, profile
     except EnginePrecisionError as e:
         raise EngineBuildError(str(e)) from None
     onnx_path = graphs[chosen.onnx]
+    check_ort_contrib(onnx_path)  # an onnxruntime bundle's fp32 graph carries ORT's fused attention
     if precision in QUANTIZED:
         check_for_tensorrt(onnx_path)
     lines: list[str] = []

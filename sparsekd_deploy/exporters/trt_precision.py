@@ -129,6 +129,19 @@ def asymmetric_qdq(onnx_path: Path) -> list[str]:
     return bad
 
 
+def check_ort_contrib(onnx_path: Path) -> None:
+    """Refuse any graph holding ONNX Runtime's contrib operators (domain com.microsoft: the onnxruntime target's
+    fused attention, ``exporters/ort_attention.py``), which TensorRT's ONNX parser does not know."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    ops = sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"})
+    if ops:
+        raise EnginePrecisionError(
+            f"{onnx_path.name} holds ONNX Runtime-only operators (com.microsoft {', '.join(ops)}: the onnxruntime "
+            "target's fused graph), which TensorRT does not parse; rebuild the bundle with --target tensorrt")
+
+
 def check_for_tensorrt(onnx_path: Path) -> None:
     """Refuse a quantized graph TensorRT cannot take: ONNX Runtime's own quantized operators (the onnxruntime
     target's MatMulInteger / MatMulNBits form), or Q/DQ nodes with zero points."""

@@ -165,7 +165,8 @@ def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptio
     try:
         exported = export_and_audit(result.out / "student", writer.dir / "model.onnx", pattern,
                                     fp16=opts.fp16 or opts.target == "tensorrt", opset=opts.opset,
-                                    prompts=heldout[:4, :64], reporter=reporter, quantize=quantize)
+                                    prompts=heldout[:4, :64], reporter=reporter, quantize=quantize,
+                                    target=opts.target)
         exported.write_reports(writer.dir)
         _copy_run_files(result.out, writer.dir, opts.target)
         if opts.target == "tensorrt":

@@ -93,13 +93,28 @@ def _quantize(onnx_path: Path, q: QuantizeRequest) -> tuple[Path, dict]:
     return Path(res.path), res.to_dict()
 
 
+def _fuse_for_ort(paths: list[Path], note) -> dict:
+    """Fuse each graph's attention for ONNX Runtime (in place); the record says how many layers, per file."""
+    from ..exporters.ort_attention import fuse_attention
+
+    note("fusing attention for onnxruntime (com.microsoft.MultiHeadAttention)")
+    record = {}
+    for path in paths:
+        res = fuse_attention(path)
+        record[path.name] = res.fused
+        record.update(op=res.op, rewriter=res.rewriter)
+    return record
+
+
 def export_and_audit(student_dir: Path, onnx_path: Path, pattern: Pattern | None, *, fp16: bool,
                      opset: int | None = None, with_past: bool = True, prompts=None, reporter=None,
-                     quantize: QuantizeRequest | None = None) -> ExportResult:
+                     quantize: QuantizeRequest | None = None, target: str = "onnxruntime") -> ExportResult:
     """Export ``student_dir`` to ``onnx_path`` (and an FP16 copy, and a ``quantize`` copy), check parity on ``prompts``
     (token ids) where given, and audit every graph against the student's own zeros — the quantized one read back from
-    its integer codes. Raises ``SparsityLostError`` when a graph lost any zero or n:m group the student holds,
-    ``ParityError`` when a graph disagrees with PyTorch."""
+    its integer codes. For the onnxruntime ``target`` the fp32 and quantized graphs then get ORT's fused attention
+    (``exporters/ort_attention.py``; quantized from the plain graph first, so the quantizers see standard ONNX);
+    TensorRT graphs and the FP16 copy stay standard ONNX. Raises ``SparsityLostError`` when a graph lost any zero or
+    n:m group the student holds, ``ParityError`` when a graph disagrees with PyTorch."""
     from ..exporters.audit import audit_onnx, audit_report, require_pattern, student_pattern_share, zeroed_weights
     from ..exporters.fp16 import convert_fp16
     from ..exporters.onnx import export_onnx
@@ -118,6 +133,8 @@ def export_and_audit(student_dir: Path, onnx_path: Path, pattern: Pattern | None
     if quantize is not None and quantize.mode != "none":
         note(f"quantizing to {quantize.mode}")
         graphs[quantize.mode], quantization = _quantize(onnx_path, quantize)
+    if target == "onnxruntime":
+        info["attention_fusion"] = _fuse_for_ort([g for p, g in graphs.items() if p != "fp16"], note)
     student = load_model(student_dir)
     pruned = zeroed_weights(student)
     n, m = (pattern.n, pattern.m) if isinstance(pattern, NM) else (None, None)

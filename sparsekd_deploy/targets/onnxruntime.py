@@ -87,7 +87,9 @@ class OnnxRuntimeTarget(Target):
         outs = self.session.run(None, self._feed(ids, past, past_len))
         named = dict(zip([o.name for o in self.session.get_outputs()], outs, strict=True))
         new_past = {p: named[self.present_for[p]] for p in self.past_names} if self.past_names else None
-        return named["logits"].astype(np.float32), new_past
+        # copy=False: an fp32 graph's logits are returned as ORT wrote them (copying 1 x 512 x 32000
+        # floats took 14 ms here, in every fp32 and quantized prefill alike)
+        return named["logits"].astype(np.float32, copy=False), new_past
 
     def _gather_past(self, past, rows):
         return {name: np.take(v, rows, axis=0) for name, v in past.items()}

@@ -1,0 +1,120 @@
+"""ORT's fused attention for the onnxruntime target: the exported SDPA subgraph becomes com.microsoft
+MultiHeadAttention, logits and KV-cache decoding keep parity, left-padded rows stay finite, TensorRT graphs never
+carry it, and bad input is one clear line."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sparsekd_deploy.cli import main
+from sparsekd_deploy.exporters.ort_attention import FusionError, fuse_attention
+from sparsekd_deploy.exporters.trt_precision import EnginePrecisionError, check_ort_contrib
+from sparsekd_deploy.pipeline.parity import check_parity
+from sparsekd_deploy.targets.onnxruntime import OnnxRuntimeTarget
+
+
+def _ops(path):
+    return [(n.domain, n.op_type) for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+@pytest.fixture(scope="module")
+def fused(exported, tmp_path_factory):
+    """The tiny 2:4 llama (2 layers, 4 query heads over 2 KV heads) exported, and its fused copy."""
+    _, path = exported["llama"]
+    dst = tmp_path_factory.mktemp("fused") / "model.onnx"
+    return path, dst, fuse_attention(path, dst)
+
+
+def test_every_layer_fused_and_the_decomposed_attention_gone(fused):
+    plain, dst, info = fused
+    assert info.fused == 2 and info.op == "com.microsoft.MultiHeadAttention"
+    ops = _ops(dst)
+    assert ops.count(("com.microsoft", "MultiHeadAttention")) == 2
+    assert not {("", "Softmax"), ("", "IsNaN")} & set(ops)
+    assert {("", "Softmax"), ("", "IsNaN")} <= set(_ops(plain))  # what it replaced
+
+
+def test_fused_graph_keeps_fp32_parity_and_the_same_greedy_decode(fused, exported):
+    plain, dst, _ = fused
+    model, _ = exported["llama"]
+    prompts = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    parity = check_parity(model, dst, prompts, "fp32")  # the project's fp32 tolerance: 1e-3 logit, 1e-5 KL
+    assert parity["max_abs_logit_diff"] < 1e-4
+    ids = prompts.numpy()[:, :6]
+    want = OnnxRuntimeTarget(plain).generate(ids, 12).tokens
+    got = OnnxRuntimeTarget(dst).generate(ids, 12).tokens  # KV cache: past/present through MultiHeadAttention
+    np.testing.assert_array_equal(got, want)
+
+
+def test_left_padded_rows_stay_finite_and_real_rows_match_pytorch(fused, exported):
+    """A row with no visible key (left padding) must not turn into NaN and spread to the real rows (the mask's -inf
+    is replaced by float32's minimum); the real positions match PyTorch with the same mask."""
+    _, dst, _ = fused
+    model, _ = exported["llama"]
+    ids = np.random.default_rng(0).integers(0, 256, (2, 12))
+    mask = np.ones((2, 12), np.int64)
+    mask[1, :5] = 0
+    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    sess = OnnxRuntimeTarget(dst).session
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feed[i.name] = np.zeros((2, i.shape[1], 0, i.shape[3]), np.float32)
+    got = sess.run(["logits"], feed)[0]
+    assert np.isfinite(got).all()
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    position_ids=torch.from_numpy(pos)).logits.numpy()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], ref[real], atol=1e-4)
+
+
+def test_a_graph_without_the_pattern_is_left_alone(exported, tmp_path):
+    """GPT-2's exported attention is another subgraph: nothing fused, the file not rewritten."""
+    _, path = exported["gpt2"]
+    copy = tmp_path / "gpt2.onnx"
+    copy.write_bytes(path.read_bytes())
+    assert fuse_attention(copy).fused == 0
+    assert copy.read_bytes() == path.read_bytes()
+
+
+def test_damaged_or_already_fused_graph_is_one_clear_line(fused, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a protobuf")
+    with pytest.raises(FusionError, match=r"cannot read .*bad.onnx as an ONNX graph"):
+        fuse_attention(bad, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists() and not (tmp_path / "out.onnx.tmp").exists()
+    _, dst, _ = fused
+    with pytest.raises(FusionError, match="already holds MultiHeadAttention"):
+        fuse_attention(dst, tmp_path / "again.onnx")
+
+
+def test_tensorrt_refuses_a_fused_graph_naming_the_target(fused):
+    plain, dst, _ = fused
+    check_ort_contrib(plain)  # standard ONNX passes
+    with pytest.raises(EnginePrecisionError, match=r"com.microsoft MultiHeadAttention.*--target tensorrt"):
+        check_ort_contrib(dst)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_export_fuses_only_the_onnxruntime_targets_graphs(target, pruned_dirs, tmp_path):
+    out = tmp_path / "model.onnx"
+    mode = "int8-dynamic" if target == "onnxruntime" else "int4-weight"
+    r = CliRunner().invoke(main, ["export", str(pruned_dirs["llama"]), "--out", str(out), "--target", target,
+                                  "--quantize", mode, "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    quantized = res["quantization"]["path"]
+    mha = [_ops(p).count(("com.microsoft", "MultiHeadAttention")) for p in (out, quantized)]
+    if target == "onnxruntime":
+        assert mha == [2, 2]
+        fusion = res["export"]["attention_fusion"]
+        assert (fusion["model.onnx"], fusion["model.int8-dynamic.onnx"]) == (2, 2)
+        assert res["parity"]["fp32"]["max_abs_logit_diff"] < 1e-3  # checked on the fused graph
+    else:
+        assert mha == [0, 0] and "attention_fusion" not in res["export"]
+        assert not any(d == "com.microsoft" for p in (out, quantized) for d, _ in _ops(p))
