@@ -112,6 +112,24 @@ def test_team_of_one_is_the_single_process_path():
     assert team.mean(loss) is loss and team.same_weights(torch.nn.Linear(2, 2))
 
 
+def test_shared_masks_come_back_on_the_cpu(monkeypatch):
+    """NCCL broadcasts the masks on the GPU; back from ``share_masks`` they must be on the CPU, as the single-process
+    path's are: MaskLearner.after_step compares them with masks ranked from CPU scores, which failed with "two
+    devices" on GPUs. FakeTensorMode's CUDA device stands in for a GPU (no CUDA here): it refuses to mix devices the
+    same way, and unlike the meta device it can be copied to the CPU."""
+    import accelerate.utils
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    team = Team(rank=1, world=2, device=torch.device("cuda"))  # a follower: it receives into empty device tensors
+    monkeypatch.setattr(team, "share", lambda obj: {"w": (2, 4)})
+    monkeypatch.setattr(accelerate.utils, "broadcast", lambda tensors, from_process=0: tensors)
+    ranked_on_cpu = torch.ones(2, 4, dtype=torch.bool)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        shared = team.share_masks({})
+        assert shared["w"].device.type == "cpu"
+        assert (shared["w"] != ranked_on_cpu).shape == (2, 4)  # the learner's flip count, as after_step forms it
+
+
 def test_loss_module_keeps_the_teacher_out_of_the_wrapped_graph():
     student, teacher = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
     module = LossModule(student, lambda ids, rows: (student(ids) - teacher(ids)).pow(2).mean())

@@ -182,7 +182,9 @@ class Team:
                     else torch.empty(s, dtype=torch.uint8, device=self.device)) for k, s in shapes.items()}
         with self.collective("the ranks exchanged the masks"):
             sent = broadcast(sent, from_process=0)
-        return {k: v.bool() for k, v in sent.items()}
+        # Back on the CPU, where the single-process path keeps them (stage_masks ranks CPU scores): NCCL broadcasts on
+        # the GPU, and a GPU copy met the learner's CPU masks in MaskLearner.after_step ("two devices").
+        return {k: v.bool().cpu() for k, v in sent.items()}
 
     def sync_module(self, module: nn.Module) -> None:
         """Copy the main process's weights and buffers into every rank's ``module`` (after it restored a
