@@ -33,10 +33,13 @@ def test_kd_step_counts_the_teacher_only_when_it_runs():
 @pytest.mark.parametrize("name, tflops", [("NVIDIA H200", 989.4), ("NVIDIA H100 80GB HBM3", 989.4),
                                           ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
                                           ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0),
-                                          ("NVIDIA L4", 121.0), ("NVIDIA A10G", 70.0)])
+                                          ("NVIDIA L4", 121.0), ("NVIDIA A10G", 70.0),
+                                          ("NVIDIA GH200 480GB", 989.4)])
 def test_peak_table(monkeypatch, name, tflops):
     monkeypatch.delenv(flops.PEAK_ENV, raising=False)
     assert peak_flops(name)[0] == pytest.approx(tflops * 1e12)
+    if "GH200" in name:  # not taken for an H200 by the substring match
+        assert peak_flops(name)[1] == "datasheet peak of GH200"
 
 
 def test_unknown_device_and_override(monkeypatch):

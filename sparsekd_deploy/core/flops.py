@@ -23,9 +23,9 @@ PEAK_ENV = "SPARSEKD_PEAK_TFLOPS"
 # Dense BF16/FP16 tensor-core TFLOP/s (datasheets), matched against torch.cuda.get_device_name() in this order:
 # the first key that is a substring of the name wins, so more specific names come first.
 PEAK_16BIT_TFLOPS = {
-    "H200 NVL": 835.0, "H200": 989.4,
+    "GH200": 989.4, "H200 NVL": 835.0, "H200": 989.4,
     "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.4,
-    "GH200": 989.4, "B200": 2250.0, "B100": 1750.0,
+    "B200": 2250.0, "B100": 1750.0,
     "A100": 312.0, "A800": 312.0, "A30": 165.0, "A10G": 70.0, "A10": 125.0,
     "L40S": 362.0, "L40": 181.0, "L4": 121.0,
     "RTX 4090": 165.2, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0,

@@ -62,6 +62,10 @@ class StageTraining:
     def _train_range(self, gen: torch.Generator, start: int, stop: int, total: int, peak_lr: float,
                      stage_label: str) -> None:
         cfg = self.cfg
+        # The masks live on the CPU (checkpoints, ranks) and stay fixed through a range of steps (a learning stage
+        # re-chooses its own); the steps enforce one copy on the student's device, not a fresh ~1 GB move per step
+        # at 1 B parameters.
+        masks = {k: v.to(self.device) for k, v in self.masks.items()} if not self.mask_learner else None
         for i in range(start, stop):
             lr = cosine_lr(peak_lr, i, total)
             for group in self.optimizer.param_groups:
@@ -83,7 +87,7 @@ class StageTraining:
             if self.mask_learner:
                 self.mask_learner.after_step(lr)
             else:
-                apply_masks(self.raw, self.masks)
+                apply_masks(self.raw, masks)
                 if self.fade:  # a gradual demolition holds the stage's removed weights at their fading values
                     self.fade.after_step()
             self.reporter.advance(reported.item())
