@@ -150,6 +150,14 @@ def _problems(cfg: DistillConfig) -> list[str]:
                  "their load already: choose one")
     if cfg.demolition == "gradual" and cfg.mask_learning != "off":
         p.append("demolition gradual and mask_learning both use the first part of each stage: choose one")
+    # Mask learning restarts from the weights before the prune and re-ranks by |W|·‖x‖ every step: it would undo a
+    # refit and replace the Fisher ranking on its first step while the record still named them.
+    if cfg.mask_learning != "off" and cfg.compensation == "ls":
+        p.append("mask_learning sr-ste restarts from the weights before the prune, which undoes compensation ls's "
+                 "refit: choose one (--compensation off)")
+    if cfg.mask_learning != "off" and cfg.importance == "fisher":
+        p.append("mask_learning sr-ste re-ranks the masks by |W|·‖x‖ every step, which replaces importance fisher's "
+                 "ranking: choose one (--importance wanda)")
     if cfg.step_schedule not in ("equal", "backloaded"):
         p.append(f"step_schedule must be equal or backloaded, got {cfg.step_schedule!r}")
     p.extend(_teacher_access_problems(cfg))
@@ -354,7 +362,8 @@ def _coerce(name: str, value: Any, problems: list[str]) -> Any:
 
 CALIB_BATCHES = 4  # default calibration batches of the weight criteria (wanda, magnitude, taylor)
 # Calibration sequences of importance fisher. One-shot channels:0.5 on the demo (seed 0, held-out KL before any
-# training): 32 sequences 0.081, 64: 0.074, 128: 0.073, 256: 0.068; Wanda 0.086 at 32, 0.081 at 128.
+# training; a one-off sweep through the library, no script): 32 sequences 0.081, 64: 0.074, 128: 0.073, 256: 0.068;
+# Wanda 0.086 at 32, 0.081 at 128.
 FISHER_CALIB_SEQUENCES = 256
 STAGES_CONTINUOUS = 3  # unstructured / channels: stages from dense to the target
 DEFAULT_STEP_BUDGET = 300  # optimizer steps of a default run, over all its stages
@@ -378,11 +387,12 @@ def default_stages(pattern: str) -> int:
 def _resolve_defaults(cfg: DistillConfig) -> None:
     """Fill the pattern-dependent defaults (stages, steps per stage) the user left open."""
     channels = str(cfg.pattern).strip().startswith("channels")
+    learning = cfg.mask_learning not in (None, "off")  # sr-ste chooses its masks itself (_problems says why)
     if cfg.importance is None:
-        cfg.importance = "fisher" if channels else "wanda"
+        cfg.importance = "fisher" if channels and not learning else "wanda"
     if cfg.compensation is None:
         # a gradual demolition asked for has the removed channels fade out instead (the two do not combine)
-        cfg.compensation = "ls" if channels and cfg.demolition != "gradual" else "off"
+        cfg.compensation = "ls" if channels and cfg.demolition != "gradual" and not learning else "off"
     if cfg.calib_batches is None:
         batch = cfg.batch_size if isinstance(cfg.batch_size, int) and cfg.batch_size >= 1 else 1
         cfg.calib_batches = -(-FISHER_CALIB_SEQUENCES // batch) if cfg.importance == "fisher" else CALIB_BATCHES

@@ -21,6 +21,16 @@ def test_channel_patterns_default_to_fisher_scores_and_a_refit(pattern, importan
     assert (cfg.importance, cfg.compensation, cfg.calib_batches) == ("magnitude", "off", 4)
 
 
+def test_mask_learning_keeps_channels_off_fisher_and_the_refit():
+    # sr-ste restarts from the pre-prune weights and re-ranks by |W|·‖x‖: it would silently undo both
+    cfg = build_config(None, {"pattern": "channels:0.5", "mask_learning": "sr-ste"})
+    assert (cfg.importance, cfg.compensation) == ("wanda", "off")
+    with pytest.raises(ConfigError) as e:
+        build_config(None, {"pattern": "channels:0.5", "mask_learning": "sr-ste", "importance": "fisher",
+                            "compensation": "ls"})
+    assert "undoes compensation ls" in str(e.value) and "replaces importance fisher" in str(e.value)
+
+
 @pytest.mark.parametrize("pattern,allocation", [("2:4", "uniform"), ("unstructured:0.8", "loadpath"),
                                                 ("channels:0.5", "uniform"), ("unstructured:auto", "uniform")])
 def test_allocation_default_follows_the_pattern(pattern, allocation):

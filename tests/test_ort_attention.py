@@ -100,12 +100,14 @@ def test_tensorrt_refuses_a_fused_graph_naming_the_target(fused):
         check_ort_contrib(dst)
 
 
-@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt", None])
 def test_export_fuses_only_the_onnxruntime_targets_graphs(target, pruned_dirs, tmp_path):
+    """Fused only when --target onnxruntime is asked for: a plain export stays standard ONNX for any runtime."""
     out = tmp_path / "model.onnx"
-    mode = "int8-dynamic" if target == "onnxruntime" else "int4-weight"
-    r = CliRunner().invoke(main, ["export", str(pruned_dirs["llama"]), "--out", str(out), "--target", target,
-                                  "--quantize", mode, "--json"], catch_exceptions=False)
+    mode = "int4-weight" if target == "tensorrt" else "int8-dynamic"
+    r = CliRunner().invoke(main, ["export", str(pruned_dirs["llama"]), "--out", str(out),
+                                  *(["--target", target] if target else []), "--quantize", mode, "--json"],
+                           catch_exceptions=False)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     quantized = res["quantization"]["path"]
@@ -118,3 +120,19 @@ def test_export_fuses_only_the_onnxruntime_targets_graphs(target, pruned_dirs, t
     else:
         assert mha == [0, 0] and "attention_fusion" not in res["export"]
         assert not any(d == "com.microsoft" for p in (out, quantized) for d, _ in _ops(p))
+
+
+def test_an_external_data_graph_is_not_rewritten_in_place(exported, tmp_path):
+    """Over 1.8 GB the weights live in a data file beside the graph; fusing in place would write over the file it
+    reads, so such a graph stays as it is and the record says why."""
+    import onnx
+
+    _, path = exported["llama"]
+    model = onnx.load(str(path))
+    dst = tmp_path / "big.onnx"
+    onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location="big.onnx.data",
+              size_threshold=0)
+    before = dst.read_bytes(), (tmp_path / "big.onnx.data").read_bytes()
+    info = fuse_attention(dst)
+    assert info.fused == 0 and "external-data" in info.skipped
+    assert (dst.read_bytes(), (tmp_path / "big.onnx.data").read_bytes()) == before

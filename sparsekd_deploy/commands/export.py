@@ -19,8 +19,10 @@ from .quantize_options import quantize_flags, quantize_options
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's choice).")
 @click.option("--fp16", is_flag=True, help="Also write <out>.fp16.onnx.")
 @click.option("--no-kv-cache", is_flag=True, help="Export logits only, without past/present key-values.")
-@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
-              help="The runtime the quantized copy is made for (int8 activations, int4 format; fp8 needs tensorrt).")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]),
+              help="The runtime the graphs are made for. onnxruntime: attention fused into ORT's MultiHeadAttention "
+                   "(a com.microsoft op other runtimes cannot load) and its quantized copy; tensorrt: Q/DQ copy, no "
+                   "contrib ops. [default: standard ONNX, any quantized copy made for onnxruntime]")
 @quantize_options
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
@@ -37,14 +39,15 @@ def export_cmd(model_dir, fmt, out, pattern, opset, fp16, no_kv_cache, target, o
 
     q = quantize_flags(flags)
     out = Path(out)
-    check_mode(q["quantize"] or "none", target)
+    quantize_for = target or "onnxruntime"  # a plain export stays standard ONNX; its quantized copy is ORT's
+    check_mode(q["quantize"] or "none", quantize_for)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
     if out.is_dir():
         raise ExportError(f"--out {out} is a directory; name the .onnx file to write")
     res = export_and_audit(Path(model_dir), out, make_pattern(pattern) if pattern else None, fp16=fp16, opset=opset,
                            with_past=not no_kv_cache, prompts=_parity_prompts(Path(model_dir)),
-                           quantize=_quantize_request(Path(model_dir), target, q), target=target)
+                           quantize=_quantize_request(Path(model_dir), quantize_for, q), target=target)
     result = {"export": {**res.info, "path": str(out)}, "parity": res.parity, "pattern_share": res.pattern_share,
               **{f"audit:{name}": report for name, report in res.audits.items()}}
     if fp16:

@@ -42,6 +42,7 @@ class FusionInfo:
     fused: int  # attention subgraphs replaced
     op: str = f"{DOMAIN}.MultiHeadAttention"
     rewriter: str = ""  # the library that did it, with its version
+    skipped: str | None = None  # why the graph was not rewritten at all
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,6 +89,8 @@ def _rule():
             if not isinstance(heads, int) or not isinstance(head_size, int):
                 return result.fail("the key's head count and head size are not static")
             q_heads, q_size = query.shape[1], query.shape[3]
+            # MultiHeadAttention takes one head count for all three. The exporter leaves the query's head count
+            # symbolic (its reshape has a -1); the key's and value's are static (repeat_kv made them the query's).
             if value.shape[1] != heads or (isinstance(q_heads, int) and q_heads != heads) or \
                     (isinstance(q_size, int) and q_size != head_size):
                 return result.fail("the query's or the value's heads or head size differ from the key's")
@@ -139,9 +142,19 @@ def fuse_attention(src: str | Path, dst: str | Path | None = None) -> FusionInfo
         raise FusionError(f"cannot read {src} as an ONNX graph: {first}") from None
     if any(n.domain == DOMAIN and n.op_type == "MultiHeadAttention" for n in model.graph.node):
         raise FusionError(f"{src.name} already holds MultiHeadAttention nodes (fused before); fuse the exported graph")
-    count = fuse_attention_model(model)
+    rewriter = f"onnxscript.rewriter {onnxscript.__version__}"
+    if dst == src and any(init.data_location == onnx.TensorProto.EXTERNAL for init in
+                          onnx.load(str(src), load_external_data=False).graph.initializer):
+        # Rewriting in place would write the new weights over the data file the graph is read from: a crash midway
+        # would leave neither graph. Such graphs (> 1.8 GB) stay unfused, and the record says why.
+        return FusionInfo(0, rewriter=rewriter, skipped="external-data graph (> 1.8 GB): not rewritten in place")
+    try:
+        count = fuse_attention_model(model)
+    except Exception as e:  # the rewriter's own failure on a graph it does not expect: one line, the graph untouched
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FusionError(f"fusing the attention of {src.name} failed in {rewriter}: {first}") from None
     if count == 0 and dst == src:
-        return FusionInfo(0, rewriter=f"onnxscript.rewriter {onnxscript.__version__}")  # nothing to rewrite
+        return FusionInfo(0, rewriter=rewriter)  # nothing to rewrite
     size = sum(init.ByteSize() for init in model.graph.initializer)
     save_onnx(model, dst, size > EXTERNAL_DATA_BYTES)
-    return FusionInfo(count, rewriter=f"onnxscript.rewriter {onnxscript.__version__}")
+    return FusionInfo(count, rewriter=rewriter)

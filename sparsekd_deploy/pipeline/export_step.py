@@ -108,7 +108,7 @@ def _fuse_for_ort(paths: list[Path], note) -> dict:
 
 def export_and_audit(student_dir: Path, onnx_path: Path, pattern: Pattern | None, *, fp16: bool,
                      opset: int | None = None, with_past: bool = True, prompts=None, reporter=None,
-                     quantize: QuantizeRequest | None = None, target: str = "onnxruntime") -> ExportResult:
+                     quantize: QuantizeRequest | None = None, target: str | None = "onnxruntime") -> ExportResult:
     """Export ``student_dir`` to ``onnx_path`` (and an FP16 copy, and a ``quantize`` copy), check parity on ``prompts``
     (token ids) where given, and audit every graph against the student's own zeros — the quantized one read back from
     its integer codes. For the onnxruntime ``target`` the fp32 and quantized graphs then get ORT's fused attention
