@@ -5,14 +5,15 @@ of ``--steps`` optimizer steps on a Llama built from a config (TinyLlama's shape
 intermediate 5632, 32 heads / 4 KV heads, vocab 32000 — 1.1 B parameters), random weights, teacher in memory, the
 student trained under bf16 autocast (`--precision auto` on a bf16 GPU). MFU is the stage record's own ``mfu``
 (``core/flops.py``: student forward + backward and the teacher's forward per trained token, over the stage's training
-time — warm-up step, mask enforcement, gradient clipping and AdamW included — against the GPU's dense bf16 peak); the
+time — the first step's warm-up (60 steps by default keep it a small share), mask enforcement, gradient clipping and
+AdamW included — against the GPU's dense bf16 peak); the
 student-only share is printed beside it.
 
 The data are uniform random token ids instead of teacher samples: the teacher's weights are random, so its samples
 would be noise too, and sampling 1 B parameters on the CPU (where the data-free set is drawn) would take the minutes
 the benchmark has. What is timed does not depend on the ids.
 
-    python scripts/bench_mfu.py [--steps 30] [--batch 8] [--seq 2048] [--json out.json]
+    python scripts/bench_mfu.py [--steps 60] [--batch 8] [--seq 2048] [--json out.json]
     python scripts/bench_mfu.py --tiny   # CPU smoke run of the same path (no MFU on a CPU)
 """
 
@@ -79,7 +80,7 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--tiny", action="store_true", help="a small model, for a CPU smoke run of the same path")

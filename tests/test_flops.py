@@ -52,7 +52,7 @@ def test_unknown_device_and_override(monkeypatch):
     assert peak_flops("NVIDIA H200")[0] is None
 
 
-def test_record_entries(monkeypatch):
+def test_record_entries():
     u = Utilisation(flops_per_token=1e10, peak=989.4e12, source="datasheet peak of H200")
     rec = u.record(40_000.0)
     assert rec == {"mfu": pytest.approx(0.4043, abs=1e-4), "model_tflops_per_second": 400.0,
@@ -66,3 +66,5 @@ def test_cuda_only(monkeypatch):
     monkeypatch.delenv(flops.PEAK_ENV, raising=False)
     u = Utilisation.for_run(torch.device("cuda", 0), build_tiny("llama"), None, 16, world=2)
     assert u.peak == pytest.approx(2 * 756e12)  # the run's GPUs together
+    fp32 = Utilisation.for_run(torch.device("cuda", 0), build_tiny("llama"), None, 16, 1, mixed_precision="no")
+    assert fp32.peak is None and "fp32" in fp32.source and fp32.record(1000.0)["mfu"] is None

@@ -236,7 +236,8 @@ class StagedDistiller(StageTraining):
         self.kd_chunk = self.kd.chunk
         # A training step runs the teacher's forward only when it distils from the teacher in memory.
         in_step = self.teacher if self.cfg.teacher_access == "logits" else None
-        self.utilisation = Utilisation.for_run(self.device, self.raw, in_step, self.cfg.seq_len, self.team.world)
+        self.utilisation = Utilisation.for_run(self.device, self.raw, in_step, self.cfg.seq_len, self.team.world,
+                                               str(self.accelerator.mixed_precision))
 
     def _release_teacher(self) -> None:
         """With a top-K cache, the teacher's work is done once the run is set up (data, cache, consistency, load

@@ -20,7 +20,7 @@ import torch
 
 PEAK_ENV = "SPARSEKD_PEAK_TFLOPS"
 
-# Dense BF16/FP16 tensor-core TFLOP/s (datasheets), matched against torch.cuda.get_device_name() in this order:
+# Dense BF16/FP16 tensor-core TFLOP/s with fp32 accumulation (datasheets), matched against torch.cuda.get_device_name() in this order:
 # the first key that is a substring of the name wins, so more specific names come first.
 PEAK_16BIT_TFLOPS = {
     "GH200": 989.4, "H200 NVL": 835.0, "H200": 989.4,
@@ -28,7 +28,7 @@ PEAK_16BIT_TFLOPS = {
     "B200": 2250.0, "B100": 1750.0,
     "A100": 312.0, "A800": 312.0, "A30": 165.0, "A10G": 70.0, "A10": 125.0,
     "L40S": 362.0, "L40": 181.0, "L4": 121.0,
-    "RTX 4090": 165.2, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0,
+    "RTX 4090": 165.2, "RTX 3090": 35.6, "V100": 125.0, "T4": 65.0,
 }
 
 
@@ -95,11 +95,15 @@ class Utilisation:
 
     @classmethod
     def for_run(cls, device: torch.device, student: torch.nn.Module, teacher_in_step: torch.nn.Module | None,
-                seq_len: int, world: int) -> Utilisation | None:
-        """None off CUDA: a CPU has no tensor-core peak to measure against."""
+                seq_len: int, world: int, mixed_precision: str = "bf16") -> Utilisation | None:
+        """None off CUDA: a CPU has no tensor-core peak to measure against. ``mixed_precision``: the accelerator's
+        (no / bf16 / fp16); an fp32 run never uses the 16-bit peak, so its MFU is left out and the record says why."""
         if device.type != "cuda":
             return None
-        peak, source = peak_flops(torch.cuda.get_device_name(device))
+        if mixed_precision not in ("bf16", "fp16"):
+            peak, source = None, "fp32 training: the peaks known here are 16-bit tensor-core peaks"
+        else:
+            peak, source = peak_flops(torch.cuda.get_device_name(device))
         return cls(kd_step_flops_per_token(student, teacher_in_step, seq_len), peak * world if peak else None, source)
 
     def record(self, tokens_per_second: float) -> dict:

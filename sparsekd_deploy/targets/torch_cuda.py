@@ -44,7 +44,7 @@ class SemiStructuredLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+        y = F.linear(x.reshape(-1, self.in_features).contiguous(), self.weight, self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
 
