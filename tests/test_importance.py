@@ -150,3 +150,17 @@ def test_fisher_in_chunks_never_forms_more_than_a_chunk_of_logits():
     with Widest():
         score("fisher", ScoringContext(model, pruner.layers, calib, chunk=0))
     assert Widest.rows >= 8 * 15  # the same probe sees the full logits when not chunking
+
+
+def test_fisher_chunks_by_the_automatic_rule_when_the_run_gave_none(monkeypatch):
+    from sparsekd_deploy.core import losses
+
+    monkeypatch.setattr(losses, "KD_CHUNK_AUTO_OVER", 64 * 256 * 4)  # 8 × 15 positions × 256 now "large"
+    monkeypatch.setattr(losses, "KD_CHUNK_BYTES", 16 * 256 * 4)  # → 16 tokens a chunk
+    model, pruner, calib = _fisher_setup()
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape[:-1].numel()))
+    scores = score("fisher", ScoringContext(model, pruner.layers, calib))
+    hook.remove()
+    assert seen == [8]  # only check_head's probe went through lm_head: the loss used the split head
+    assert float(sum(s.sum() for s in scores.values())) == pytest.approx(FISHER_GOLDEN[1], rel=1e-4)

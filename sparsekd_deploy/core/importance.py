@@ -151,12 +151,15 @@ fisher.scores_channels = True  # only MLP channels (config refuses it with other
 
 
 def _fisher_chunk(ctx: ScoringContext, ids: torch.Tensor) -> int:
+    """Tokens per chunk of a calibration batch's loss (0 = unchunked): the run's, else the automatic rule."""
     if ctx.chunk is not None:
         return ctx.chunk if 0 < ctx.chunk < ids[:, 1:].numel() else 0
     from .losses import kd_chunk_tokens
 
-    vocab = ctx.student.get_output_embeddings().weight.shape[0]
-    return kd_chunk_tokens(None, ids[:, 1:].numel(), vocab)
+    head = ctx.student.get_output_embeddings()
+    if head is None:  # no head to split the logits at: the model's own logits (as before)
+        return 0
+    return kd_chunk_tokens(None, ids[:, 1:].numel(), head.weight.shape[0])
 
 
 def _next_token_loss(model: nn.Module, ids: torch.Tensor, chunk: int) -> torch.Tensor:
