@@ -81,3 +81,51 @@ def test_a_default_channel_run_refits_and_prunes_with_less_damage(tiny_dirs, fas
     from sparsekd_deploy.models.loading import load_model
 
     assert load_model(res.out / "student", role="student").config.intermediate_size == 32
+
+
+# Seeded golden values: held-out KL(dense ‖ refitted) of main's float64 compensation (before the float32 grams), tiny
+# models, channels:0.5 by magnitude, 8 calibration batches of 8 × 16 tokens.
+REFIT_GOLDEN = {"llama": 0.01346936, "gpt2": 0.00617576}
+
+
+def _refit_kl(family):
+    from sparsekd_deploy.core.importance import ScoringContext, score
+
+    model = build_tiny(family)
+    pruner = Pruner(model, make_pattern("channels:0.5"))
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(3, 256, (8, 16), generator=g) for _ in range(8)]
+    held = torch.randint(3, 256, (4, 16), generator=g)
+    with torch.no_grad():
+        dense = model(input_ids=held).logits.log_softmax(-1)
+    masks = pruner.stage_masks(score("magnitude", ScoringContext(model, pruner.layers, calib)), 1.0)
+    before = before_prune(model, pruner, calib)
+    assert all(g.dtype == torch.float32 for g in before.grams.values())
+    apply_masks(model, masks)
+    compensate(pruner, before, masks)
+    with torch.no_grad():
+        q = model(input_ids=held).logits.log_softmax(-1)
+    return float((dense.exp() * (dense - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_float32_grams_refit_as_the_float64_ones_did(family):
+    assert _refit_kl(family) == pytest.approx(REFIT_GOLDEN[family], rel=1e-3)
+
+
+def test_grams_that_do_not_fit_are_refused_in_one_line(monkeypatch):
+    from sparsekd_deploy.core import compensation, memory
+
+    model = build_tiny("llama")
+    pruner = Pruner(model, make_pattern("channels:0.5"))
+    need = compensation.gram_bytes(pruner)
+    # 2 blocks × 64 × (64 + 32) float32 held, plus one batch's gram and one block's float64 solve
+    assert need == 2 * 64 * 96 * 4 + 64 * 96 * 20
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need - 1)
+    calib = [torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(0))]
+    with pytest.raises(ConfigError) as e:
+        before_prune(model, pruner, calib)
+    msg = str(e.value)
+    assert "\n" not in msg and "pass --compensation off" in msg and "for 2 blocks" in msg
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need)
+    assert set(before_prune(model, pruner, calib).grams) == {b.name for b in pruner.blocks}

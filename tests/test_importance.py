@@ -88,3 +88,79 @@ def test_fisher_refuses_weight_patterns_in_one_line():
     assert build_config(None, {"pattern": "channels:0.5", "importance": "fisher"}).calib_batches == 32  # 256 seqs
     assert build_config(None, {"pattern": "channels:0.5", "importance": "fisher", "batch_size": 16}).calib_batches == 16
     assert build_config(None, {"pattern": "channels:0.5", "importance": "wanda"}).calib_batches == 4
+
+
+def _fisher_setup(family="llama"):
+    from sparsekd_deploy.core.patterns import make_pattern
+    from sparsekd_deploy.core.pruner import Pruner
+
+    model = build_tiny(family)
+    pruner = Pruner(model, make_pattern("channels:0.5"))
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(3, 256, (8, 16), generator=g) for _ in range(8)]
+    return model, pruner, calib
+
+
+# Seeded golden values: the fisher scores of main's unchunked code (before the chunked loss) on _fisher_setup's tiny
+# Llama: block 0's first three channel sums and the total over all layers.
+FISHER_GOLDEN = ([0.264989, 1.098068, 0.493312], 63.677757)
+
+
+@pytest.mark.parametrize("chunk", [0, 7, 16])
+def test_fisher_scores_in_chunks_equal_the_unchunked_ones(chunk):
+    model, pruner, calib = _fisher_setup()
+    scores = score("fisher", ScoringContext(model, pruner.layers, calib, chunk=chunk))
+    first = scores[pruner.blocks[0].output.name].sum(0)[:3].tolist()
+    assert first == pytest.approx(FISHER_GOLDEN[0], rel=1e-4)
+    assert float(sum(s.sum() for s in scores.values())) == pytest.approx(FISHER_GOLDEN[1], rel=1e-4)
+
+
+def test_fisher_in_chunks_never_forms_more_than_a_chunk_of_logits():
+    """Every tensor an operator makes with the vocabulary as its last dimension holds at most ``chunk`` positions
+    (views such as the head weight's transpose excluded); the lm_head module is not called on
+    more either."""
+    from conftest import VOCAB
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    chunk = 16
+
+    class Widest(TorchDispatchMode):
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.is_view:  # aliases (t, detach) of the head weight allocate nothing
+                return out
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == VOCAB:
+                    Widest.rows = max(Widest.rows, t.numel() // VOCAB)
+            return out
+
+    model, pruner, calib = _fisher_setup()
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape[:-1].numel()))
+    try:
+        with Widest():
+            score("fisher", ScoringContext(model, pruner.layers, calib, chunk=chunk))
+    finally:
+        hook.remove()
+    assert 0 < Widest.rows <= chunk  # 8 × 15 positions a batch: unchunked it would be 120
+    assert all(n <= chunk for n in seen)
+    Widest.rows = 0
+    with Widest():
+        score("fisher", ScoringContext(model, pruner.layers, calib, chunk=0))
+    assert Widest.rows >= 8 * 15  # the same probe sees the full logits when not chunking
+
+
+def test_fisher_chunks_by_the_automatic_rule_when_the_run_gave_none(monkeypatch):
+    from sparsekd_deploy.core import losses
+
+    monkeypatch.setattr(losses, "KD_CHUNK_AUTO_OVER", 64 * 256 * 4)  # 8 × 15 positions × 256 now "large"
+    monkeypatch.setattr(losses, "KD_CHUNK_BYTES", 16 * 256 * 4)  # → 16 tokens a chunk
+    model, pruner, calib = _fisher_setup()
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape[:-1].numel()))
+    scores = score("fisher", ScoringContext(model, pruner.layers, calib))
+    hook.remove()
+    assert seen == [8]  # only check_head's probe went through lm_head: the loss used the split head
+    assert float(sum(s.sum() for s in scores.values())) == pytest.approx(FISHER_GOLDEN[1], rel=1e-4)

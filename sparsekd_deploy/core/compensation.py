@@ -10,7 +10,7 @@ least-squares fit over the calibration tokens,
 with H the [tokens × channels] activations entering the output projection before the prune (channels removed by
 earlier stages are zero there) and K the channels kept. λ is ``DAMP`` × the mean of the diagonal of H_Kᵀ H_K (as
 SparseGPT dampens its Hessian); it keeps the fit near the kept channels' own weights where the calibration tokens
-say little. Only the Gram matrix Hᵀ H is accumulated, one [channels × channels] matrix per block,
+say little. Only the Gram matrix Hᵀ H is accumulated (float32), one [channels × channels] matrix per block,
 from one pass over the calibration batches of the student as it is before the prune. The same idea as the weight
 updates of OBS / SparseGPT, here for whole channels and with a closed form (the "output reconstruction" of
 structured-pruning work such as FLAP's bias compensation, taken to the full projection).
@@ -30,23 +30,54 @@ DAMP = 0.01
 
 @dataclass
 class Before:
-    """What a compensation needs from the student before the prune, per MLP block: Hᵀ H (float64, CPU) of the
-    activations entering the output projection, and that projection's weight ([out, in], float64, CPU)."""
+    """What a compensation needs from the student before the prune, per MLP block: Hᵀ H (float32, CPU) of the
+    activations entering the output projection, and that projection's weight ([out, in], float32, CPU).
+
+    Float32, not float64: at real sizes the grams are the memory (TinyLlama, 22 blocks × 5632² channels: 2.8 GB in
+    float32, twice that in float64; an 8 B Llama's 32 × 14336²: 26 GB), and a float64 matmul runs at 1/64 of the
+    float32 rate on consumer GPUs. Each batch's gram is one float32 matmul over its tokens on the activations' device;
+    only the ridge solve, one block at a time, is float64 (compensate)."""
 
     grams: dict[str, torch.Tensor]
     weights: dict[str, torch.Tensor]
 
 
+def gram_bytes(pruner: Pruner) -> int:
+    """Bytes ``before_prune`` keeps on the CPU: the float32 grams and weight copies of every block, plus one batch's
+    gram in flight and the float64 solve of the largest block (its gram and right-hand side)."""
+    held = sum(b.intermediate * (b.intermediate + b.output.shape_oi[0]) * 4 for b in pruner.blocks)
+    largest = max((b.intermediate * (b.intermediate + b.output.shape_oi[0]) for b in pruner.blocks), default=0)
+    return held + largest * (4 + 8 * 2)
+
+
+def check_fits(pruner: Pruner) -> None:
+    """Refuse, in one line, a compensation whose grams would not fit the memory available here."""
+    from ..errors import ConfigError
+    from .memory import available_bytes
+
+    need = gram_bytes(pruner)
+    have = available_bytes("cpu")
+    if have is not None and need > have:
+        raise ConfigError([f"--compensation ls keeps a [channels × channels] gram per MLP block: {need / 2**30:.1f} "
+                           f"GiB for {len(pruner.blocks)} blocks, more than the {have / 2**30:.1f} GiB of memory "
+                           "available here; pass --compensation off"])
+
+
 @torch.no_grad()
 def before_prune(model: nn.Module, pruner: Pruner, calib: list[torch.Tensor]) -> Before:
-    """One pass over the calibration batches of the student as it is before the prune."""
+    """One pass over the calibration batches of the student as it is before the prune. Refuses (``check_fits``)
+    before the pass when the grams would not fit the memory here."""
+    check_fits(pruner)
     grams: dict[str, torch.Tensor] = {}
 
     def hook_for(name):
         def hook(_mod, inputs):
-            h = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            h = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
             g = (h.t() @ h).cpu()
-            grams[name] = g if name not in grams else grams[name] + g
+            if name in grams:
+                grams[name] += g
+            else:
+                grams[name] = g
 
         return hook
 
@@ -59,23 +90,30 @@ def before_prune(model: nn.Module, pruner: Pruner, calib: list[torch.Tensor]) ->
     finally:
         for h in handles:
             h.remove()
-    weights = {b.name: b.output.weight_oi().detach().double().cpu().clone() for b in pruner.blocks}
+    weights = {b.name: b.output.weight_oi().detach().float().cpu().clone() for b in pruner.blocks}
     return Before(grams, weights)
 
 
 @torch.no_grad()
 def compensate(pruner: Pruner, before: Before, masks: Masks) -> None:
-    """Refit each block's output projection on the channels ``masks`` keep (the removed columns become zero)."""
+    """Refit each block's output projection on the channels ``masks`` keep (the removed columns become zero). One
+    block at a time in float64 on the CPU, each block's gram and weight copy dropped from ``before`` once refitted,
+    so at most one block's float64 solve exists at once (``before`` is spent afterwards)."""
     keeps = pruner.channel_keeps(masks)
     for b in pruner.blocks:
         keep = keeps[b.name].cpu()
-        g = before.grams[b.name]
-        gkk = g[keep][:, keep]
+        g = before.grams.pop(b.name)
+        wt = before.weights.pop(b.name).t()  # [channels, hidden], the removed channels' columns still in it
+        gk = g[keep].double()  # [kept, channels]
+        del g
+        gkk = gk[:, keep]
         lam = DAMP * gkk.diagonal().mean().clamp_min(1e-12)
-        wt = before.weights[b.name].t()  # [channels, hidden], the removed channels' columns still in it
+        wt64 = wt.double()
         # the ridge pulls the fit toward the weights the kept channels had, not toward zero
-        fitted = torch.linalg.solve(gkk + lam * torch.eye(len(gkk), dtype=gkk.dtype), g[keep] @ wt + lam * wt[keep])
+        gkk.diagonal().add_(lam)
+        fitted = torch.linalg.solve(gkk, gk @ wt64 + lam * wt64[keep])
+        del gk, gkk, wt64
         w = b.output.weight_oi()  # a view: Conv1D's transposed weight too
-        new = torch.zeros(w.shape, dtype=torch.float64)
-        new[:, keep] = fitted.t()
-        w.copy_(new.to(device=w.device, dtype=w.dtype))
+        new = torch.zeros(w.shape, dtype=w.dtype, device=w.device)
+        new[:, keep] = fitted.t().to(device=w.device, dtype=w.dtype)
+        w.copy_(new)

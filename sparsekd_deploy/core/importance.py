@@ -24,6 +24,9 @@ class ScoringContext:
     calib: list[torch.Tensor]  # batches of input ids
     kd_loss: Callable[[torch.Tensor], torch.Tensor] | None = None  # input ids -> scalar KD loss on the student
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # param name -> keep mask (native layout)
+    # Tokens per chunk of a loss over the vocabulary (fisher's cross-entropy): the run's KD chunk (0 = unchunked), or
+    # None = losses.kd_chunk_tokens's automatic rule for a calibration batch.
+    chunk: int | None = None
 
 
 Criterion = Callable[[ScoringContext], dict[str, torch.Tensor]]
@@ -115,16 +118,20 @@ def fisher(ctx: ScoringContext) -> dict[str, torch.Tensor]:
 
     fisher_sum = {b.name: torch.zeros(b.intermediate, dtype=torch.float64) for b in blocks}
     handles = [b.output.module.register_forward_pre_hook(hook_for(b.name)) for b in blocks]
+    checked = False
     try:
         ctx.student.eval()
         with torch.enable_grad():
             for ids in ctx.calib:
                 ids = ids.to(_device(ctx.student))
+                chunk = _fisher_chunk(ctx, ids)
+                if chunk and not checked:  # the chunked loss is only right where logits are lm_head(hidden)
+                    from ..models.lm_head import check_head
+
+                    check_head(ctx.student, ids[:1, :8])
+                    checked = True
                 acts.clear()
-                logits = ctx.student(input_ids=ids).logits
-                # Summed over the batch: sequences do not interact, so the gradient at a sequence's activations is
-                # its own loss's.
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+                loss = _next_token_loss(ctx.student, ids, chunk)
                 names = list(acts)
                 grads = torch.autograd.grad(loss, [acts[n] for n in names])  # parameters' .grad stay untouched
                 for name, g in zip(names, grads, strict=True):
@@ -141,6 +148,46 @@ def fisher(ctx: ScoringContext) -> dict[str, torch.Tensor]:
 
 
 fisher.scores_channels = True  # only MLP channels (config refuses it with other patterns)
+
+
+def _fisher_chunk(ctx: ScoringContext, ids: torch.Tensor) -> int:
+    """Tokens per chunk of a calibration batch's loss (0 = unchunked): the run's, else the automatic rule."""
+    if ctx.chunk is not None:
+        return ctx.chunk if 0 < ctx.chunk < ids[:, 1:].numel() else 0
+    from .losses import kd_chunk_tokens
+
+    head = ctx.student.get_output_embeddings()
+    if head is None:  # no head to split the logits at: the model's own logits (as before)
+        return 0
+    return kd_chunk_tokens(None, ids[:, 1:].numel(), head.weight.shape[0])
+
+
+def _next_token_loss(model: nn.Module, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Σ over a batch's positions of the next-token cross-entropy on its own tokens. Summed over the batch: sequences
+    do not interact, so the gradient at a sequence's activations is its own loss's. With ``chunk`` > 0 from the final
+    hidden states, ``chunk`` positions' logits at a time, each chunk checkpointed so that its backward recomputes them:
+    the [tokens × vocab] logits never exist at once (a 128k vocabulary at 8 × 2048 tokens: 8.6 GB in float32)."""
+    targets = ids[:, 1:].flatten()
+    if not chunk:
+        logits = model(input_ids=ids).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, reduction="sum")
+    from torch.utils.checkpoint import checkpoint
+
+    from ..models.lm_head import final_hidden, output_head
+
+    hidden = final_hidden(model, ids)[:, :-1]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    weight, bias = output_head(model)
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk):
+        total = total + checkpoint(_cross_entropy_sum, h[s:s + chunk], weight, bias, targets[s:s + chunk],
+                                   use_reentrant=False)
+    return total
+
+
+def _cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, weight, bias).float(), targets, reduction="sum")
 
 
 def _oi(layer: PrunableLayer, native: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,8 @@ def one_shot(cfg: DistillConfig, importance: str):
     d._setup(False)
     calib = list(d.train_ids[: cfg.calib_batches * cfg.batch_size].split(cfg.batch_size))
     # The calibration batches are CPU slices of the training set; taylor's KD loss runs on the student's device.
-    ctx = ScoringContext(d.raw, d.pruner.layers, calib, kd_loss=lambda ids: d.loss_on(ids.to(d.device)))
+    ctx = ScoringContext(d.raw, d.pruner.layers, calib, kd_loss=lambda ids: d.loss_on(ids.to(d.device)),
+                         chunk=d.kd_chunk)
     before = before_prune(d.raw, d.pruner, calib) if cfg.compensation == "ls" and d.pruner.blocks else None
     d.masks = d.pruner.stage_masks(score(importance, ctx), 1.0)
     apply_masks(d.raw, d.masks)

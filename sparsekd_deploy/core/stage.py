@@ -19,12 +19,13 @@ from .schedule import Stage
 
 def prune_stage(model: nn.Module, pruner: Pruner, importance: str, fraction: float, calib: list[torch.Tensor],
                 masks: Masks, kd_loss: Callable[[torch.Tensor], torch.Tensor],
-                allocation: dict[str, float] | None = None, compensation: str = "off") -> Masks:
+                allocation: dict[str, float] | None = None, compensation: str = "off", chunk: int | None = None) -> Masks:
     """Score the current student and zero the weights outside ``fraction`` of the final pattern (each layer at its
     own sparsity under a load-path ``allocation``); under ``compensation`` "ls" a channel prune then refits the
-    output projections on the channels kept (compensation.py). Returns the masks."""
+    output projections on the channels kept (compensation.py). ``chunk``: the run's KD chunk, which a loss over
+    the vocabulary in the scoring keeps to (``importance.ScoringContext``). Returns the masks."""
     before = before_prune(model, pruner, calib) if compensation == "ls" and pruner.blocks else None
-    ctx = ScoringContext(model, pruner.layers, calib, masks=masks, kd_loss=kd_loss)
+    ctx = ScoringContext(model, pruner.layers, calib, masks=masks, kd_loss=kd_loss, chunk=chunk)
     scores = score(importance, ctx)
     new = allocated_masks(pruner, scores, fraction, allocation) if allocation else pruner.stage_masks(scores, fraction)
     apply_masks(model, new)

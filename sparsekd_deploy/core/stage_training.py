@@ -205,7 +205,7 @@ class StageTraining:
             self.masks = prune_stage(self.raw, self.pruner, self.cfg.importance, fraction, calib, self.masks,
                                      kd_loss=lambda ids: self.loss_on(ids.to(self.device)),
                                      allocation=self.load_plan.allocation if self.load_plan else None,
-                                     compensation=self.cfg.compensation)
+                                     compensation=self.cfg.compensation, chunk=self.kd_chunk)
         self.masks = self.team.share_masks(self.masks)
         if not self.team.is_main:
             apply_masks(self.raw, self.masks)
