@@ -177,3 +177,20 @@ def ort_bundle(tiny_dirs, tmp_path_factory):
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     return root / "b"
+
+
+def masks_bind_after_each_training_segment(monkeypatch) -> list[bool]:
+    """Spy on ``StagedDistiller.train_steps``: after each segment of steps, whether every masked weight is exactly
+    zero (appended to the returned list as the run goes)."""
+    from sparsekd_deploy.core import distill as distill_mod
+
+    seen: list[bool] = []
+    orig = distill_mod.StagedDistiller.train_steps
+
+    def spy(self, *args, **kw):
+        orig(self, *args, **kw)
+        params = dict(self.raw.named_parameters())
+        seen.append(all((params[k][~m] == 0).all() for k, m in self.masks.items()))
+
+    monkeypatch.setattr(distill_mod.StagedDistiller, "train_steps", spy)
+    return seen

@@ -119,17 +119,9 @@ def test_bad_demolition_options_are_one_line():
 
 
 def test_masks_bind_from_the_end_of_the_fade_on(tiny_dirs, fast_cfg, monkeypatch):
-    from sparsekd_deploy.core import distill as distill_mod
+    from conftest import masks_bind_after_each_training_segment
 
-    seen = []
-    orig = distill_mod.StagedDistiller.train_steps
-
-    def spy(self, *args, **kw):
-        orig(self, *args, **kw)
-        params = dict(self.raw.named_parameters())
-        seen.append(all((params[k][~m] == 0).all() for k, m in self.masks.items()))
-
-    monkeypatch.setattr(distill_mod.StagedDistiller, "train_steps", spy)
+    seen = masks_bind_after_each_training_segment(monkeypatch)
     distill(build_config(None, {**fast_cfg, "teacher": str(tiny_dirs["llama"]), "pattern": "channels:0.5",
                                 "demolition": "gradual", "lr": 0.05}))
     # per stage: the fade (its last step brings the factor to 0), then the recovery's 2 segments

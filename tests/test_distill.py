@@ -86,15 +86,9 @@ def test_unstructured_and_structured(tiny_dirs, fast_cfg, tmp_path):
 
 
 def test_masks_enforced_after_every_step(tiny_dirs, fast_cfg, monkeypatch):
-    seen = []
-    orig = distill_mod.StagedDistiller.train_steps
+    from conftest import masks_bind_after_each_training_segment
 
-    def spy(self, *args, **kw):
-        orig(self, *args, **kw)
-        params = dict(self.raw.named_parameters())
-        seen.append(all((params[k][~m] == 0).all() for k, m in self.masks.items()))
-
-    monkeypatch.setattr(distill_mod.StagedDistiller, "train_steps", spy)
+    seen = masks_bind_after_each_training_segment(monkeypatch)
     distill(_cfg(fast_cfg, tiny_dirs["llama"], lr=0.05))
     assert seen == [True] * 8  # 2 stages × 4 training segments (held-out KL is measured after each)
 
