@@ -194,3 +194,11 @@ def masks_bind_after_each_training_segment(monkeypatch) -> list[bool]:
 
     monkeypatch.setattr(distill_mod.StagedDistiller, "train_steps", spy)
     return seen
+
+
+class OneLinear(torch.nn.Module):
+    """One bias-free 4 → 2 Linear (``fc``): small enough to write every weight of a test by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2, bias=False)

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from torch import nn
+from conftest import OneLinear
 
 from sparsekd_deploy.config import build_config
-from sparsekd_deploy.core.demolition import Fade, fade_steps
+from sparsekd_deploy.core.demolition import Fade
 from sparsekd_deploy.core.distill import distill
 from sparsekd_deploy.core.mask_learning import learning_start
 from sparsekd_deploy.core.patterns import make_pattern
@@ -13,14 +13,8 @@ from sparsekd_deploy.core.pruner import Pruner, apply_masks
 from sparsekd_deploy.errors import ConfigError
 
 
-class _One(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 2, bias=False)
-
-
 def test_removed_weights_fade_linearly_and_end_exactly_zero():
-    model = _One()
+    model = OneLinear()
     w0 = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
     with torch.no_grad():
         model.fc.weight.copy_(w0)
@@ -44,7 +38,7 @@ def test_removed_weights_fade_linearly_and_end_exactly_zero():
 
 
 def test_only_this_stages_removal_fades():
-    model = _One()
+    model = OneLinear()
     w0 = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
     pruner = Pruner(model, make_pattern("unstructured:0.5"))
     earlier = {"fc.weight": torch.tensor([[True, True, True, False], [False, True, True, True]])}
@@ -79,10 +73,6 @@ def test_a_channel_fades_through_its_output_column_only(tiny_dirs):
     fade.after_step()  # factor 0: the whole channel is zero
     for name, keep in masks.items():
         assert (dict(model.named_parameters())[name].detach()[~keep] == 0).all()
-
-
-def test_fade_steps_leave_the_recovery_at_least_one():
-    assert fade_steps(90, 0.5) == 45 and fade_steps(2, 0.9) == 1 and fade_steps(1, 0.5) == 0
 
 
 # Seeded golden values (CPU, fp32, fast_cfg): tiny Llama, channels:0.5, two stages of 4 steps, the first 2 fading.

@@ -2,24 +2,18 @@
 
 import pytest
 import torch
-from torch import nn
+from conftest import OneLinear
 
 from sparsekd_deploy.config import build_config
 from sparsekd_deploy.core.distill import distill
-from sparsekd_deploy.core.mask_learning import MaskLearner, learning_start, learning_steps
+from sparsekd_deploy.core.mask_learning import MaskLearner, learning_start
 from sparsekd_deploy.core.patterns import NM, make_pattern
 from sparsekd_deploy.core.pruner import Pruner, apply_masks
 from sparsekd_deploy.errors import ConfigError
 
 
-class _One(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 2, bias=False)
-
-
 def test_a_pruned_weight_that_grows_takes_its_groups_place():
-    model = _One()
+    model = OneLinear()
     with torch.no_grad():
         model.fc.weight.copy_(torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]]))
     pruner = Pruner(model, make_pattern("2:4"))
@@ -41,7 +35,7 @@ def test_a_pruned_weight_that_grows_takes_its_groups_place():
 
 
 def test_weights_pruned_by_an_earlier_stage_never_come_back():
-    model = _One()
+    model = OneLinear()
     with torch.no_grad():
         model.fc.weight.copy_(torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]]))
     pruner = Pruner(model, make_pattern("unstructured:0.5"))
@@ -55,7 +49,7 @@ def test_weights_pruned_by_an_earlier_stage_never_come_back():
 
 
 def test_decay_shrinks_only_pruned_latents():
-    model = _One()
+    model = OneLinear()
     pruner = Pruner(model, make_pattern("2:4"))
     dense = learning_start(model, pruner)
     masks = pruner.stage_masks({"fc": model.fc.weight.detach().abs()}, 1.0)
@@ -67,10 +61,6 @@ def test_decay_shrinks_only_pruned_latents():
     lat = learner.latent["fc.weight"]
     assert torch.allclose(lat[keep], dense["fc.weight"][keep])
     assert torch.allclose(lat[~keep], 0.9 * dense["fc.weight"][~keep])
-
-
-def test_learning_steps_leave_the_recovery_at_least_one():
-    assert learning_steps(90, 0.5) == 45 and learning_steps(2, 0.9) == 1 and learning_steps(1, 0.5) == 0
 
 
 # Seeded golden values (CPU, fp32, fast_cfg): tiny Llama, 2:4, two stages of 4 steps, half of each learning masks.

@@ -136,3 +136,9 @@ def test_an_external_data_graph_is_not_rewritten_in_place(exported, tmp_path):
     info = fuse_attention(dst)
     assert info.fused == 0 and "external-data" in info.skipped
     assert (dst.read_bytes(), (tmp_path / "big.onnx.data").read_bytes()) == before
+    from sparsekd_deploy.pipeline.export_step import _fuse_for_ort
+
+    notes = []
+    record = _fuse_for_ort([dst], notes.append)  # what the manifest's model.attention_fusion holds
+    assert record["big.onnx"] == 0 and "external-data" in record["skipped"]["big.onnx"]
+    assert any("left unfused" in n for n in notes)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sparsekd_deploy.core.patterns import NM, Channels, Unstructured, make_pattern
-from sparsekd_deploy.core.schedule import plan
+from sparsekd_deploy.core.schedule import opening_steps, plan
 from sparsekd_deploy.errors import ConfigError
 
 
@@ -93,3 +93,8 @@ def test_masks_are_made_on_the_scores_device(pattern):
     device stands in for it here: it refuses to mix with CPU tensors the same way."""
     assert pattern.keep_mask(torch.rand(4, 8, device="meta"), 0.5).device.type == "meta"
     assert Channels(0.5).channel_keep(torch.rand(8, device="meta"), 1.0).device.type == "meta"
+
+
+def test_an_opening_phase_leaves_the_recovery_at_least_one_step():
+    """Mask learning and a gradual demolition's fade take their steps from the stage by the same rule."""
+    assert opening_steps(90, 0.5) == 45 and opening_steps(2, 0.9) == 1 and opening_steps(1, 0.5) == 0

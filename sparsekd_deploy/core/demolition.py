@@ -22,13 +22,6 @@ from torch import nn
 from .pruner import Masks, Pruner
 
 
-def fade_steps(stage_steps: int, share: float) -> int:
-    """Steps of a stage over which its removal fades: ``share`` of them, leaving at least one for the recovery
-    (0 = the stage is too short to fade anything)."""
-    k = round(stage_steps * share)
-    return min(k, stage_steps - 1) if k >= 1 else 0
-
-
 class Fade:
     """Holds a stage's newly removed weights at ``value before the prune × factor`` (see the module docstring).
 
@@ -41,7 +34,6 @@ class Fade:
             raise ValueError("a fade needs at least one step")
         self.steps = steps
         self.done = 0
-        self.masks = after
         params = dict(model.named_parameters(remove_duplicate=False))
         scaled = {b.output.param_name for b in pruner.blocks} if pruner.blocks else None
         # name → (parameter, entries removed by this stage, their values before the prune, whether they fade)

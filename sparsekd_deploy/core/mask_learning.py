@@ -29,13 +29,6 @@ from .pruner import Masks, Pruner
 DEFAULT_DECAY = 0.0
 
 
-def learning_steps(stage_steps: int, share: float) -> int:
-    """Steps of a stage spent learning its masks: ``share`` of them, leaving at least one for the recovery
-    (0 = the stage is too short to learn anything)."""
-    k = round(stage_steps * share)
-    return min(k, stage_steps - 1) if k >= 1 else 0
-
-
 @torch.no_grad()
 def learning_start(model: nn.Module, pruner: Pruner) -> dict[str, torch.Tensor]:
     """The prunable weights (and the biases channel masks cover) before the stage's prune: the latents' start."""

@@ -13,11 +13,9 @@ def one_shot(cfg: DistillConfig, importance: str):
     """Prepare a distiller for ``cfg`` (teacher, student, data, run dir), prune its student to the full target by
     ``importance`` scored on the calibration batches, and return the distiller (``.raw`` is the pruned student,
     ``.masks`` its masks, ``.measure()`` the held-out metrics)."""
-    from .compensation import before_prune, compensate
     from .distill import StagedDistiller
-    from .importance import ScoringContext, score
-    from .pruner import apply_masks
     from .rundir import RunDir
+    from .stage import prune_stage
 
     d = StagedDistiller(cfg)
     d.run = RunDir(cfg.out)
@@ -25,11 +23,6 @@ def one_shot(cfg: DistillConfig, importance: str):
     d._setup(False)
     calib = list(d.train_ids[: cfg.calib_batches * cfg.batch_size].split(cfg.batch_size))
     # The calibration batches are CPU slices of the training set; taylor's KD loss runs on the student's device.
-    ctx = ScoringContext(d.raw, d.pruner.layers, calib, kd_loss=lambda ids: d.loss_on(ids.to(d.device)),
-                         chunk=d.kd_chunk)
-    before = before_prune(d.raw, d.pruner, calib) if cfg.compensation == "ls" and d.pruner.blocks else None
-    d.masks = d.pruner.stage_masks(score(importance, ctx), 1.0)
-    apply_masks(d.raw, d.masks)
-    if before is not None:
-        compensate(d.pruner, before, d.masks)
+    d.masks = prune_stage(d.raw, d.pruner, importance, 1.0, calib, {}, kd_loss=lambda ids: d.loss_on(ids.to(d.device)),
+                          compensation=cfg.compensation, chunk=d.kd_chunk)
     return d

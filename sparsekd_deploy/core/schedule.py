@@ -15,6 +15,13 @@ class Stage:
     steps: int = 0  # distillation steps of the first attempt
 
 
+def opening_steps(stage_steps: int, share: float) -> int:
+    """Steps of a stage's opening phase (mask learning, a gradual demolition's fade): ``share`` of them, leaving at
+    least one for the recovery (0 = the stage is too short for the phase)."""
+    k = round(stage_steps * share)
+    return min(k, stage_steps - 1) if k >= 1 else 0
+
+
 def step_budget(stages: int, steps_per_stage: int, schedule: str) -> list[int]:
     """Split the total budget (stages × steps_per_stage). ``backloaded`` gives stage k a share ∝ k: early
     stages remove little load and need little repair, the last one removes the most and needs the most."""

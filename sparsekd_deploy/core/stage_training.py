@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NonFiniteLossError
-from .demolition import Fade, fade_steps
+from .demolition import Fade
 from .evaluate import heldout_metrics
 from .importance import ScoringContext, input_norms
 from .lr_search import search_lr, wanted
-from .mask_learning import MaskLearner, learning_start, learning_steps
+from .mask_learning import MaskLearner, learning_start
 from .pruner import Masks, apply_masks
 from .recovery import Recovery, cosine_lr, recovery_lr, restore, snapshot
-from .schedule import Stage
+from .schedule import Stage, opening_steps
 from .stage import StageOutcome, prune_stage, stop_reason
 
 
@@ -110,8 +110,8 @@ class StageTraining:
         self.reporter.stage_begin(stage.label, stage.steps)
         searched = self._search_lr(stage, calib) if self._base_lr() is None else None
         before = self.masks
-        k = learning_steps(stage.steps, cfg.mask_learning_share) if cfg.mask_learning != "off" else 0
-        fading = fade_steps(stage.steps, cfg.demolition_share) if cfg.demolition == "gradual" else 0
+        k = opening_steps(stage.steps, cfg.mask_learning_share) if cfg.mask_learning != "off" else 0
+        fading = opening_steps(stage.steps, cfg.demolition_share) if cfg.demolition == "gradual" else 0
         # The latents start from the weights before the prune, and the masks are re-ranked with the activation norms
         # the one-shot criterion scored (so the first re-rank moves nothing that the gradient did not move). A fade
         # starts from the same weights.

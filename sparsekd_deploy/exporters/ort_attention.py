@@ -135,19 +135,27 @@ def fuse_attention(src: str | Path, dst: str | Path | None = None) -> FusionInfo
 
     src = Path(src)
     dst = Path(dst) if dst is not None else src
-    try:
-        model = onnx.load(str(src))
-    except Exception as e:  # onnx raises DecodeError / OSError / its own types for a damaged file
+    rewriter = f"onnxscript.rewriter {onnxscript.__version__}"
+
+    def unreadable(e: Exception) -> FusionError:  # onnx raises DecodeError / OSError / its own types
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise FusionError(f"cannot read {src} as an ONNX graph: {first}") from None
+        return FusionError(f"cannot read {src} as an ONNX graph: {first}")
+
+    try:
+        model = onnx.load(str(src), load_external_data=False)
+    except Exception as e:
+        raise unreadable(e) from None
     if any(n.domain == DOMAIN and n.op_type == "MultiHeadAttention" for n in model.graph.node):
         raise FusionError(f"{src.name} already holds MultiHeadAttention nodes (fused before); fuse the exported graph")
-    rewriter = f"onnxscript.rewriter {onnxscript.__version__}"
-    if dst == src and any(init.data_location == onnx.TensorProto.EXTERNAL for init in
-                          onnx.load(str(src), load_external_data=False).graph.initializer):
-        # Rewriting in place would write the new weights over the data file the graph is read from: a crash midway
-        # would leave neither graph. Such graphs (> 1.8 GB) stay unfused, and the record says why.
-        return FusionInfo(0, rewriter=rewriter, skipped="external-data graph (> 1.8 GB): not rewritten in place")
+    if any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer):
+        if dst == src:
+            # Rewriting in place would write the new weights over the data file the graph is read from: a crash
+            # midway would leave neither graph. Such graphs (> 1.8 GB) stay unfused, and the record says why.
+            return FusionInfo(0, rewriter=rewriter, skipped="external-data graph (> 1.8 GB): not rewritten in place")
+        try:
+            onnx.load_external_data_for_model(model, str(src.parent))
+        except Exception as e:
+            raise unreadable(e) from None
     try:
         count = fuse_attention_model(model)
     except Exception as e:  # the rewriter's own failure on a graph it does not expect: one line, the graph untouched

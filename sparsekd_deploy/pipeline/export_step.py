@@ -94,7 +94,8 @@ def _quantize(onnx_path: Path, q: QuantizeRequest) -> tuple[Path, dict]:
 
 
 def _fuse_for_ort(paths: list[Path], note) -> dict:
-    """Fuse each graph's attention for ONNX Runtime (in place); the record says how many layers, per file."""
+    """Fuse each graph's attention for ONNX Runtime (in place); the record says how many layers, per file, and why a
+    file was not rewritten at all."""
     from ..exporters.ort_attention import fuse_attention
 
     note("fusing attention for onnxruntime (com.microsoft.MultiHeadAttention)")
@@ -103,6 +104,9 @@ def _fuse_for_ort(paths: list[Path], note) -> dict:
         res = fuse_attention(path)
         record[path.name] = res.fused
         record.update(op=res.op, rewriter=res.rewriter)
+        if res.skipped:
+            record.setdefault("skipped", {})[path.name] = res.skipped
+            note(f"  {path.name} left unfused: {res.skipped}")
     return record
 
 
