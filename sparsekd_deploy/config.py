@@ -71,7 +71,7 @@ class DistillConfig:
     # sr-ste: the first mask_learning_share of each stage's steps choose its masks through the KD loss (dense latents,
     # straight-through gradients, re-ranked every step; core/mask_learning.py); off: the criterion's one-shot choice.
     mask_learning: str = "off"  # off | sr-ste
-    mask_learning_share: float = 0.5
+    mask_learning_share: float | None = None  # None = OPENING_SHARE when mask_learning is on (else unused: refused)
     # gradual: what a stage's prune removes fades out (×1 → ×0, frozen) over its first demolition_share of steps while
     # the KD loss trains the rest, then recovery under the masks (core/demolition.py); off: removed at once.
     demolition: str = "off"  # off | gradual
@@ -79,7 +79,7 @@ class DistillConfig:
     # calibration tokens stays as close as a ridge least-squares fit can make it (core/compensation.py).
     # None = ls for channel patterns (README, channel results), off otherwise (it applies to channel prunes only).
     compensation: str | None = None  # off | ls
-    demolition_share: float = 0.5
+    demolition_share: float | None = None  # None = OPENING_SHARE when demolition is gradual (else unused: refused)
     dense_layers: str | None = None  # n:m: keep the K most load-bearing layers dense ("3"), or "auto"
     loadpaths: str | None = None  # a loadpaths.json from `analyze`; None = analysed in the run, on its training data
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on GPU; CPU runs fp32)
@@ -134,8 +134,8 @@ def _problems(cfg: DistillConfig) -> list[str]:
         p.append(f"lr_search must be auto, on or off, got {cfg.lr_search!r}")
     if cfg.mask_learning not in ("off", "sr-ste"):
         p.append(f"mask_learning must be off or sr-ste, got {cfg.mask_learning!r}")
-    if not (0.0 < cfg.mask_learning_share < 1.0):
-        p.append(f"mask_learning_share must be in (0, 1), got {cfg.mask_learning_share}")
+    p.extend(_share_problems("mask_learning_share", cfg.mask_learning_share, cfg.mask_learning != "off",
+                             "mask_learning sr-ste"))
     if cfg.compensation not in ("off", "ls"):
         p.append(f"compensation must be off or ls, got {cfg.compensation!r}")
     elif cfg.compensation == "ls" and not str(cfg.pattern).strip().startswith("channels"):
@@ -143,8 +143,8 @@ def _problems(cfg: DistillConfig) -> list[str]:
                  f"not {cfg.pattern!r}")
     if cfg.demolition not in ("off", "gradual"):
         p.append(f"demolition must be off or gradual, got {cfg.demolition!r}")
-    if not (0.0 < cfg.demolition_share < 1.0):
-        p.append(f"demolition_share must be in (0, 1), got {cfg.demolition_share}")
+    p.extend(_share_problems("demolition_share", cfg.demolition_share, cfg.demolition != "off",
+                             "demolition gradual"))
     if cfg.demolition == "gradual" and cfg.compensation == "ls":
         p.append("demolition gradual fades the removed channels out while compensation ls has the kept ones carry "
                  "their load already: choose one")
@@ -360,6 +360,20 @@ def _coerce(name: str, value: Any, problems: list[str]) -> Any:
     return checked
 
 
+def _share_problems(name: str, share: float | None, used: bool, feature: str) -> list[str]:
+    """A share of a stage's opening steps: in (0, 1), and only with the feature that spends it (set without it, it
+    would be silently ignored)."""
+    if share is None:
+        return []
+    if not used:
+        return [f"{name} is the share of a stage's steps that {feature} takes; it does nothing without it: add "
+                f"--{feature.replace('_', '-')} or drop --{name.replace('_', '-')}"]
+    if not (0.0 < share < 1.0):
+        return [f"{name} must be in (0, 1), got {share}"]
+    return []
+
+
+OPENING_SHARE = 0.5  # default share of a stage's steps for mask learning / gradual demolition
 CALIB_BATCHES = 4  # default calibration batches of the weight criteria (wanda, magnitude, taylor)
 # Calibration sequences of importance fisher. One-shot channels:0.5 on the demo (seed 0, held-out KL before any
 # training; a one-off sweep through the library, no script): 32 sequences 0.081, 64: 0.074, 128: 0.073, 256: 0.068;
@@ -404,6 +418,10 @@ def _resolve_defaults(cfg: DistillConfig) -> None:
     k = topk_access(cfg.teacher_access)
     if k is not None and cfg.operator == _default("operator"):  # a top-K teacher's buckets are the topk:K operator's
         cfg.operator = f"topk:{k}"
+    if cfg.mask_learning_share is None and learning:
+        cfg.mask_learning_share = OPENING_SHARE
+    if cfg.demolition_share is None and cfg.demolition != "off":
+        cfg.demolition_share = OPENING_SHARE
     if cfg.steps_per_stage is None:  # (a bad stage count is reported by _problems; the budget stays valid)
         stages = cfg.stages if isinstance(cfg.stages, int) and cfg.stages >= 1 else 1
         cfg.steps_per_stage = max(1, DEFAULT_STEP_BUDGET // stages)

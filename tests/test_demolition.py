@@ -108,6 +108,14 @@ def test_bad_demolition_options_are_one_line():
         build_config(None, {"demolition": "gradual", "mask_learning": "sr-ste"})
 
 
+def test_demolition_share_without_gradual_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="does nothing without it: add --demolition gradual"):
+        build_config(None, {"demolition_share": 0.3})
+    assert build_config(None, {"demolition": "gradual"}).demolition_share == 0.5
+    assert build_config(None, {"demolition": "gradual", "demolition_share": 0.3}).demolition_share == 0.3
+    assert build_config(None, {}).demolition_share is None  # unused by a run without gradual demolition
+
+
 def test_masks_bind_from_the_end_of_the_fade_on(tiny_dirs, fast_cfg, monkeypatch):
     from conftest import masks_bind_after_each_training_segment
 

@@ -91,6 +91,12 @@ def test_bad_mask_learning_options_are_one_line():
     assert "mask_learning_share must be in (0, 1)" in str(e.value)
 
 
+def test_mask_learning_share_without_sr_ste_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="does nothing without it: add --mask-learning sr-ste"):
+        build_config(None, {"mask_learning_share": 0.3})
+    assert build_config(None, {"mask_learning": "sr-ste", "importance": "wanda"}).mask_learning_share == 0.5
+
+
 def test_a_diverging_mask_learning_phase_stops_the_run_at_its_last_stage(tiny_dirs, fast_cfg, monkeypatch):
     from sparsekd_deploy.errors import NonFiniteLossError
 

@@ -61,12 +61,14 @@ DISTILL_OPTIONS = [
                                               help="sr-ste: each stage first chooses its masks through the KD loss "
                                                    "(straight-through, re-ranked every step), then recovers. [default: off]")),
     ("--mask-learning-share", "mask_learning_share",
-     dict(type=float, help="Share of a stage's steps spent learning its masks. [default: 0.5]")),
+     dict(type=float, help="With --mask-learning sr-ste: share of a stage's steps spent learning its masks. "
+                            "[default: 0.5]")),
     ("--demolition", "demolition", dict(type=click.Choice(["off", "gradual"]),
                                         help="gradual: what a stage removes fades out over its first steps while "
                                              "the rest trains, then recovery under the masks. [default: off]")),
     ("--demolition-share", "demolition_share",
-     dict(type=float, help="Share of a stage's steps over which its removal fades. [default: 0.5]")),
+     dict(type=float, help="With --demolition gradual: share of a stage's steps over which its removal fades. "
+                            "[default: 0.5]")),
     ("--loadpaths", "loadpaths", dict(help="loadpaths.json from `sparsekd-deploy analyze` (default: analysed in the run).")),
     ("--sparsify-only-faster", "sparsify_only_faster",
      dict(help="profile.json from `sparsekd-deploy profile`: keep dense the layers where 2:4 is not faster.")),
