@@ -38,6 +38,15 @@ def test_every_layer_fused_and_the_decomposed_attention_gone(fused):
     assert {("", "Softmax"), ("", "IsNaN")} <= set(_ops(plain))  # what it replaced
 
 
+def test_the_fused_graph_keeps_nothing_that_nothing_reads(fused):
+    _, dst, _ = fused
+    graph = onnx.load(str(dst), load_external_data=False).graph
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    assert not [init.name for init in graph.initializer if init.name not in read]
+    # the replaced subgraphs' constants (scales, -inf, the NaN guard's 0) went with them
+    assert not [node.name for node in graph.node if not any(o in read for o in node.output)]
+
+
 def test_fused_graph_keeps_fp32_parity_and_the_same_greedy_decode(fused, exported):
     plain, dst, _ = fused
     model, _ = exported["llama"]

@@ -111,13 +111,16 @@ def _rule():
 def fuse_attention_model(model) -> int:
     """Rewrite ``model`` (an ``onnx.ModelProto``) in place; returns how many attention subgraphs were fused."""
     from onnxscript import ir
-    from onnxscript.ir.passes.common import ShapeInferencePass
+    from onnxscript.ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
     ir_model = ir.from_proto(model)
     # The exporter writes no intermediate shapes; the rule needs the query's rank and the key's head count.
     ShapeInferencePass()(ir_model)
     count = _rule().apply_to_model(ir_model)
     if count:
+        # The replaced subgraphs' constants (the -inf, the split scales, the NaN guard's 0) are read by nothing now;
+        # left in, ORT logs a "Removing initializer" warning for each at every session start.
+        RemoveUnusedNodesPass()(ir_model)
         ir_model.graph.opset_imports.setdefault(DOMAIN, 1)
         proto = ir.to_proto(ir_model)
         model.CopyFrom(proto)
