@@ -452,10 +452,13 @@ def aggregate(records: list[dict], seeds: list[int]) -> dict:
                     continue
                 mean = statistics.mean(kls.values())
                 paired = [kls[s] - ref[s]["test_kl"] for s in kls if s in ref]
+                ratios = [kls[s] / ref[s]["test_kl"] for s in kls if s in ref and ref[s]["test_kl"] > 0]
                 row = {
                     "label": METHODS.get(method, {}).get("label", method), "kl": kls, "kl_mean": mean,
                     "kl_min": min(kls.values()), "kl_max": max(kls.values()),
                     "ratio_vs_ref": mean / ref_mean if ref_mean else None,
+                    # the README's ratios: the mean of the per-seed ratios (each seed against its own baseline run)
+                    "paired_ratio": statistics.mean(ratios) if ratios and method != REF else None,
                     "paired_delta": statistics.mean(paired) if paired and method != REF else None,
                     "paired_wins": sum(d < 0 for d in paired), "paired_n": len(paired),
                     "top1": statistics.mean(cells[s]["test_top1"] for s in kls),
@@ -501,7 +504,7 @@ def markdown(agg: dict, seeds: list[int], steps: int, note: str) -> str:
     for model in agg:
         lines += [f"## {model}", ""]
         head = (["pattern", "method"] + [f"seed {s}" for s in seeds]
-                + ["mean", "× 1-shot+KD", "paired Δ (lower/n)", "top-1", "H student / teacher", "sparsity",
+                + ["mean", "× 1-shot+KD", "paired ×", "paired Δ (lower/n)", "top-1", "H student / teacher", "sparsity",
                    "held-out KL", "s/cell"])
         lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         sentences = []
@@ -513,6 +516,7 @@ def markdown(agg: dict, seeds: list[int], steps: int, note: str) -> str:
                 cells = [pattern, r["label"] + mark] + [f"{r['kl'][s]:.4f}" if s in r["kl"] else "–" for s in seeds]
                 cells += [f"{r['kl_mean']:.4f}",
                           f"{r['ratio_vs_ref']:.3f}" if r["ratio_vs_ref"] is not None else "–",
+                          f"{r['paired_ratio']:.3f}" if r.get("paired_ratio") is not None else "–",
                           f"{r['paired_delta']:+.4f} ({r['paired_wins']}/{r['paired_n']})"
                           if r["paired_delta"] is not None else "–",
                           f"{r['top1']:.3f}", f"{r['entropy']:.3f} / {r['teacher_entropy']:.3f}",
@@ -677,7 +681,8 @@ def main(argv=None) -> int:
             f"own held-out set (held-out KL column). Entropy: mean sampling entropy at τ = 1 "
             f"({sizes['entropy_prompts']} test prefixes × {sizes['entropy_samples']} samples × "
             f"{sizes['entropy_tokens']} tokens). Trained methods: retries 0, KL budget {args.kl_budget:g}, "
-            f"data-free distillation on {sizes['num_samples']} teacher samples. × 1-shot+KD: ratio of means; paired Δ: "
+            f"data-free distillation on {sizes['num_samples']} teacher samples. × 1-shot+KD: ratio of means; paired ×: mean of the "
+            f"per-seed ratios (the README's); paired Δ: "
             f"mean per-seed difference to one-shot Wanda + KD (lower/n: seeds where the method is lower).")
     text = report(records, root, args.seeds, args.steps, note)
     print("\n" + text, flush=True)

@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -46,3 +48,17 @@ def test_one_cell_cached_and_reported(tiny_dirs, tmp_path, monkeypatch):
     text = bm.report([rec], tmp_path, [0], 2, "note")
     assert "| 2:4 | one-shot Wanda + KD |" in text and "wins" in text
     assert (tmp_path / "results.md").is_file() and (tmp_path / "kl_vs_sparsity_tiny.png").is_file()
+
+
+def test_paired_ratio_is_the_mean_of_per_seed_ratios_beside_the_ratio_of_means():
+    def cell(method, seed, kl):
+        return {"model": "m", "pattern": "2:4", "method": method, "seed": seed, "test_kl": kl, "test_top1": 0.5,
+                "entropy": {"mean_entropy": 1.0}, "teacher_entropy": {"mean_entropy": 1.0}, "target_sparsity": 0.5,
+                "distiller": {"heldout_kl": kl, "sparsity": 0.5, "reached_target": True}, "seconds": 1.0}
+
+    records = [cell(bm.REF, 0, 0.1), cell(bm.REF, 1, 0.2), cell("staged", 0, 0.05), cell("staged", 1, 0.3)]
+    row = bm.aggregate(records, [0, 1])["m"]["2:4"]["staged"]
+    assert row["paired_ratio"] == pytest.approx(1.0)  # (0.5 + 1.5) / 2
+    assert row["ratio_vs_ref"] == pytest.approx(0.35 / 0.3)
+    assert bm.aggregate(records, [0, 1])["m"]["2:4"][bm.REF]["paired_ratio"] is None
+    assert "| 1.000 |" in bm.markdown(bm.aggregate(records, [0, 1]), [0, 1], 2, "")
