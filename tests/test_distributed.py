@@ -280,9 +280,11 @@ def test_each_rank_writes_its_shard_of_the_topk_cache(tmp_path):
         assert torch.equal(torch.tensor(x["idx"]), ref_idx) and torch.allclose(torch.tensor(x["logp"]), ref_lp, atol=1e-5)
 
 
-# Held-out KL of the 2-rank FSDP run vs the 1-process run, same global batch and seed, at every measurement.
-# Set from the measured max |difference| (see the test's docstring), pinned a few times above it.
-FSDP_KL_TOLERANCE = 1e-6
+# Held-out KL of the 2-rank FSDP run vs the 1-process run, same global batch and seed, at every measurement (each
+# stage: right after the prune + 4 recovery checkpoints). Measured: max |difference| 3.2e-08, as under DDP (batched
+# matmuls over 2 rows instead of 4, and the two ranks' gradients averaged by a reduce-scatter instead of one batch's
+# sum, round differently); pinned 3x above it.
+FSDP_KL_TOLERANCE = 1e-7
 
 
 def _interrupted_copy(done: Path, partial: Path, accepted: int) -> None:
@@ -305,8 +307,7 @@ def _interrupted_copy(done: Path, partial: Path, accepted: int) -> None:
 def test_fsdp_two_ranks_reproduce_one_process_and_resume(tiny_dirs, tmp_path):
     """A staged 2:4 run under torchrun with --fsdp (2 ranks × 2 rows, the student sharded) against one process (4
     rows, no FSDP), same recipe and seed: the same masks in every layer of every stage, the held-out KL at every
-    measurement within FSDP_KL_TOLERANCE (measured max |difference| 2e-7 here: the reduce-scatter averages the two
-    ranks' gradients in another order than one process's batch sum). Each rank held about half of the student's
+    measurement within FSDP_KL_TOLERANCE. Each rank held about half of the student's
     parameters (what the run recorded from inside). Interrupted after stage 1, `--resume` under FSDP loads the stage-1
     checkpoint into the shards and ends with the uninterrupted run's stage-2 masks and KLs."""
     recipe = _recipe(tmp_path, tiny_dirs["llama"])
@@ -330,8 +331,8 @@ def test_fsdp_two_ranks_reproduce_one_process_and_resume(tiny_dirs, tmp_path):
         assert sorted(ma) == sorted(mb) and len(ma) == 14
         assert all(torch.equal(ma[k], mb[k]) for k in ma)
         assert [c[0] for c in b["checkpoints"]] == [c[0] for c in a["checkpoints"]]
-        kls = [(a["kl_after_prune"], b["kl_after_prune"])] + [(x[1], y[1]) for x, y in zip(a["checkpoints"],
-                                                                                         b["checkpoints"])]
+        pairs = zip(a["checkpoints"], b["checkpoints"], strict=True)
+        kls = [(a["kl_after_prune"], b["kl_after_prune"])] + [(x[1], y[1]) for x, y in pairs]
         worst = max(worst, *(abs(x - y) for x, y in kls))
     print(f"fsdp vs one process: max |held-out KL difference| {worst:.3g}")
     assert worst <= FSDP_KL_TOLERANCE

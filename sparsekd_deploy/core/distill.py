@@ -409,7 +409,7 @@ class StagedDistiller(StageTraining):
 
     def _record(self, stage: Stage, outcome: StageOutcome) -> dict:
         whole = self.refresh_whole()
-        report = self.team.on_main(sparsity_report, self.whole_pruner(), whole) if self.sharded else \
+        report = self.team.on_main(lambda: sparsity_report(self.whole_pruner(), whole)) if self.sharded else \
             sparsity_report(self.pruner, self.raw)
         record = stage_record(stage, outcome, report["overall_sparsity"], self.tokens_per_second)
         record["layer_sparsity"] = {name: e["sparsity"] for name, e in report["layers"].items()}
