@@ -83,8 +83,8 @@ class DistillConfig:
     dense_layers: str | None = None  # n:m: keep the K most load-bearing layers dense ("3"), or "auto"
     loadpaths: str | None = None  # a loadpaths.json from `analyze`; None = analysed in the run, on its training data
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on GPU; CPU runs fp32)
-    # Launched runs (torchrun / accelerate launch) use DDP; fsdp asks for the student sharded over GPUs instead
-    # (core/distributed.py says where that stands).
+    # Launched runs (torchrun / accelerate launch) use DDP; fsdp shards the student over the ranks instead (FSDP2,
+    # core/fsdp.py; what it does not support yet: distributed.fsdp_problems).
     fsdp: bool = False
     consistency_prompts: int = 8
     consistency_samples: int = 8
@@ -166,7 +166,7 @@ def _problems(cfg: DistillConfig) -> list[str]:
     if cfg.fsdp:
         from .core.distributed import fsdp_problems
 
-        p.extend(fsdp_problems())
+        p.extend(fsdp_problems(cfg))
     p.extend(_quantize_problems(cfg))
     if not cfg.consistency_temperatures or not all(t > 0 and math.isfinite(t) for t in cfg.consistency_temperatures):
         p.append("consistency_temperatures must be a non-empty list of finite numbers > 0")

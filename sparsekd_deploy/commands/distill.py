@@ -74,8 +74,9 @@ DISTILL_OPTIONS = [
      dict(help="profile.json from `sparsekd-deploy profile`: keep dense the layers where 2:4 is not faster.")),
     ("--precision", "precision", dict(type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
                                       help="Autocast on GPU; CPU runs fp32. [default: auto]")),
-    ("--fsdp", "fsdp", dict(is_flag=True, help="Under torchrun / accelerate launch: shard the student over the GPUs "
-                                               "(FSDP2) instead of DDP's one copy per GPU. Refused on CPU.")),
+    ("--fsdp", "fsdp", dict(is_flag=True, help="Under torchrun / accelerate launch (N ≥ 2 processes): shard the "
+                                               "student over the processes (FSDP2; GPUs or CPUs) instead of DDP's "
+                                               "whole copy per process.")),
     ("--consistency-temperature", "consistency_temperatures",
      dict(type=float, multiple=True, help="Temperature(s) for repeat-prompt consistency. [default: 1.0]")),
 ]

@@ -109,6 +109,40 @@ class StagedDistiller(StageTraining):
         self.utilisation: Utilisation | None = None  # on CUDA: the stage records' model-FLOPs utilisation (flops.py)
         self._trained_tokens = 0
         self._train_seconds = 0.0
+        # --fsdp: the student is sharded over the ranks (core/fsdp.py); the main process keeps a whole CPU copy,
+        # refreshed from the shards after each stage, for what reads every weight at once (records, consistency,
+        # checkpoints, the final student).
+        self.sharded = cfg.fsdp and self.team.distributed
+        self.whole: torch.nn.Module | None = None
+
+    def on_student(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, a pass that runs the student. Under FSDP every rank runs it, inside the sharded
+        root's forward (each layer gathers its weights from all ranks), and the main process's result is every
+        rank's; otherwise it runs here as it is."""
+        if not self.sharded:
+            return fn(*args, **kwargs)
+        with self.team.collective("the ranks ran the sharded student"):
+            result = self.student(None, call=lambda: fn(*args, **kwargs))
+        return self.team.share(result)
+
+    def refresh_whole(self) -> torch.nn.Module:
+        """The whole student, as the main process reads it: the student itself, or under FSDP (a collective: every
+        rank calls it) the main process's CPU copy loaded from the shards gathered to its CPU."""
+        if not self.sharded:
+            return self.raw
+        from .fsdp import full_state
+
+        with self.team.collective("the ranks gathered the student"):
+            state = full_state(self.raw)
+        if self.team.is_main:
+            self.whole.load_state_dict(state, strict=False)
+        return self.whole
+
+    def whole_pruner(self) -> Pruner:
+        """The pruner over the model ``refresh_whole`` gives (same layers, same names)."""
+        if not self.sharded:
+            return self.pruner
+        return Pruner(self.whole, self.pattern, self.cfg.include, self.cfg.exclude, self.keep_dense)
 
     def consistency_of(self, model) -> dict:
         cfg = self.cfg
@@ -125,24 +159,35 @@ class StagedDistiller(StageTraining):
 
     def restore(self, stage: int) -> None:
         """Load the weights and masks of an accepted stage (0 = the dense teacher)."""
-        if stage == 0:
-            teacher = self.teacher if self.teacher is not None else load_model(self.teacher_dir, role="teacher")
-            state = teacher.state_dict()
-            self.masks = {}
-        else:
-            ckpt = self.run.checkpoint_dir(stage)
-            state = {}
-            for f in sorted(ckpt.glob("*.safetensors")):
-                if f.name != "masks.safetensors":
-                    state.update(load_file(str(f)))
-            self.masks = self.run.load_masks(stage)
+        state, self.masks = self._read_stage(stage)
         # strict=False: save_pretrained drops tied weights (lm_head ↔ embeddings); they are shared anyway.
         self.raw.load_state_dict(state, strict=False)
         apply_masks(self.raw, self.masks)
 
+    def _read_stage(self, stage: int) -> tuple[dict[str, torch.Tensor], Masks]:
+        """The weights and masks of an accepted stage, read from its checkpoint (stage 0: the teacher's)."""
+        if stage == 0:
+            teacher = self.teacher if self.teacher is not None else load_model(self.teacher_dir, role="teacher")
+            return teacher.state_dict(), {}
+        state = {}
+        for f in sorted(self.run.checkpoint_dir(stage).glob("*.safetensors")):
+            if f.name != "masks.safetensors":
+                state.update(load_file(str(f)))
+        return state, self.run.load_masks(stage)
+
     def restore_everywhere(self, stage: int) -> None:
         """``restore`` on the main process, then its weights and masks on every rank (the checkpoint files need not
-        be on the other ranks' machines)."""
+        be on the other ranks' machines). Under FSDP the main process's whole state is loaded into every rank's
+        shards (broadcast from the main process)."""
+        if self.sharded:
+            from .fsdp import load_full_state
+
+            state, masks = self._read_stage(stage) if self.team.is_main else ({}, {})
+            with self.team.collective("the ranks loaded the main process's weights"):
+                load_full_state(self.raw, state)
+            self.masks = self.team.share_masks(masks)
+            apply_masks(self.raw, self.masks)
+            return
         if self.team.is_main:
             self.restore(stage)
         self.team.sync_module(self.raw)
@@ -211,6 +256,8 @@ class StagedDistiller(StageTraining):
         self.accelerator = make_accelerator(cfg.precision)
         self.device = self.accelerator.device
         torch.manual_seed(cfg.seed)
+        if self.sharded and self.team.is_main:  # the main process's whole CPU copy (refresh_whole), before the move
+            self.whole = copy.deepcopy(self.teacher).cpu()
         self.teacher.to(self.device)
         student = copy.deepcopy(self.teacher)
         optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -218,8 +265,19 @@ class StagedDistiller(StageTraining):
         # model and lm_head then sit inside DDP's forward, so their gradients are averaged too. The teacher is no
         # submodule: it stays out of the wrapped graph.
         module = LossModule(student, lambda ids, rows: self.loss_on(ids, rows))
-        self.student, self.optimizer = self.accelerator.prepare(module, optimizer)
-        self.raw = self.accelerator.unwrap_model(self.student).student
+        if self.sharded:
+            from .fsdp import shard_student
+
+            units = shard_student(module, student, self.device, self.team.world)
+            self.reporter.note(f"fsdp: the student sharded over {self.team.world} processes ({units} layer units "
+                               "and the root)")
+            # Built after sharding: the optimizer must hold the sharded parameters; the optimizer alone goes through
+            # Accelerate (its gradient scaler under fp16).
+            optimizer = self.accelerator.prepare(torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=0.0))
+            self.student, self.optimizer, self.raw = module, optimizer, student
+        else:
+            self.student, self.optimizer = self.accelerator.prepare(module, optimizer)
+            self.raw = self.accelerator.unwrap_model(self.student).student
         self.pruner = Pruner(self.raw, self.pattern, cfg.include, cfg.exclude, self.keep_dense)
         self.masks = {}
 
@@ -232,7 +290,8 @@ class StagedDistiller(StageTraining):
         # Every rank: each writes its shard of a new top-K cache, and all open it once complete (topk_cache.py).
         self.kd, self.cache = prepare(self.cfg, self.raw, self.teacher, self.teacher_dir, self.operator, self.loss_fn,
                                       self.train_ids, self.heldout_ids, self.device,
-                                      self.run.partial / "teacher-topk", self.reporter, team=self.team)
+                                      self.run.partial / "teacher-topk", self.reporter, team=self.team,
+                                      on_student=self.on_student)
         self.kd_chunk = self.kd.chunk
         # A training step runs the teacher's forward only when it distils from the teacher in memory.
         in_step = self.teacher if self.cfg.teacher_access == "logits" else None
@@ -349,14 +408,23 @@ class StagedDistiller(StageTraining):
             self.reporter.note(f"per-layer sparsity by load path: {lo:.1%}..{hi:.1%} around {self.pattern.spec}")
 
     def _record(self, stage: Stage, outcome: StageOutcome) -> dict:
-        report = sparsity_report(self.pruner, self.raw)
+        whole = self.refresh_whole()
+        report = self.team.on_main(lambda: sparsity_report(self.whole_pruner(), whole)) if self.sharded else \
+            sparsity_report(self.pruner, self.raw)
         record = stage_record(stage, outcome, report["overall_sparsity"], self.tokens_per_second)
         record["layer_sparsity"] = {name: e["sparsity"] for name, e in report["layers"].items()}
         record.update(self.peak.read())  # training + held-out measurements of this stage (memory.py)
         record["kd_chunk"] = self.kd_chunk
         if self.utilisation is not None:
             record.update(self.utilisation.record(self.tokens_per_second))
-        if self.team.distributed:
+        if self.sharded:
+            from .fsdp import local_numel
+
+            # Measured, not assumed: the parameter elements each rank holds (its shards), against the whole model.
+            record["ranks"] = {"world_size": self.team.world, "fsdp": True,
+                               "local_parameters": self.team.gather(local_numel(self.raw)),
+                               "parameters": report_parameters(whole) if self.team.is_main else None}
+        elif self.team.distributed:
             # Checked, not assumed: DDP's averaged gradients must leave every rank with the main process's weights.
             record["ranks"] = {"world_size": self.team.world, "weights_identical": self.team.same_weights(self.raw)}
             if not record["ranks"]["weights_identical"]:
@@ -373,9 +441,10 @@ class StagedDistiller(StageTraining):
 
     def _accept(self, stage: Stage, record: dict) -> int:
         if self.team.is_main:  # the other ranks hold the same weights (checked in _record) and write nothing
-            record["consistency"] = {"student": self.consistency_of(self.raw), "teacher": self.teacher_consistency}
-            record["stability"] = self.stability.entry(self.raw, record.pop("confidence", {}), record["consistency"])
-            self.run.save_checkpoint(stage.index, self.raw, self.masks)
+            whole = self.whole if self.sharded else self.raw  # refreshed by _record
+            record["consistency"] = {"student": self.consistency_of(whole), "teacher": self.teacher_consistency}
+            record["stability"] = self.stability.entry(whole, record.pop("confidence", {}), record["consistency"])
+            self.run.save_checkpoint(stage.index, whole, self.masks)
         self.trajectory.append(record)
         self.save_state(stage.index)
         self.reporter.stage_end(record)
@@ -383,19 +452,20 @@ class StagedDistiller(StageTraining):
 
     def _finish(self, status: str, reason: str, accepted: int) -> Result:
         """The run's outputs, written by the main process; the other ranks wait for it and return the same result."""
+        self.refresh_whole()  # under FSDP: the main process's whole copy of the final student
         final, trajectory, summary = self.team.on_main(self._write_outputs, status, reason, accepted)
         return Result(status, reason, final, trajectory, summary)
 
     def _write_outputs(self, status: str, reason: str, accepted: int) -> tuple[Path, list[dict], dict]:
         cfg = self.cfg
         out = self.run.partial
-        report = final_report(self.pruner, self.raw, self.masks, complete=status == "complete")
+        whole = self.whole if self.sharded else self.raw
+        report = final_report(self.whole_pruner(), whole, self.masks, complete=status == "complete")
         report.update({"final_stage": accepted, "stages": cfg.stages})
-        params_before = self.teacher_params
-        report["parameters"] = {"teacher": params_before, "student": sum(p.numel() for p in self.raw.parameters())}
+        report["parameters"] = {"teacher": self.teacher_params, "student": report_parameters(whole)}
         student_dir = out / "student"
         with writing(student_dir):
-            self.raw.to("cpu").save_pretrained(student_dir, safe_serialization=True)
+            whole.to("cpu").save_pretrained(student_dir, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(student_dir)
         self.run.write_json("sparsity.json", report)
@@ -420,6 +490,10 @@ class StagedDistiller(StageTraining):
             shutil.rmtree(self.cache.directory, ignore_errors=True)
         final = self.run.finish()
         return final, self.trajectory, summary
+
+
+def report_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = False, reporter=None) -> Result:

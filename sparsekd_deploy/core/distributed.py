@@ -70,22 +70,30 @@ def check_global_batch(batch_size: int, world: int | None = None) -> None:
                            f"of processes that divides {batch_size}"])
 
 
-def fsdp_problems() -> list[str]:
-    """Why ``--fsdp`` cannot run here (config validation reports them with the rest)."""
-    if not torch.cuda.is_available():
-        return ["fsdp shards the student over CUDA GPUs and this machine has none; drop --fsdp (a run launched on "
-                "CPUs, e.g. torchrun --nproc_per_node 2, trains with DDP over gloo)"]
-    import inspect
+def fsdp_problems(cfg) -> list[str]:
+    """Why ``--fsdp`` cannot run with this launch and config (config validation reports them with the rest). FSDP2
+    (core/fsdp.py) shards the student over the launched processes, on GPUs (NCCL) or CPUs (gloo) alike."""
+    from .patterns import is_auto
 
-    from accelerate import FullyShardedDataParallelPlugin
-
-    if "fsdp_version" not in inspect.signature(FullyShardedDataParallelPlugin).parameters:
-        return ["fsdp needs FSDP2, which this accelerate does not offer: pip install -U 'accelerate>=1.6'"]
-    # Not yet: every forward pass of an FSDP-sharded student gathers its weights from all ranks, while scoring,
-    # held-out measurements, masks and checkpoints here run on whole weights in the main process alone.
-    return ["fsdp: the staged distiller does not shard the student yet (scoring, held-out measurement, masks and "
-            "checkpoints run on whole weights in the main process); launch without --fsdp: DDP keeps one whole "
-            "student per GPU (1B parameters: about 20 GB with fp32 weights, gradients and AdamW moments)"]
+    problems = []
+    if launched_world_size() < 2:
+        problems.append("fsdp shards the student over the processes of a launched run and this is one process: "
+                        "launch N ≥ 2, e.g. torchrun --standalone --nproc_per_node 2 --no-python sparsekd-deploy "
+                        "distill ... --fsdp (or accelerate launch --num_processes 2 --no_python ...), or drop --fsdp")
+    # Not (yet) under FSDP: each needs whole weights or gradients on the main process at every step or scoring pass,
+    # where a sharded student has only its rows.
+    unsupported = {
+        "mask_learning sr-ste (it re-ranks whole masks from dense latents at every step)": cfg.mask_learning != "off",
+        "compensation ls (it refits whole output projections on the main process)": cfg.compensation == "ls",
+        f"importance {cfg.importance} (its scores need whole gradients; use --importance wanda or magnitude)":
+            cfg.importance not in ("wanda", "magnitude"),
+        "demolition gradual (it holds whole fading weights at every step)": cfg.demolition == "gradual",
+        "qat_steps (fake quantization calibrates on whole weights)": cfg.qat_steps > 0,
+        "an auto pattern (its sparsity search is untested under fsdp; pass the sparsity, e.g. unstructured:0.5)":
+            is_auto(str(cfg.pattern)),
+    }
+    problems.extend(f"fsdp does not support {what} yet: drop one of them" for what, on in unsupported.items() if on)
+    return problems
 
 
 class Team:
@@ -215,6 +223,17 @@ class Team:
             dist.all_reduce(equal, op=dist.ReduceOp.MIN)
         return bool(equal.item())
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        with self.collective("the ranks exchanged their values"):
+            dist.all_gather_object(out, obj)
+        return out
+
     def wait(self, what: str = "the main process") -> None:
         """Every rank waits here until all arrive (the others wait while the main process writes)."""
         if not self.distributed:
@@ -329,5 +348,11 @@ class LossModule(nn.Module):
         self.student = student
         self._loss = loss
 
-    def forward(self, ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor | None, rows: torch.Tensor | None = None, *,
+                call: Callable[[], Any] | None = None) -> Any:
+        """The KD loss of ``ids``; or, given ``call``, its result: under FSDP a pass that uses the student outside
+        training (held-out measurement, scoring) runs inside the root's forward, which gathers the weights the
+        layer units do not hold (embeddings, final norm, head), as the chunked loss's own calls need."""
+        if call is not None:
+            return call()
         return self._loss(ids, rows)

@@ -27,6 +27,9 @@ class ScoringContext:
     # Tokens per chunk of a loss over the vocabulary (fisher's cross-entropy): the run's KD chunk (0 = unchunked), or
     # None = losses.kd_chunk_tokens's automatic rule for a calibration batch.
     chunk: int | None = None
+    # Wanda's ‖x‖ per layer when measured already (an FSDP run measures them on every rank, then scores one
+    # gathered weight at a time on the main process); None = measured here with ``input_norms``.
+    norms: dict[str, torch.Tensor] | None = None
 
 
 Criterion = Callable[[ScoringContext], dict[str, torch.Tensor]]
@@ -67,7 +70,7 @@ def input_norms(ctx: ScoringContext) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def wanda(ctx: ScoringContext) -> dict[str, torch.Tensor]:
     """|W| · ‖x‖: weight size times the L2 norm of its input feature over calibration activations."""
-    norms = input_norms(ctx)
+    norms = ctx.norms if ctx.norms is not None else input_norms(ctx)
     return {layer.name: layer.weight_oi().detach().abs().float().cpu() * norms[layer.name][None, :]
             for layer in ctx.layers}
 

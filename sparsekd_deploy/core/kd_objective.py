@@ -52,11 +52,13 @@ class KDObjective:
 
 
 def prepare(cfg, student, teacher, teacher_dir, operator: Operator, loss_fn: LossFn, train_ids: torch.Tensor,
-            heldout_ids: torch.Tensor, device, default_cache_dir, reporter, team=None) -> tuple[KDObjective, object]:
+            heldout_ids: torch.Tensor, device, default_cache_dir, reporter, team=None,
+            on_student=None) -> tuple[KDObjective, object]:
     """The run's objective and its top-K cache (None under logits / text access). Chunks when the logits would be
     large (``losses.kd_chunk_tokens``), after checking that student and teacher form their logits as lm_head(hidden);
     refuses ``--kd-chunk 0`` where the unchunked loss cannot fit the memory here. Under a launcher every rank calls it
-    (``team``): each writes its shard of a new cache (``topk_cache``)."""
+    (``team``): each writes its shard of a new cache (``topk_cache``). ``on_student(fn)``: runs a pass of the student
+    (under FSDP on every rank, inside the sharded root's forward; by default ``fn()``)."""
     from ..config import topk_access
     from .losses import kd_chunk_tokens
 
@@ -69,7 +71,7 @@ def prepare(cfg, student, teacher, teacher_dir, operator: Operator, loss_fn: Los
         from ..models.lm_head import check_head
 
         probe = train_ids[:1, : min(8, cfg.seq_len)].to(device)
-        check_head(student, probe, "student")
+        (on_student or (lambda fn: fn()))(lambda: check_head(student, probe, "student"))
         check_head(teacher, probe, "teacher")
         reporter.note(f"KD loss in chunks of {chunk} tokens (a batch: {cfg.batch_size} × {cfg.seq_len} tokens × "
                       f"{vocab} vocabulary)")

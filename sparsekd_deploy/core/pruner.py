@@ -81,10 +81,24 @@ def _param_index(model: nn.Module) -> dict[str, nn.Parameter]:
 
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: Masks) -> None:
+    """Zero what ``masks`` prune. A parameter sharded by FSDP (fsdp.py) takes its own rows of a whole mask (or a mask
+    ``device_masks`` cut for it already)."""
+    from .fsdp import local_part, local_tensor
+
     params = _param_index(model)
     for name, keep in masks.items():
         p = params[name]
-        p.mul_(keep.to(device=p.device, dtype=p.dtype))
+        target = local_tensor(p)
+        target.mul_(local_part(p, keep).to(device=target.device, dtype=target.dtype))
+
+
+def device_masks(model: nn.Module, masks: Masks, device) -> Masks:
+    """``masks`` on ``device``, each cut to this rank's shard of a sharded parameter: what ``apply_masks`` needs at
+    every step, made once."""
+    from .fsdp import local_part
+
+    params = _param_index(model)
+    return {k: local_part(params[k], v.to(device)) for k, v in masks.items()}
 
 
 @torch.no_grad()

@@ -48,15 +48,21 @@ def checkpoint_steps(total: int, count: int = CHECKPOINTS) -> list[int]:
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's parameters, copied to the CPU: the device holds the student once, not twice."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+    """The model's parameters, copied to the CPU: the device holds the student once, not twice. Under FSDP each
+    rank copies its own shards (fsdp.py), which is all ``restore`` puts back."""
+    from .fsdp import local_tensor
+
+    return {n: local_tensor(p).detach().to("cpu", copy=True) for n, p in model.named_parameters()}
 
 
 @torch.no_grad()
 def restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Put a ``snapshot`` back into the model's parameters, on their device."""
+    from .fsdp import local_tensor
+
     for n, p in model.named_parameters():
-        p.copy_(state[n].to(p.device))
+        target = local_tensor(p)
+        target.copy_(state[n].to(target.device))
 
 
 @dataclass

@@ -26,12 +26,17 @@ def prune_stage(model: nn.Module, pruner: Pruner, importance: str, fraction: flo
     the vocabulary in the scoring keeps to (``importance.ScoringContext``). Returns the masks."""
     before = before_prune(model, pruner, calib) if compensation == "ls" and pruner.blocks else None
     ctx = ScoringContext(model, pruner.layers, calib, masks=masks, kd_loss=kd_loss, chunk=chunk)
-    scores = score(importance, ctx)
-    new = allocated_masks(pruner, scores, fraction, allocation) if allocation else pruner.stage_masks(scores, fraction)
+    new = stage_masks(pruner, score(importance, ctx), fraction, allocation)
     apply_masks(model, new)
     if before is not None:
         compensate(pruner, before, new)
     return new
+
+
+def stage_masks(pruner: Pruner, scores: dict[str, torch.Tensor], fraction: float,
+                allocation: dict[str, float] | None = None) -> Masks:
+    """The keep-masks of ``fraction`` of the final pattern from ``scores`` (per layer under a load-path allocation)."""
+    return allocated_masks(pruner, scores, fraction, allocation) if allocation else pruner.stage_masks(scores, fraction)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from .evaluate import heldout_metrics
 from .importance import ScoringContext, input_norms
 from .lr_search import search_lr, wanted
 from .mask_learning import MaskLearner, learning_start
-from .pruner import Masks, apply_masks
+from .pruner import Masks, apply_masks, device_masks
 from .recovery import Recovery, cosine_lr, recovery_lr, restore, snapshot
 from .schedule import Stage, opening_steps
 from .stage import StageOutcome, prune_stage, stop_reason
@@ -65,7 +65,7 @@ class StageTraining:
         # The masks live on the CPU (checkpoints, ranks) and stay fixed through a range of steps (a learning stage
         # re-chooses its own); the steps enforce one copy on the student's device, not a fresh ~1 GB move per step
         # at 1 B parameters.
-        masks = {k: v.to(self.device) for k, v in self.masks.items()} if not self.mask_learner else None
+        masks = device_masks(self.raw, self.masks, self.device) if not self.mask_learner else None
         for i in range(start, stop):
             lr = cosine_lr(peak_lr, i, total)
             for group in self.optimizer.param_groups:
@@ -98,7 +98,11 @@ class StageTraining:
 
     # -- measurements ----------------------------------------------------------------------------------
     def measure(self) -> dict:
-        """Held-out metrics, measured by the main process and shared: every rank's recovery keeps the same state."""
+        """Held-out metrics, measured by the main process and shared: every rank's recovery keeps the same state.
+        Under FSDP every rank measures on the same rows (a forward needs them all), and the main process's count."""
+        if self.sharded:
+            return self.on_student(heldout_metrics, self.teacher, self.raw, self.heldout_ids, self.local_batch,
+                                   self.device, cached=self.cache.heldout if self.cache is not None else None)
         return self.team.on_main(heldout_metrics, self.teacher, self.raw, self.heldout_ids, self.local_batch,
                                  self.device, cached=self.cache.heldout if self.cache is not None else None)
 
@@ -200,7 +204,16 @@ class StageTraining:
 
     def _prune(self, fraction: float, calib: list[torch.Tensor]) -> None:
         """Scored and masked once, by the main process (taylor's gradients stay local there); every rank applies
-        the masks."""
+        the masks. Under FSDP the main process scores gathered weights (fsdp.sharded_prune_masks) and every rank
+        masks its shards."""
+        if self.sharded:
+            from .fsdp import sharded_prune_masks
+
+            self.masks = sharded_prune_masks(self.team, self.on_student, self.raw, self.pruner, self.cfg.importance,
+                                             fraction, calib, self.masks,
+                                             self.load_plan.allocation if self.load_plan else None)
+            apply_masks(self.raw, self.masks)
+            return
         if self.team.is_main:
             self.masks = prune_stage(self.raw, self.pruner, self.cfg.importance, fraction, calib, self.masks,
                                      kd_loss=lambda ids: self.loss_on(ids.to(self.device)),
