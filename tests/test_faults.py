@@ -212,3 +212,45 @@ def test_rebuild_over_a_run_with_a_damaged_summary_is_one_line(built, tiny_dirs,
     r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"), *FAST, *LOOSE])
     one_clear_line(r)
     assert "summary.json is missing or damaged" in r.output and "--overwrite" in r.output
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "run"
+    r = run(["distill", "--teacher", str(tiny_dirs["llama"]), "--out", str(out), *FAST])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _cut(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _set_state(run_dir, **values):
+    state = json.loads((run_dir / "state.json").read_text())
+    state.update(values)
+    (run_dir / "state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d, t: _cut(d / "checkpoints" / "stage-1" / "model.safetensors"), "checkpoints/stage-1 (accepted stage 1)"),
+    (lambda d, t: (d / "checkpoints" / "stage-1" / "masks.safetensors").unlink(), "masks.safetensors"),
+    (lambda d, t: _cut(d / "data.safetensors"), "data.safetensors is missing or damaged"),
+    (lambda d, t: _set_state(d, accepted="1"), "accepted is '1', not a stage number"),
+    (lambda d, t: _set_state(d, trajectory=None), "trajectory is NoneType"),
+    (lambda d, t: __import__("shutil").copy(t["gpt2"] / "model.safetensors", d / "checkpoints" / "stage-1"),
+     "does not fit the teacher's architecture"),
+])
+def test_resume_from_a_damaged_run_dir_is_one_line(finished_run, tiny_dirs, tmp_path, damage, message):
+    """An interrupted run (accepted stage 1) whose checkpoint, data or state was cut or replaced: one line naming
+    the file and --overwrite, never a safetensors traceback, and never a silent resume from the teacher's weights."""
+    import shutil
+
+    partial = tmp_path / "run.partial"
+    shutil.copytree(finished_run, partial)
+    _set_state(partial, accepted=1, status="running")
+    damage(partial, tiny_dirs)
+    r = run(["distill", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "run"), "--resume", *FAST])
+    one_clear_line(r)
+    assert "cannot be resumed" in r.output and message in r.output and "--overwrite" in r.output
+    assert not (tmp_path / "run").exists()

@@ -12,7 +12,6 @@ import copy
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..config import DistillConfig
 from ..locks import dir_lock
@@ -30,11 +29,18 @@ from .operators import make_operator
 from .patterns import is_auto, make_pattern
 from .pruner import Masks, Pruner, apply_masks, final_report, sparsity_report
 from .result import NullReporter, Result
-from .rundir import STATE, RunDir, check_resume_config, writing
+from .rundir import STATE, RunDir, check_resume_config, damaged_run, writing
 from .schedule import Stage, plan
 from .stability import StageStability
 from .stage import StageOutcome, stage_record, stop_reason
 from .stage_training import StageTraining
+
+
+def _untied(model, missing: list[str]) -> list[str]:
+    """The ``missing`` state-dict keys that are not tied to a loaded tensor (same storage): really missing weights."""
+    tensors = model.state_dict()
+    loaded = {t.data_ptr() for k, t in tensors.items() if k not in set(missing)}
+    return [k for k in missing if tensors[k].data_ptr() not in loaded]
 
 
 def make_accelerator(precision: str):
@@ -130,14 +136,18 @@ class StagedDistiller(StageTraining):
             state = teacher.state_dict()
             self.masks = {}
         else:
-            ckpt = self.run.checkpoint_dir(stage)
-            state = {}
-            for f in sorted(ckpt.glob("*.safetensors")):
-                if f.name != "masks.safetensors":
-                    state.update(load_file(str(f)))
-            self.masks = self.run.load_masks(stage)
-        # strict=False: save_pretrained drops tied weights (lm_head ↔ embeddings); they are shared anyway.
-        self.raw.load_state_dict(state, strict=False)
+            state, self.masks = self.run.load_checkpoint(stage)
+        # strict=False: save_pretrained drops tied weights (lm_head ↔ embeddings); they are shared anyway. Any other
+        # gap (a checkpoint of another model put in the run dir) is refused: it would resume from the teacher's weights.
+        try:
+            missing, unexpected = self.raw.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # a tensor of another shape
+            raise damaged_run(self.run.partial, f"checkpoint of stage {stage}", e) from None
+        untied = _untied(self.raw, missing)
+        if untied or unexpected:
+            raise damaged_run(self.run.partial, f"checkpoint of stage {stage}",
+                              f"it does not fit the teacher's architecture: {len(untied)} weight(s) missing, "
+                              f"{len(unexpected)} unexpected")
         apply_masks(self.raw, self.masks)
 
     def restore_everywhere(self, stage: int) -> None:
@@ -250,8 +260,8 @@ class StagedDistiller(StageTraining):
 
     def _load_state(self) -> int:
         def read():
-            state = self.run.read_state()
-            data = self.run.load_tensors("data.safetensors")
+            state = self.run.read_resume_state()
+            data = self.run.load_tensors("data.safetensors", keys=("train", "heldout"))
             return (data["train"], data["heldout"], state["trajectory"], state["teacher_consistency"],
                     int(state["accepted"]))
 
