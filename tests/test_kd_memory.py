@@ -131,7 +131,7 @@ def test_cached_buckets_give_the_topk_operator_loss_exactly():
     idx, P = topk_bucket_torch(t.log_softmax(-1), 16)
     assert bucket_kd_loss(idx, P, s, L).item() == pytest.approx(kd_loss(t, s, TopK(16), L).item(), abs=1e-6)
     split = CacheSplit.__new__(CacheSplit)
-    split.ids, split.k, split.use_k = torch.zeros(2, 6, dtype=torch.long), 16, 4
+    split.ids, split.k, split.use_k, split.vocab = torch.zeros(2, 6, dtype=torch.long), 16, 4, 50
     mapped = lambda a: SimpleNamespace(array=a, drop=lambda: None)  # noqa: E731 - a shard's maps, in memory
     split._shards = [(0, 2, mapped(idx.numpy().astype(np.int32)), mapped(P.numpy()))]
     i4, p4 = split.targets(torch.tensor([0, 1]))
