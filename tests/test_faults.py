@@ -254,3 +254,25 @@ def test_resume_from_a_damaged_run_dir_is_one_line(finished_run, tiny_dirs, tmp_
     one_clear_line(r)
     assert "cannot be resumed" in r.output and message in r.output and "--overwrite" in r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_export_that_fails_after_the_graph_is_written_leaves_no_onnx(pruned_dirs, tmp_path):
+    """The quantize step fails (no calibration data beside this student) after model.onnx and its FP16 copy exist:
+    nothing may stay at --out that a later command would take for a good export."""
+    r = run(["export", str(pruned_dirs["llama"]), "--out", str(tmp_path / "out" / "m.onnx"), "--fp16",
+             "--quantize", "int8"])
+    one_clear_line(r)
+    assert "calibrates on 32 training sequences" in r.output
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_export_of_a_student_with_cut_weights_is_one_line(pruned_dirs, tmp_path):
+    import shutil
+
+    student = tmp_path / "student"
+    shutil.copytree(pruned_dirs["llama"], student)
+    _cut(student / "model.safetensors")
+    r = run(["export", str(student), "--out", str(tmp_path / "m.onnx")])
+    one_clear_line(r)
+    assert "model.safetensors is not a readable safetensors file" in r.output
+    assert not (tmp_path / "m.onnx").exists()

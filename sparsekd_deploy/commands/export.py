@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import click
@@ -45,9 +48,21 @@ def export_cmd(model_dir, fmt, out, pattern, opset, fp16, no_kv_cache, target, o
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
     if out.is_dir():
         raise ExportError(f"--out {out} is a directory; name the .onnx file to write")
-    res = export_and_audit(Path(model_dir), out, make_pattern(pattern) if pattern else None, fp16=fp16, opset=opset,
-                           with_past=not no_kv_cache, prompts=_parity_prompts(Path(model_dir)),
-                           quantize=_quantize_request(Path(model_dir), quantize_for, q), target=target)
+    # The graphs are written into a work dir beside --out and moved into place only once every check passed: a
+    # failed parity check, audit or quantization leaves no .onnx that a later command would take for a good one.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        res = export_and_audit(Path(model_dir), work / out.name, make_pattern(pattern) if pattern else None,
+                               fp16=fp16, opset=opset, with_past=not no_kv_cache,
+                               prompts=_parity_prompts(Path(model_dir)),
+                               quantize=_quantize_request(Path(model_dir), quantize_for, q), target=target)
+        for f in sorted(work.iterdir(), key=lambda f: f.name == out.name):  # --out itself last
+            os.replace(f, out.parent / f.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if res.quantization:
+        res.quantization["path"] = str(out.parent / Path(res.quantization["path"]).name)
     result = {"export": {**res.info, "path": str(out)}, "parity": res.parity, "pattern_share": res.pattern_share,
               **{f"audit:{name}": report for name, report in res.audits.items()}}
     if fp16:
