@@ -276,3 +276,25 @@ def test_export_of_a_student_with_cut_weights_is_one_line(pruned_dirs, tmp_path)
     one_clear_line(r)
     assert "model.safetensors is not a readable safetensors file" in r.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("opset", ["13", "99"])
+def test_an_opset_the_exporter_cannot_write_is_refused_before_the_distillation(tiny_dirs, pruned_dirs, tmp_path, opset):
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"), "--opset", opset, *FAST])
+    one_clear_line(r)
+    assert f"--opset {opset}: the exporter writes opsets 14 to" in r.output
+    assert list(tmp_path.iterdir()) == []  # no run dir: refused before any distillation
+    r = run(["export", str(pruned_dirs["llama"]), "--out", str(tmp_path / "m.onnx"), "--opset", opset])
+    one_clear_line(r)
+    assert f"--opset {opset}: the exporter writes opsets 14 to" in r.output and list(tmp_path.iterdir()) == []
+
+
+def test_a_workspace_below_one_mib_is_refused(tiny_dirs, tmp_path):
+    """It would otherwise be written into the bundle's engine_build.json line and fail on the device."""
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"), "--target", "tensorrt",
+             "--workspace", "-1", *FAST])
+    one_clear_line(r)
+    assert "--workspace" in r.output and list(tmp_path.iterdir()) == []
+    r = run(["engine", "build", str(tmp_path), "--workspace", "0"])
+    one_clear_line(r)
+    assert "--workspace" in r.output

@@ -36,7 +36,7 @@ def export_cmd(model_dir, fmt, out, pattern, opset, fp16, no_kv_cache, target, o
     With --quantize, a static mode calibrates on the training split of the distillation run the student came from
     (STUDENT/../data.safetensors, written by `distill`)."""
     from ..core.patterns import make_pattern
-    from ..exporters.onnx import ExportError
+    from ..exporters.onnx import ExportError, check_opset
     from ..exporters.quantize import check_mode
     from ..pipeline.export_step import export_and_audit, fp16_path
 
@@ -44,6 +44,7 @@ def export_cmd(model_dir, fmt, out, pattern, opset, fp16, no_kv_cache, target, o
     out = Path(out)
     quantize_for = target or "onnxruntime"  # a plain export stays standard ONNX; its quantized copy is ORT's
     check_mode(q["quantize"] or "none", quantize_for)
+    check_opset(opset)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
     if out.is_dir():

@@ -93,6 +93,9 @@ def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions | None = None,
     from ..exporters.quantize import check_mode
 
     check_mode(cfg.quantize, opts.target)  # a mode the target cannot run is refused before the distillation
+    from ..exporters.onnx import check_opset
+
+    check_opset(opts.opset)
     run_dir = Path(opts.run_dir) if opts.run_dir else default_run_dir(out)
     cfg.out = str(run_dir)
 
