@@ -298,3 +298,19 @@ def test_a_workspace_below_one_mib_is_refused(tiny_dirs, tmp_path):
     r = run(["engine", "build", str(tmp_path), "--workspace", "0"])
     one_clear_line(r)
     assert "--workspace" in r.output
+
+
+def test_full_disk_while_writing_the_teacher_cache_is_one_line_not_a_crash(tiny_dirs, tmp_path, monkeypatch):
+    """The cache is written through memmaps of sparse files: on a full disk (a 300 KiB tmpfs, tried by hand) a store
+    into an unbacked page killed the process with SIGBUS, leaving *.npy.tmp files and a stale lock. The files are now
+    allocated first, which fails as ENOSPC; the allocation is what this test makes fail."""
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("os.posix_fallocate", full, raising=False)
+    cache = tmp_path / "cache"
+    r = run(["distill", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "run"), "--teacher-access",
+             "topk:8", "--teacher-cache", str(cache), *FAST])
+    one_clear_line(r)
+    assert "No space left on device" in r.output and ".npy.tmp" in r.output
+    assert list(cache.iterdir()) == [] and not (tmp_path / "run").exists() and not (tmp_path / "run.lock").exists()

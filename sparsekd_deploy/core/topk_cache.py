@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -107,6 +108,19 @@ def teacher_buckets(teacher, ids: torch.Tensor, k: int, chunk: int = 0) -> tuple
     return idx.view(*ids.shape, -1), buckets.view(*ids.shape, -1)
 
 
+def _reserve(path: Path) -> None:
+    """Allocate a memmap's (sparse) file on disk before writing through the map: on a full disk a store into an
+    unbacked page kills the process with SIGBUS (no exception, no message, a stale lock left behind), whereas the
+    allocation fails here as the OSError ENOSPC that the CLI reports in one line."""
+    if not hasattr(os, "posix_fallocate"):  # (macOS, Windows): nothing to reserve with
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+
+
 def write_shard(directory: Path, split: str, teacher, ids: torch.Tensor, k: int, index: int = 0, count: int = 1,
                 batch_size: int = 8, device=None, chunk: int = 0) -> dict:
     """Run the teacher over this shard's rows of ``ids`` [N, L] and write them, each file atomically; returns the
@@ -119,6 +133,8 @@ def write_shard(directory: Path, split: str, teacher, ids: torch.Tensor, k: int,
     with atomic_target(directory / f"{name}.idx.npy") as tmp_idx, atomic_target(directory / f"{name}.logp.npy") as tmp_lp:
         idx_mm = np.lib.format.open_memmap(tmp_idx, mode="w+", dtype=np.int32, shape=(rows, L, k))
         lp_mm = np.lib.format.open_memmap(tmp_lp, mode="w+", dtype=np.float32, shape=(rows, L, k + 1))
+        _reserve(tmp_idx)
+        _reserve(tmp_lp)
         for s in range(0, rows, batch_size):
             e = min(rows, s + batch_size)
             idx, buckets = teacher_buckets(teacher, ids[start + s : start + e].to(device), k, chunk)
