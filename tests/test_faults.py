@@ -314,3 +314,15 @@ def test_full_disk_while_writing_the_teacher_cache_is_one_line_not_a_crash(tiny_
     one_clear_line(r)
     assert "No space left on device" in r.output and ".npy.tmp" in r.output
     assert list(cache.iterdir()) == [] and not (tmp_path / "run").exists() and not (tmp_path / "run.lock").exists()
+
+
+@pytest.mark.parametrize("cmd", ["distill", "build"])
+def test_a_run_dir_that_is_a_file_is_refused_even_with_overwrite(cmd, tiny_dirs, tmp_path):
+    """--overwrite swapped the file out for a run dir and left it behind as <name>.old-<pid>."""
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    where = ["--out", str(f)] if cmd == "distill" else ["--out", str(tmp_path / "b"), "--run-dir", str(f)]
+    r = run([cmd, "--teacher", str(tiny_dirs["llama"]), *where, "--overwrite", *FAST, *(LOOSE if cmd == "build" else [])])
+    one_clear_line(r)
+    assert "is a file; name a directory for the run" in r.output
+    assert f.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

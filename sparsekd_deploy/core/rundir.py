@@ -62,6 +62,10 @@ class RunDir:
 
     def prepare(self, resume: bool, overwrite: bool) -> bool:
         """Create the work dir. Returns True when there is state to resume from."""
+        if self.final.exists() and not self.final.is_dir():
+            # --overwrite replaces a run dir; a file here is a mistyped path (it would be swapped out, not removed)
+            raise OutputExistsError(f"{self.final} is a file; name a directory for the run (--overwrite replaces "
+                                    "only a run dir)")
         final_used = self.final.exists() and any(self.final.iterdir()) if self.final.is_dir() else self.final.exists()
         if resume:
             if (self.partial / STATE).is_file():
