@@ -326,3 +326,18 @@ def test_a_run_dir_that_is_a_file_is_refused_even_with_overwrite(cmd, tiny_dirs,
     one_clear_line(r)
     assert "is a file; name a directory for the run" in r.output
     assert f.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_cut_data_file_of_a_finished_run_is_one_line_for_build_and_export(built, tiny_dirs, tmp_path):
+    import shutil
+
+    shutil.copytree(built / "b.run", tmp_path / "b.run")
+    _cut(tmp_path / "b.run" / "data.safetensors")
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"), *FAST, *LOOSE])
+    one_clear_line(r)  # the rebuild reuses the finished run, then reads its token ids
+    assert "data.safetensors (the run's token ids) is missing or damaged" in r.output and not (tmp_path / "b").exists()
+    r = run(["export", str(tmp_path / "b.run" / "student"), "--out", str(tmp_path / "m.onnx"), "--quantize", "int8",
+             "--calibration-samples", "4"])
+    one_clear_line(r)  # static quantization calibrates on the same file
+    assert "data.safetensors (the run's token ids) is missing or damaged" in r.output
+    assert not (tmp_path / "m.onnx").exists()

@@ -96,9 +96,9 @@ def _quantize_request(model_dir: Path, target: str, q: dict):
     data_file = model_dir.parent / "data.safetensors"
     ids = None
     if data_file.is_file():
-        from safetensors.numpy import load_file
+        from ..core.rundir import read_run_data
 
-        ids = load_file(str(data_file)).get("train")
+        ids = read_run_data(data_file)["train"].numpy()
     return QuantizeRequest(mode, target, q["calibration"] or "minmax", ids, q["calibration_samples"] or 32,
                            f"the training split of {data_file}" if ids is not None else
                            f"{model_dir} (no distillation run around it: no {data_file.name} beside it)")

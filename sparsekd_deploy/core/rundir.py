@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import ConfigError, OutputExistsError
+from ..errors import ConfigError, DataError, OutputExistsError
 from ..fsutil import swap_into_place, write_json_atomic
 
 STATE = "state.json"
@@ -53,6 +53,24 @@ def damaged_run(run_dir: Path, what: str, why: BaseException | str) -> OutputExi
     text = str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__
     return OutputExistsError(f"run {run_dir} cannot be resumed: {what} is missing or damaged ({text[:200]}); "
                              "pass --overwrite to start the run over")
+
+
+def read_run_data(path: Path) -> dict[str, torch.Tensor]:
+    """A run's data.safetensors (token ids: ``train``, ``heldout``), read by build and export after the run; a cut or
+    foreign one is one DataError line naming it, not a safetensors traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        data = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path} (the run's token ids) is missing or damaged ({why[:200]}); redo the distillation "
+                        "run with --overwrite") from None
+    missing = [k for k in ("train", "heldout") if k not in data]
+    if missing:
+        raise DataError(f"{path} (the run's token ids) has no {', '.join(missing)} split; redo the distillation run "
+                        "with --overwrite")
+    return data
 
 
 class RunDir:

@@ -137,10 +137,8 @@ def _build_launched(team, cfg: DistillConfig, out: Path, run_dir: Path, opts: Bu
 
 
 def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptions, reporter, gates) -> BuildResult:
-    from safetensors.torch import load_file
-
     from ..core.distill import Result, distill
-    from ..core.rundir import STATE, RunDir
+    from ..core.rundir import STATE, RunDir, read_run_data
 
     run = RunDir(cfg.out)
     if _reuses_run(run, opts):
@@ -158,7 +156,7 @@ def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptio
     if not data_file.is_file():
         raise BundleError(f"run dir {result.out} has no data.safetensors (replaced by another run?); rebuild with "
                           "--overwrite instead of --resume")
-    data = load_file(str(data_file))
+    data = read_run_data(data_file)
     heldout = data["heldout"]
     # Static quantization calibrates on the run's own training sequences; the held-out ones judge it.
     quantize = QuantizeRequest(cfg.quantize, opts.target, cfg.calibration, data["train"].numpy(),
