@@ -341,3 +341,13 @@ def test_a_cut_data_file_of_a_finished_run_is_one_line_for_build_and_export(buil
     one_clear_line(r)  # static quantization calibrates on the same file
     assert "data.safetensors (the run's token ids) is missing or damaged" in r.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_more_dense_layers_than_the_model_has_leaves_no_run_to_resume(tiny_dirs, tmp_path):
+    """It was refused only after the run had saved its first state, so the corrected command then met 'an interrupted
+    run is in run.partial' and, with --resume, 'was started with dense_layers=999'."""
+    r = run(["distill", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "run"), "--dense-layers", "999",
+             *FAST])
+    one_clear_line(r)
+    assert "--dense-layers 999: the model has 14 prunable layers; pass 0..14 or auto" in r.output
+    assert list(tmp_path.iterdir()) == []

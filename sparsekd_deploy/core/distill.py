@@ -200,6 +200,12 @@ class StagedDistiller(StageTraining):
     def _setup(self, resuming: bool) -> int:
         """Student, optimizer and data on the device; returns the last accepted stage (0 on a fresh run)."""
         self._prepare_student()
+        k, layers = self.cfg.dense_layers, len(self.pruner.layers)
+        if k is not None and k.isdigit() and int(k) > layers:  # refused before the run leaves any state to resume
+            from .allocation import AllocationError
+
+            raise AllocationError(f"--dense-layers {k}: the model has {layers} prunable layers; pass 0..{layers} "
+                                  "or auto")
         accepted = self._load_state() if resuming else self._start_state()
         self._prepare_objective()
         self.prompts = self.heldout_ids[: self.cfg.consistency_prompts, : max(1, min(16, self.cfg.seq_len // 2))]
