@@ -224,8 +224,19 @@ class Bundle:
 
     def verify(self) -> None:
         """Every listed file lies inside the bundle and has its recorded size and sha256 — before anything loads."""
+        from .precisions import PRECISIONS, manifest_key
+
         problems = []
-        for rel, meta in self.meta.files.items():
+        meta_ = self.meta
+        # A graph the manifest names must be one of its listed (checksummed, confined) files: a name outside the
+        # table would pass verification here and be refused, or loaded unchecked, only when used.
+        for key in (manifest_key(p) for p in PRECISIONS):
+            rel = meta_.model.get(key)
+            if rel is not None and rel not in meta_.files:
+                problem = _escape(self.path, rel)
+                problems.append(f"model.{key} names {rel!r}, which the files table does not list"
+                                + (f" ({problem})" if problem else ""))
+        for rel, meta in meta_.files.items():
             p = self.path / rel
             if problem := _escape(self.path, rel):
                 problems.append(problem + " (a bundle may only name files inside it)")

@@ -122,6 +122,9 @@ def _problems(cfg: DistillConfig) -> list[str]:
                  "consistency_prompts", "consistency_samples", "consistency_tokens", "consistency_m"):
         if getattr(cfg, name) < 1:
             p.append(f"{name} must be ≥ 1, got {getattr(cfg, name)}")
+    # torch takes seeds in [-2**63, 2**64) (beyond: a ValueError mid-run); the run adds per-stage offsets (< 2**20).
+    if not -(2**63) <= cfg.seed < 2**64 - 2**20:
+        p.append(f"seed must be a whole number from -2**63 to below 2**64 - 2**20, got {cfg.seed}")
     if cfg.retries < 0:
         p.append(f"retries must be ≥ 0, got {cfg.retries}")
     if cfg.seq_len < 2:
@@ -436,9 +439,12 @@ def build_config(recipe: str | Path | None = None, overrides: dict[str, Any] | N
         if not path.is_file():
             raise ConfigError([f"recipe {str(recipe)!r} does not exist"])
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError([f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}"]) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError([f"recipe {path} is not UTF-8 text ({e.reason} at byte {e.start}); save the YAML "
+                               "file as UTF-8"]) from None
         if not isinstance(loaded, dict):
             raise ConfigError([f"recipe {path} must be a mapping of keys to values"])
         for key, value in loaded.items():

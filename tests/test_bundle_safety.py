@@ -4,6 +4,7 @@ and a read-only bundle is said to be read-only (nothing half-written). Bundles a
 import errno
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -240,3 +241,15 @@ def test_write_json_atomic_removes_its_tmp_on_failure(tmp_path):
     with pytest.raises(OSError):
         fsutil.write_json_atomic(target, {"a": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+@pytest.mark.parametrize("key,rel", [("onnx", "../../../etc/passwd"), ("onnx_int8_dynamic", "/etc/passwd"),
+                                     ("onnx_fp16", "model.fp16.onnx")])
+def test_a_graph_the_manifest_names_but_does_not_list_fails_verification(tmp_path, key, rel):
+    """inspect / report verify the bundle and said nothing about a model path outside it (or unlisted, so never
+    checksummed); only validate refused it, when it came to load the graph."""
+    path = make(tmp_path / "outer")
+    edit_manifest(path, lambda m: m["model"].update({key: rel}))
+    with pytest.raises(BundleError, match=rf"failed verification: model.{key} names '{re.escape(rel)}', which the "
+                                          "files table does not list"):
+        Bundle.open(path)

@@ -212,3 +212,142 @@ def test_rebuild_over_a_run_with_a_damaged_summary_is_one_line(built, tiny_dirs,
     r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"), *FAST, *LOOSE])
     one_clear_line(r)
     assert "summary.json is missing or damaged" in r.output and "--overwrite" in r.output
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "run"
+    r = run(["distill", "--teacher", str(tiny_dirs["llama"]), "--out", str(out), *FAST])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _cut(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _set_state(run_dir, **values):
+    state = json.loads((run_dir / "state.json").read_text())
+    state.update(values)
+    (run_dir / "state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d, t: _cut(d / "checkpoints" / "stage-1" / "model.safetensors"), "checkpoints/stage-1 (accepted stage 1)"),
+    (lambda d, t: (d / "checkpoints" / "stage-1" / "masks.safetensors").unlink(), "masks.safetensors"),
+    (lambda d, t: _cut(d / "data.safetensors"), "data.safetensors is missing or damaged"),
+    (lambda d, t: _set_state(d, accepted="1"), "accepted is '1', not a stage number"),
+    (lambda d, t: _set_state(d, trajectory=None), "trajectory is NoneType"),
+    (lambda d, t: __import__("shutil").copy(t["gpt2"] / "model.safetensors", d / "checkpoints" / "stage-1"),
+     "does not fit the teacher's architecture"),
+])
+def test_resume_from_a_damaged_run_dir_is_one_line(finished_run, tiny_dirs, tmp_path, damage, message):
+    """An interrupted run (accepted stage 1) whose checkpoint, data or state was cut or replaced: one line naming
+    the file and --overwrite, never a safetensors traceback, and never a silent resume from the teacher's weights."""
+    import shutil
+
+    partial = tmp_path / "run.partial"
+    shutil.copytree(finished_run, partial)
+    _set_state(partial, accepted=1, status="running")
+    damage(partial, tiny_dirs)
+    r = run(["distill", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "run"), "--resume", *FAST])
+    one_clear_line(r)
+    assert "cannot be resumed" in r.output and message in r.output and "--overwrite" in r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_that_fails_after_the_graph_is_written_leaves_no_onnx(pruned_dirs, tmp_path):
+    """The quantize step fails (no calibration data beside this student) after model.onnx and its FP16 copy exist:
+    nothing may stay at --out that a later command would take for a good export."""
+    r = run(["export", str(pruned_dirs["llama"]), "--out", str(tmp_path / "out" / "m.onnx"), "--fp16",
+             "--quantize", "int8"])
+    one_clear_line(r)
+    assert "calibrates on 32 training sequences" in r.output
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_export_of_a_student_with_cut_weights_is_one_line(pruned_dirs, tmp_path):
+    import shutil
+
+    student = tmp_path / "student"
+    shutil.copytree(pruned_dirs["llama"], student)
+    _cut(student / "model.safetensors")
+    r = run(["export", str(student), "--out", str(tmp_path / "m.onnx")])
+    one_clear_line(r)
+    assert "model.safetensors is not a readable safetensors file" in r.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("opset", ["13", "99"])
+def test_an_opset_the_exporter_cannot_write_is_refused_before_the_distillation(tiny_dirs, pruned_dirs, tmp_path, opset):
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"), "--opset", opset, *FAST])
+    one_clear_line(r)
+    assert f"--opset {opset}: the exporter writes opsets 14 to" in r.output
+    assert list(tmp_path.iterdir()) == []  # no run dir: refused before any distillation
+    r = run(["export", str(pruned_dirs["llama"]), "--out", str(tmp_path / "m.onnx"), "--opset", opset])
+    one_clear_line(r)
+    assert f"--opset {opset}: the exporter writes opsets 14 to" in r.output and list(tmp_path.iterdir()) == []
+
+
+def test_a_workspace_below_one_mib_is_refused(tiny_dirs, tmp_path):
+    """It would otherwise be written into the bundle's engine_build.json line and fail on the device."""
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"), "--target", "tensorrt",
+             "--workspace", "-1", *FAST])
+    one_clear_line(r)
+    assert "--workspace" in r.output and list(tmp_path.iterdir()) == []
+    r = run(["engine", "build", str(tmp_path), "--workspace", "0"])
+    one_clear_line(r)
+    assert "--workspace" in r.output
+
+
+def test_full_disk_while_writing_the_teacher_cache_is_one_line_not_a_crash(tiny_dirs, tmp_path, monkeypatch):
+    """The cache is written through memmaps of sparse files: on a full disk (a 300 KiB tmpfs, tried by hand) a store
+    into an unbacked page killed the process with SIGBUS, leaving *.npy.tmp files and a stale lock. The files are now
+    allocated first, which fails as ENOSPC; the allocation is what this test makes fail."""
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("os.posix_fallocate", full, raising=False)
+    cache = tmp_path / "cache"
+    r = run(["distill", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "run"), "--teacher-access",
+             "topk:8", "--teacher-cache", str(cache), *FAST])
+    one_clear_line(r)
+    assert "No space left on device" in r.output and ".npy.tmp" in r.output
+    assert list(cache.iterdir()) == [] and not (tmp_path / "run").exists() and not (tmp_path / "run.lock").exists()
+
+
+@pytest.mark.parametrize("cmd", ["distill", "build"])
+def test_a_run_dir_that_is_a_file_is_refused_even_with_overwrite(cmd, tiny_dirs, tmp_path):
+    """--overwrite swapped the file out for a run dir and left it behind as <name>.old-<pid>."""
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    where = ["--out", str(f)] if cmd == "distill" else ["--out", str(tmp_path / "b"), "--run-dir", str(f)]
+    r = run([cmd, "--teacher", str(tiny_dirs["llama"]), *where, "--overwrite", *FAST, *(LOOSE if cmd == "build" else [])])
+    one_clear_line(r)
+    assert "is a file; name a directory for the run" in r.output
+    assert f.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_cut_data_file_of_a_finished_run_is_one_line_for_build_and_export(built, tiny_dirs, tmp_path):
+    import shutil
+
+    shutil.copytree(built / "b.run", tmp_path / "b.run")
+    _cut(tmp_path / "b.run" / "data.safetensors")
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"), *FAST, *LOOSE])
+    one_clear_line(r)  # the rebuild reuses the finished run, then reads its token ids
+    assert "data.safetensors (the run's token ids) is missing or damaged" in r.output and not (tmp_path / "b").exists()
+    r = run(["export", str(tmp_path / "b.run" / "student"), "--out", str(tmp_path / "m.onnx"), "--quantize", "int8",
+             "--calibration-samples", "4"])
+    one_clear_line(r)  # static quantization calibrates on the same file
+    assert "data.safetensors (the run's token ids) is missing or damaged" in r.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_more_dense_layers_than_the_model_has_leaves_no_run_to_resume(tiny_dirs, tmp_path):
+    """It was refused only after the run had saved its first state, so the corrected command then met 'an interrupted
+    run is in run.partial' and, with --resume, 'was started with dense_layers=999'."""
+    r = run(["distill", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "run"), "--dense-layers", "999",
+             *FAST])
+    one_clear_line(r)
+    assert "--dense-layers 999: the model has 14 prunable layers; pass 0..14 or auto" in r.output
+    assert list(tmp_path.iterdir()) == []

@@ -131,7 +131,7 @@ def test_cached_buckets_give_the_topk_operator_loss_exactly():
     idx, P = topk_bucket_torch(t.log_softmax(-1), 16)
     assert bucket_kd_loss(idx, P, s, L).item() == pytest.approx(kd_loss(t, s, TopK(16), L).item(), abs=1e-6)
     split = CacheSplit.__new__(CacheSplit)
-    split.ids, split.k, split.use_k = torch.zeros(2, 6, dtype=torch.long), 16, 4
+    split.ids, split.k, split.use_k, split.vocab = torch.zeros(2, 6, dtype=torch.long), 16, 4, 50
     mapped = lambda a: SimpleNamespace(array=a, drop=lambda: None)  # noqa: E731 - a shard's maps, in memory
     split._shards = [(0, 2, mapped(idx.numpy().astype(np.int32)), mapped(P.numpy()))]
     i4, p4 = split.targets(torch.tensor([0, 1]))
@@ -169,6 +169,33 @@ def test_shards_cover_rows_and_read_back_as_one(tiny_dirs, tmp_path):
                                                 r"a filesystem all ranks share"):
         finish(tmp_path, stamp, {"train": 5}, 2)
     assert not (tmp_path / MANIFEST).exists()
+
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda d, m: (d / MANIFEST).write_text("[]"), "cache.json is not an object with splits"),
+    (lambda d, m: m["splits"]["train"]["shards"][0].update(name="../../elsewhere"),
+     "shard name '../../elsewhere' is not a file name inside the cache"),
+    (lambda d, m: np.save(d / "train-00000-of-00001.idx.npy",
+                          np.full_like(np.load(d / "train-00000-of-00001.idx.npy"), 99999)),
+     r"token ids outside the vocabulary of 256"),
+])
+def test_a_damaged_cache_is_one_teacher_cache_error(tmp_path, damage, needle):
+    """A cache.json that is not an object, a shard name that would read outside the cache dir, and token ids past
+    the vocabulary (a shard whose header still reads): TeacherCacheError, not an AttributeError or an index error
+    deep in the loss."""
+    teacher = build_tiny("llama")
+    ids = torch.randint(3, 256, (3, 8), generator=torch.Generator().manual_seed(0))
+    stamp = Stamp("t", "none", "d", 8, 8, 256)
+    splits = {"train": {"rows": 3, "shards": [write_shard(tmp_path, "train", teacher, ids, 8)]},
+              "heldout": {"rows": 3, "shards": [write_shard(tmp_path, "heldout", teacher, ids, 8)]}}
+    write_manifest(tmp_path, stamp, splits)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    damage(tmp_path, manifest)
+    if (tmp_path / MANIFEST).read_text() != "[]":
+        (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(TeacherCacheError, match=needle):
+        TopKCache.open(tmp_path, stamp, ids, ids, use_k=8).train.targets(torch.tensor([0, 2]))
 
 
 def _rss_file_kib() -> int:

@@ -82,3 +82,15 @@ def test_tokenizer_from_the_recipe(tmp_path):
     assert _problems(None, {"tokenizer": str(tmp_path / "nope")}) == [
         f"tokenizer dir {str(tmp_path / 'nope')!r} does not exist"
     ]
+
+
+def test_a_recipe_that_is_not_utf8_is_one_problem(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_bytes(b"\xff\xfestages: 2\n")
+    assert _problems(r) == [f"recipe {r} is not UTF-8 text (invalid start byte at byte 0); save the YAML file as UTF-8"]
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**24])
+def test_a_seed_torch_cannot_take_is_refused(seed):
+    assert _problems(None, {"seed": seed}) == [
+        f"seed must be a whole number from -2**63 to below 2**64 - 2**20, got {seed}"]

@@ -116,6 +116,22 @@ def test_bad_sources_are_one_line(tmp_path, make, needle):
     assert not (tmp_path / "r.html").exists()
 
 
+
+@pytest.mark.parametrize("flag", ["--out", "--md"])
+def test_an_output_that_is_a_directory_is_named_as_such(tmp_path, flag):
+    """The atomic write's rename failed on the directory and the line named only its <out>.tmp file; with --md a
+    directory, the HTML page was written before the failure."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "trajectory.json").write_text(json.dumps(_data(status="complete").trajectory))
+    (tmp_path / "dir").mkdir()
+    out = tmp_path / ("r.html" if flag == "--md" else "dir")
+    args = ["--out", str(out)] + (["--md", str(tmp_path / "dir")] if flag == "--md" else [])
+    r = run(["report", str(run_dir), *args])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and f"{flag} {tmp_path / 'dir'} is a directory" in lines[0], r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "run"]
+
 _PROBE = """<script>
 window.addEventListener('load', () => {
   const imgs = [...document.images];

@@ -25,7 +25,7 @@ from .quantize_options import quantize_flags, quantize_options
 @click.option("--batch", help="tensorrt: batch profile MIN,OPT,MAX. [default: 1,1,4]")
 @click.option("--seq", help="tensorrt: sequence profile MIN,OPT,MAX. [default: 1,128,512; with --past, within the model's positions]")
 @click.option("--past", help="tensorrt: past-length profile MIN,OPT,MAX. [default: 0,128,512; with --seq, within the model's positions]")
-@click.option("--workspace", type=int, default=4096, show_default=True, help="tensorrt: workspace limit (MiB).")
+@click.option("--workspace", type=click.IntRange(min=1), default=4096, show_default=True, help="tensorrt: workspace limit (MiB).")
 @quantize_options
 @click.option("--qat-steps", "qat_steps", type=int, default=None,
               help="With --quantize int8, int8-dynamic or int4-weight: a last distillation stage of N steps with the "

@@ -21,7 +21,7 @@ def engine_group():
 @click.option("--batch", help="Batch profile MIN,OPT,MAX. [default: 1,1,4]")
 @click.option("--seq", help="Sequence profile MIN,OPT,MAX. [default: 1,128,512; with --past, within the model's positions]")
 @click.option("--past", help="Past-length profile MIN,OPT,MAX. [default: 0,128,512; with --seq, within the model's positions]")
-@click.option("--workspace", type=int, default=4096, show_default=True, help="Workspace limit in MiB.")
+@click.option("--workspace", type=click.IntRange(min=1), default=4096, show_default=True, help="Workspace limit in MiB.")
 @click.option("--fp32", is_flag=True, help="Build FP32 instead of FP16.")
 @click.option("--dense", is_flag=True, help="Do not enable SPARSE_WEIGHTS.")
 @click.option("--precision", type=click.Choice(ENGINE_PRECISIONS),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import click
@@ -33,7 +36,7 @@ def export_cmd(model_dir, fmt, out, pattern, opset, fp16, no_kv_cache, target, o
     With --quantize, a static mode calibrates on the training split of the distillation run the student came from
     (STUDENT/../data.safetensors, written by `distill`)."""
     from ..core.patterns import make_pattern
-    from ..exporters.onnx import ExportError
+    from ..exporters.onnx import ExportError, check_opset
     from ..exporters.quantize import check_mode
     from ..pipeline.export_step import export_and_audit, fp16_path
 
@@ -41,13 +44,26 @@ def export_cmd(model_dir, fmt, out, pattern, opset, fp16, no_kv_cache, target, o
     out = Path(out)
     quantize_for = target or "onnxruntime"  # a plain export stays standard ONNX; its quantized copy is ORT's
     check_mode(q["quantize"] or "none", quantize_for)
+    check_opset(opset)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
     if out.is_dir():
         raise ExportError(f"--out {out} is a directory; name the .onnx file to write")
-    res = export_and_audit(Path(model_dir), out, make_pattern(pattern) if pattern else None, fp16=fp16, opset=opset,
-                           with_past=not no_kv_cache, prompts=_parity_prompts(Path(model_dir)),
-                           quantize=_quantize_request(Path(model_dir), quantize_for, q), target=target)
+    # The graphs are written into a work dir beside --out and moved into place only once every check passed: a
+    # failed parity check, audit or quantization leaves no .onnx that a later command would take for a good one.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        res = export_and_audit(Path(model_dir), work / out.name, make_pattern(pattern) if pattern else None,
+                               fp16=fp16, opset=opset, with_past=not no_kv_cache,
+                               prompts=_parity_prompts(Path(model_dir)),
+                               quantize=_quantize_request(Path(model_dir), quantize_for, q), target=target)
+        for f in sorted(work.iterdir(), key=lambda f: f.name == out.name):  # --out itself last
+            os.replace(f, out.parent / f.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if res.quantization:
+        res.quantization["path"] = str(out.parent / Path(res.quantization["path"]).name)
     result = {"export": {**res.info, "path": str(out)}, "parity": res.parity, "pattern_share": res.pattern_share,
               **{f"audit:{name}": report for name, report in res.audits.items()}}
     if fp16:
@@ -80,9 +96,9 @@ def _quantize_request(model_dir: Path, target: str, q: dict):
     data_file = model_dir.parent / "data.safetensors"
     ids = None
     if data_file.is_file():
-        from safetensors.numpy import load_file
+        from ..core.rundir import read_run_data
 
-        ids = load_file(str(data_file)).get("train")
+        ids = read_run_data(data_file)["train"].numpy()
     return QuantizeRequest(mode, target, q["calibration"] or "minmax", ids, q["calibration_samples"] or 32,
                            f"the training split of {data_file}" if ids is not None else
                            f"{model_dir} (no distillation run around it: no {data_file.name} beside it)")

@@ -21,6 +21,7 @@ from .error_handling import handle_errors
 def report_cmd(source, out, md, no_md, as_json):
     """Report on a distill run or a bundle: what was distilled and how, sparsity per layer, validation, the stability
     measurements with intervals, and plain sentences on which claims held."""
+    from ..errors import OutputExistsError
     from ..report.claims import claims
     from ..report.collect import collect
     from ..report.render import write_report
@@ -29,6 +30,9 @@ def report_cmd(source, out, md, no_md, as_json):
     src = Path(source)
     html = Path(out) if out else src.with_name(src.name.rstrip("/") + ".report.html")
     md_path = None if no_md else (Path(md) if md else html.with_suffix(".md"))
+    for flag, path in (("--out", html), ("--md", md_path)):
+        if path is not None and path.is_dir():  # else the atomic rename fails on it, naming only its .tmp file
+            raise OutputExistsError(f"{flag} {path} is a directory; name the file to write")
     written = write_report(data, html, md_path)
     verdicts = [{"claim": c.name, "verdict": c.verdict, "evidence": c.sentence} for c in claims(data)]
     if as_json:

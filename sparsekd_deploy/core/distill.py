@@ -12,7 +12,6 @@ import copy
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..config import DistillConfig
 from ..locks import dir_lock
@@ -30,11 +29,18 @@ from .operators import make_operator
 from .patterns import is_auto, make_pattern
 from .pruner import Masks, Pruner, apply_masks, final_report, sparsity_report
 from .result import NullReporter, Result
-from .rundir import STATE, RunDir, check_resume_config, writing
+from .rundir import STATE, RunDir, check_resume_config, damaged_run, writing
 from .schedule import Stage, plan
 from .stability import StageStability
 from .stage import StageOutcome, stage_record, stop_reason
 from .stage_training import StageTraining
+
+
+def _untied(model, missing: list[str]) -> list[str]:
+    """The ``missing`` state-dict keys that are not tied to a loaded tensor (same storage): really missing weights."""
+    tensors = model.state_dict()
+    loaded = {t.data_ptr() for k, t in tensors.items() if k not in set(missing)}
+    return [k for k in missing if tensors[k].data_ptr() not in loaded]
 
 
 def make_accelerator(precision: str):
@@ -160,8 +166,17 @@ class StagedDistiller(StageTraining):
     def restore(self, stage: int) -> None:
         """Load the weights and masks of an accepted stage (0 = the dense teacher)."""
         state, self.masks = self._read_stage(stage)
-        # strict=False: save_pretrained drops tied weights (lm_head ↔ embeddings); they are shared anyway.
-        self.raw.load_state_dict(state, strict=False)
+        # strict=False: save_pretrained drops tied weights (lm_head ↔ embeddings); they are shared anyway. Any other
+        # gap (a checkpoint of another model put in the run dir) is refused: it would resume from the teacher's weights.
+        try:
+            missing, unexpected = self.raw.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # a tensor of another shape
+            raise damaged_run(self.run.partial, f"checkpoint of stage {stage}", e) from None
+        untied = _untied(self.raw, missing)
+        if untied or unexpected:
+            raise damaged_run(self.run.partial, f"checkpoint of stage {stage}",
+                              f"it does not fit the teacher's architecture: {len(untied)} weight(s) missing, "
+                              f"{len(unexpected)} unexpected")
         apply_masks(self.raw, self.masks)
 
     def _read_stage(self, stage: int) -> tuple[dict[str, torch.Tensor], Masks]:
@@ -169,11 +184,7 @@ class StagedDistiller(StageTraining):
         if stage == 0:
             teacher = self.teacher if self.teacher is not None else load_model(self.teacher_dir, role="teacher")
             return teacher.state_dict(), {}
-        state = {}
-        for f in sorted(self.run.checkpoint_dir(stage).glob("*.safetensors")):
-            if f.name != "masks.safetensors":
-                state.update(load_file(str(f)))
-        return state, self.run.load_masks(stage)
+        return self.run.load_checkpoint(stage)
 
     def restore_everywhere(self, stage: int) -> None:
         """``restore`` on the main process, then its weights and masks on every rank (the checkpoint files need not
@@ -182,14 +193,20 @@ class StagedDistiller(StageTraining):
         if self.sharded:
             from .fsdp import load_full_state
 
-            state, masks = self._read_stage(stage) if self.team.is_main else ({}, {})
+            read: dict = {}
+
+            def read_on_main() -> None:  # the tensors stay on the main process; only a failure is sent to every rank
+                read["state"], read["masks"] = self._read_stage(stage)
+
+            # A damaged checkpoint stops every rank in one line here, before the collective load below.
+            self.team.on_main(read_on_main)
+            state, masks = read.get("state", {}), read.get("masks", {})
             with self.team.collective("the ranks loaded the main process's weights"):
                 load_full_state(self.raw, state)
             self.masks = self.team.share_masks(masks)
             apply_masks(self.raw, self.masks)
             return
-        if self.team.is_main:
-            self.restore(stage)
+        self.team.on_main(self.restore, stage)  # a damaged checkpoint: every rank stops in one line, none waits
         self.team.sync_module(self.raw)
         self.masks = self.team.share_masks(self.masks)
 
@@ -235,6 +252,12 @@ class StagedDistiller(StageTraining):
     def _setup(self, resuming: bool) -> int:
         """Student, optimizer and data on the device; returns the last accepted stage (0 on a fresh run)."""
         self._prepare_student()
+        k, layers = self.cfg.dense_layers, len(self.pruner.layers)
+        if k is not None and k.isdigit() and int(k) > layers:  # refused before the run leaves any state to resume
+            from .allocation import AllocationError
+
+            raise AllocationError(f"--dense-layers {k}: the model has {layers} prunable layers; pass 0..{layers} "
+                                  "or auto")
         accepted = self._load_state() if resuming else self._start_state()
         self._prepare_objective()
         self.prompts = self.heldout_ids[: self.cfg.consistency_prompts, : max(1, min(16, self.cfg.seq_len // 2))]
@@ -309,8 +332,8 @@ class StagedDistiller(StageTraining):
 
     def _load_state(self) -> int:
         def read():
-            state = self.run.read_state()
-            data = self.run.load_tensors("data.safetensors")
+            state = self.run.read_resume_state()
+            data = self.run.load_tensors("data.safetensors", keys=("train", "heldout"))
             return (data["train"], data["heldout"], state["trajectory"], state["teacher_consistency"],
                     int(state["accepted"]))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import ConfigError, OutputExistsError
+from ..errors import ConfigError, DataError, OutputExistsError
 from ..fsutil import swap_into_place, write_json_atomic
 
 STATE = "state.json"
@@ -47,6 +47,32 @@ def writing(path: Path):
         raise OSError(n, os.strerror(n), str(path)) from None
 
 
+def damaged_run(run_dir: Path, what: str, why: BaseException | str) -> OutputExistsError:
+    """The one error for a run dir that cannot be resumed as it is (a truncated or missing checkpoint, data file or
+    state field): it names the file and how to start over, instead of a traceback from safetensors or a KeyError."""
+    text = str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__
+    return OutputExistsError(f"run {run_dir} cannot be resumed: {what} is missing or damaged ({text[:200]}); "
+                             "pass --overwrite to start the run over")
+
+
+def read_run_data(path: Path) -> dict[str, torch.Tensor]:
+    """A run's data.safetensors (token ids: ``train``, ``heldout``), read by build and export after the run; a cut or
+    foreign one is one DataError line naming it, not a safetensors traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        data = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path} (the run's token ids) is missing or damaged ({why[:200]}); redo the distillation "
+                        "run with --overwrite") from None
+    missing = [k for k in ("train", "heldout") if k not in data]
+    if missing:
+        raise DataError(f"{path} (the run's token ids) has no {', '.join(missing)} split; redo the distillation run "
+                        "with --overwrite")
+    return data
+
+
 class RunDir:
     def __init__(self, out: str | Path):
         self.final = Path(out)
@@ -54,6 +80,10 @@ class RunDir:
 
     def prepare(self, resume: bool, overwrite: bool) -> bool:
         """Create the work dir. Returns True when there is state to resume from."""
+        if self.final.exists() and not self.final.is_dir():
+            # --overwrite replaces a run dir; a file here is a mistyped path (it would be swapped out, not removed)
+            raise OutputExistsError(f"{self.final} is a file; name a directory for the run (--overwrite replaces "
+                                    "only a run dir)")
         final_used = self.final.exists() and any(self.final.iterdir()) if self.final.is_dir() else self.final.exists()
         if resume:
             if (self.partial / STATE).is_file():
@@ -80,14 +110,37 @@ class RunDir:
     def read_state(self) -> dict:
         return read_run_json(self.partial / STATE)
 
+    def read_resume_state(self) -> dict:
+        """state.json of the run to resume, with the fields a resume reads checked (a hand-edited or foreign
+        state.json is one line, not a KeyError)."""
+        state = self.read_state()
+        accepted = state.get("accepted")
+        if isinstance(accepted, bool) or not isinstance(accepted, int) or accepted < 0:
+            raise damaged_run(self.partial, STATE, f"accepted is {accepted!r}, not a stage number")
+        for key, kind in (("trajectory", list), ("teacher_consistency", dict)):
+            if not isinstance(state.get(key), kind):
+                raise damaged_run(self.partial, STATE, f"{key} is {type(state.get(key)).__name__}, "
+                                                       f"not a {kind.__name__}")
+        return state
+
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         tmp = self.partial / (name + ".tmp")
         with writing(tmp):
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, self.partial / name)
 
-    def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return load_file(str(self.partial / name))
+    def load_tensors(self, name: str, keys: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        """A tensor file of the run (``keys`` must be in it); a missing or cut one is one error, not a traceback."""
+        from safetensors import SafetensorError
+
+        try:
+            tensors = load_file(str(self.partial / name))
+        except (OSError, SafetensorError) as e:
+            raise damaged_run(self.partial, name, e) from None
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise damaged_run(self.partial, name, f"it has no {', '.join(missing)}")
+        return tensors
 
     def checkpoint_dir(self, stage: int) -> Path:
         return self.partial / "checkpoints" / f"stage-{stage}"
@@ -103,8 +156,23 @@ class RunDir:
         os.replace(tmp, final)
         return final
 
-    def load_masks(self, stage: int) -> dict[str, torch.Tensor]:
-        return {k: v.bool() for k, v in load_file(str(self.checkpoint_dir(stage) / "masks.safetensors")).items()}
+    def load_checkpoint(self, stage: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(weights, masks) of an accepted stage's checkpoint; a missing, truncated or garbage file is one error."""
+        from safetensors import SafetensorError
+
+        ckpt = self.checkpoint_dir(stage)
+        what = f"checkpoint {ckpt.relative_to(self.partial)} (accepted stage {stage})"
+        weights = [f for f in sorted(ckpt.glob("*.safetensors")) if f.name != "masks.safetensors"]
+        if not weights:
+            raise damaged_run(self.partial, what, "no weight files in it")
+        try:
+            state = {}
+            for f in weights:
+                state.update(load_file(str(f)))
+            masks = {k: v.bool() for k, v in load_file(str(ckpt / "masks.safetensors")).items()}
+        except (OSError, SafetensorError) as e:
+            raise damaged_run(self.partial, what, e) from None
+        return state, masks
 
     def finish(self) -> Path:
         """Swap the finished work dir into place; the previous output is removed only after the swap."""

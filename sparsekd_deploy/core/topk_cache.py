@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -107,6 +108,19 @@ def teacher_buckets(teacher, ids: torch.Tensor, k: int, chunk: int = 0) -> tuple
     return idx.view(*ids.shape, -1), buckets.view(*ids.shape, -1)
 
 
+def _reserve(path: Path) -> None:
+    """Allocate a memmap's (sparse) file on disk before writing through the map: on a full disk a store into an
+    unbacked page kills the process with SIGBUS (no exception, no message, a stale lock left behind), whereas the
+    allocation fails here as the OSError ENOSPC that the CLI reports in one line."""
+    if not hasattr(os, "posix_fallocate"):  # (macOS, Windows): nothing to reserve with
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+
+
 def write_shard(directory: Path, split: str, teacher, ids: torch.Tensor, k: int, index: int = 0, count: int = 1,
                 batch_size: int = 8, device=None, chunk: int = 0) -> dict:
     """Run the teacher over this shard's rows of ``ids`` [N, L] and write them, each file atomically; returns the
@@ -119,6 +133,8 @@ def write_shard(directory: Path, split: str, teacher, ids: torch.Tensor, k: int,
     with atomic_target(directory / f"{name}.idx.npy") as tmp_idx, atomic_target(directory / f"{name}.logp.npy") as tmp_lp:
         idx_mm = np.lib.format.open_memmap(tmp_idx, mode="w+", dtype=np.int32, shape=(rows, L, k))
         lp_mm = np.lib.format.open_memmap(tmp_lp, mode="w+", dtype=np.float32, shape=(rows, L, k + 1))
+        _reserve(tmp_idx)
+        _reserve(tmp_lp)
         for s in range(0, rows, batch_size):
             e = min(rows, s + batch_size)
             idx, buckets = teacher_buckets(teacher, ids[start + s : start + e].to(device), k, chunk)
@@ -182,8 +198,8 @@ class _Mapped:
 class CacheSplit:
     """One split's rows, read through memory maps; ``targets`` gives a batch's teacher buckets."""
 
-    def __init__(self, directory: Path, entry: dict, ids: torch.Tensor, k: int, use_k: int):
-        self.ids, self.k, self.use_k = ids, k, use_k
+    def __init__(self, directory: Path, entry: dict, ids: torch.Tensor, k: int, use_k: int, vocab: int | None = None):
+        self.ids, self.k, self.use_k, self.vocab, self.directory = ids, k, use_k, vocab, directory
         self._shards = []  # (start, stop, idx map, logp map)
         L = ids.shape[1]
         try:
@@ -191,6 +207,9 @@ class CacheSplit:
                 raise ValueError(f"{entry['rows']} rows, the run has {len(ids)}")
             covered = 0
             for sh in entry["shards"]:
+                name = sh["name"]
+                if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+                    raise ValueError(f"shard name {name!r} is not a file name inside the cache")  # never read elsewhere
                 start, stop = (int(v) for v in sh["rows"])
                 idx_map = _Mapped(directory / f"{sh['name']}.idx.npy")
                 lp_map = _Mapped(directory / f"{sh['name']}.logp.npy")
@@ -235,6 +254,10 @@ class CacheSplit:
                 idx[sel], lp[sel] = i_map.array[rows[sel] - start], l_map.array[rows[sel] - start]
                 i_map.drop()
                 l_map.drop()
+        # A token id outside the vocabulary (a damaged shard whose header still reads) would fail deep in a gather.
+        if self.vocab is not None and idx.size and (idx.min() < 0 or idx.max() >= self.vocab):
+            raise TeacherCacheError(f"teacher cache {self.directory} is damaged (token ids outside the vocabulary of "
+                                    f"{self.vocab}); delete it to rebuild it")
         if self.use_k < self.k:
             return idx_t[..., : self.use_k].contiguous(), head_buckets_torch(lp_t[..., : self.use_k])
         return idx_t, lp_t
@@ -252,6 +275,8 @@ class TopKCache:
         """Open an existing cache, refusing one whose stamp differs from ``stamp`` (the message names what)."""
         try:
             manifest = json.loads((directory / MANIFEST).read_text())
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+                raise ValueError(f"{MANIFEST} is not an object with splits")
             if manifest.get("format") != FORMAT:
                 raise TeacherCacheError(f"teacher cache {directory} has format {manifest.get('format')!r}, this "
                                         f"version reads {FORMAT}; delete it to rebuild it")
@@ -266,8 +291,9 @@ class TopKCache:
             raise TeacherCacheError(f"teacher cache {directory} was made with another {'; '.join(diff)}; pass another "
                                     "--teacher-cache dir (or delete this one to rebuild it)")
         k = stamp.k
-        return cls(directory, stamp, CacheSplit(directory, splits.get("train", {}), train_ids, k, use_k),
-                   CacheSplit(directory, splits.get("heldout", {}), heldout_ids, k, k))
+        v = stamp.vocab_size
+        return cls(directory, stamp, CacheSplit(directory, splits.get("train", {}), train_ids, k, use_k, v),
+                   CacheSplit(directory, splits.get("heldout", {}), heldout_ids, k, k, v))
 
     @classmethod
     def open_or_write(cls, directory: Path, stamp: Stamp, teacher, train_ids: torch.Tensor,

@@ -25,6 +25,22 @@ class ExportError(SparseKDError):
     pass
 
 
+# Attention exports as scaled_dot_product_attention, which ONNX has from opset 14 on (13 fails inside the exporter).
+MIN_OPSET = 14
+
+
+def check_opset(opset: int | None) -> None:
+    """Refuse, before any work, an opset the exporter cannot write (it fails deep in tracing otherwise)."""
+    if opset is None:
+        return
+    from torch.onnx import _constants  # the exporter's own upper bound (private: there is no public one)
+
+    top = getattr(_constants, "ONNX_MAX_OPSET", MIN_OPSET)
+    if not MIN_OPSET <= opset <= top:
+        raise ExportError(f"--opset {opset}: the exporter writes opsets {MIN_OPSET} to {top}; pick one of those or "
+                          "omit --opset for its default")
+
+
 @dataclass
 class ExportInfo:
     path: str

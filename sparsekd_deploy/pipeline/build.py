@@ -93,6 +93,9 @@ def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions | None = None,
     from ..exporters.quantize import check_mode
 
     check_mode(cfg.quantize, opts.target)  # a mode the target cannot run is refused before the distillation
+    from ..exporters.onnx import check_opset
+
+    check_opset(opts.opset)
     run_dir = Path(opts.run_dir) if opts.run_dir else default_run_dir(out)
     cfg.out = str(run_dir)
 
@@ -134,10 +137,8 @@ def _build_launched(team, cfg: DistillConfig, out: Path, run_dir: Path, opts: Bu
 
 
 def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptions, reporter, gates) -> BuildResult:
-    from safetensors.torch import load_file
-
     from ..core.distill import Result, distill
-    from ..core.rundir import STATE, RunDir
+    from ..core.rundir import STATE, RunDir, read_run_data
 
     run = RunDir(cfg.out)
     if _reuses_run(run, opts):
@@ -155,7 +156,7 @@ def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptio
     if not data_file.is_file():
         raise BundleError(f"run dir {result.out} has no data.safetensors (replaced by another run?); rebuild with "
                           "--overwrite instead of --resume")
-    data = load_file(str(data_file))
+    data = read_run_data(data_file)
     heldout = data["heldout"]
     # Static quantization calibrates on the run's own training sequences; the held-out ones judge it.
     quantize = QuantizeRequest(cfg.quantize, opts.target, cfg.calibration, data["train"].numpy(),

@@ -126,6 +126,9 @@ def export_and_audit(student_dir: Path, onnx_path: Path, pattern: Pattern | None
     from .parity import check_parity
 
     note = reporter.note if reporter is not None else (lambda _msg: None)
+    # Loaded first: a damaged student dir (cut weights, unreadable config.json) is then one ModelLoadError line,
+    # not a traceback from inside the exporter.
+    student = load_model(student_dir)
     note("exporting ONNX with KV cache" if with_past else "exporting ONNX")
     info = export_onnx(student_dir, onnx_path, opset=opset, with_past=with_past).to_dict()
     info.pop("path")
@@ -139,7 +142,6 @@ def export_and_audit(student_dir: Path, onnx_path: Path, pattern: Pattern | None
         graphs[quantize.mode], quantization = _quantize(onnx_path, quantize)
     if target == "onnxruntime":
         info["attention_fusion"] = _fuse_for_ort([g for p, g in graphs.items() if p != "fp16"], note)
-    student = load_model(student_dir)
     pruned = zeroed_weights(student)
     n, m = (pattern.n, pattern.m) if isinstance(pattern, NM) else (None, None)
     parity, audits, share = {}, {}, None
