@@ -83,6 +83,9 @@ class DistillConfig:
     dense_layers: str | None = None  # n:m: keep the K most load-bearing layers dense ("3"), or "auto"
     loadpaths: str | None = None  # a loadpaths.json from `analyze`; None = analysed in the run, on its training data
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on GPU; CPU runs fp32)
+    # The teacher's weights while the student trains (core/teacher_precision.py): auto = the run's 16-bit autocast
+    # type on a GPU (its matmuls run in it anyway; half the memory), fp32 on a CPU.
+    teacher_precision: str = "auto"  # auto | fp32 | bf16 | fp16
     # Launched runs (torchrun / accelerate launch) use DDP; fsdp shards the student over the ranks instead (FSDP2,
     # core/fsdp.py; what it does not support yet: distributed.fsdp_problems).
     fsdp: bool = False
@@ -166,6 +169,11 @@ def _problems(cfg: DistillConfig) -> list[str]:
     p.extend(_teacher_access_problems(cfg))
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         p.append(f"precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
+    if cfg.teacher_precision not in ("auto", "fp32", "bf16", "fp16"):
+        p.append(f"teacher_precision must be auto, fp32, bf16 or fp16, got {cfg.teacher_precision!r}")
+    elif cfg.teacher_precision != "auto" and topk_access(cfg.teacher_access) is not None:
+        p.append(f"teacher_precision {cfg.teacher_precision}: with teacher_access {cfg.teacher_access} the teacher "
+                 "is freed once it wrote its top-K cache, before training; drop --teacher-precision")
     if cfg.fsdp:
         from .core.distributed import fsdp_problems
 

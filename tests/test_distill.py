@@ -221,3 +221,40 @@ def test_data_dir_of_text_files(tiny_dirs, fast_cfg, tmp_path):
 
     with pytest.raises(DataError, match="no \\*.txt files"):
         distill(_cfg(fast_cfg, tiny_dirs["llama"], data=str(tmp_path / "empty"), out=str(tmp_path / "o2")))
+
+
+def test_teacher_precision_bf16_holds_only_the_training_teacher_in_bf16(tiny_dirs, fast_cfg, monkeypatch):
+    from sparsekd_deploy.core import stage_training
+
+    seen = []
+    orig = stage_training.heldout_metrics
+
+    def spy(teacher, student, *a, **kw):
+        seen.append((next(teacher.parameters()).dtype, next(student.parameters()).dtype))
+        return orig(teacher, student, *a, **kw)
+
+    monkeypatch.setattr(stage_training, "heldout_metrics", spy)
+    stopped = distill(_cfg(fast_cfg, tiny_dirs["llama"], teacher_precision="bf16", kl_budget=1e-9))
+    assert seen and set(seen) == {(torch.bfloat16, torch.float32)}  # every held-out pass: bf16 teacher, fp32 student
+    assert stopped.trajectory[1]["teacher_precision"] == "bf16"
+    # Over budget → back to stage 0, whose weights are the teacher's fp32 ones read from disk, not the bf16 copy.
+    assert stopped.summary["final_stage"] == 0
+    s = load_file(str(stopped.out / "student" / "model.safetensors"))
+    t = load_file(str(tiny_dirs["llama"] / "model.safetensors"))
+    assert all(s[k].dtype == torch.float32 and torch.equal(s[k], t[k]) for k in t)
+
+    monkeypatch.setattr(stage_training, "heldout_metrics", orig)
+    bf16 = distill(_cfg(fast_cfg, tiny_dirs["llama"], teacher_precision="bf16", out=str(stopped.out.parent / "bf16")))
+    auto = distill(_cfg(fast_cfg, tiny_dirs["llama"], out=str(stopped.out.parent / "auto")))  # fp32 on a CPU
+    assert auto.trajectory[1]["teacher_precision"] == "fp32"
+    # The data were sampled by the fp32 teacher in both runs: the same sequences.
+    data = [load_file(str(r.out / "data.safetensors")) for r in (bf16, auto)]
+    assert torch.equal(data[0]["train"], data[1]["train"]) and torch.equal(data[0]["heldout"], data[1]["heldout"])
+    # Seeded golden values; the fp32 run's differ in the 4th digit (0.018417, 0.015461, 0.034133, 0.028330).
+    _golden(bf16, [(0.018406, 0.015457), (0.034140, 0.028303)])
+    assert _kls(bf16) != _kls(auto)
+
+
+def test_teacher_precision_with_a_topk_cache_is_refused():
+    with pytest.raises(ConfigError, match="freed once it wrote its top-K cache"):
+        build_config(None, {"teacher_access": "topk:8", "teacher_precision": "bf16"})

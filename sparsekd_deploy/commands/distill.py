@@ -74,6 +74,11 @@ DISTILL_OPTIONS = [
      dict(help="profile.json from `sparsekd-deploy profile`: keep dense the layers where 2:4 is not faster.")),
     ("--precision", "precision", dict(type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
                                       help="Autocast on GPU; CPU runs fp32. [default: auto]")),
+    ("--teacher-precision", "teacher_precision",
+     dict(type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+          help="The teacher's weights while the student trains: auto = the run's 16-bit autocast type on a GPU "
+               "(half the memory; its matmuls run in it anyway), fp32 on a CPU. Data, baselines and load paths "
+               "use the fp32 teacher. [default: auto]")),
     ("--fsdp", "fsdp", dict(is_flag=True, help="Under torchrun / accelerate launch (N ≥ 2 processes): shard the "
                                                "student over the processes (FSDP2; GPUs or CPUs) instead of DDP's "
                                                "whole copy per process.")),

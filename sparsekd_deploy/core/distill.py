@@ -119,6 +119,7 @@ class StagedDistiller(StageTraining):
         # refreshed from the shards after each stage, for what reads every weight at once (records, consistency,
         # checkpoints, the final student).
         self.sharded = cfg.fsdp and self.team.distributed
+        self.teacher_dtype = torch.float32  # the teacher's weights; 16-bit once training begins (teacher_precision.py)
         self.whole: torch.nn.Module | None = None
 
     def on_student(self, fn, *args, **kwargs):
@@ -181,8 +182,9 @@ class StagedDistiller(StageTraining):
 
     def _read_stage(self, stage: int) -> tuple[dict[str, torch.Tensor], Masks]:
         """The weights and masks of an accepted stage, read from its checkpoint (stage 0: the teacher's)."""
-        if stage == 0:
-            teacher = self.teacher if self.teacher is not None else load_model(self.teacher_dir, role="teacher")
+        if stage == 0:  # the fp32 weights: from memory while the teacher is held in fp32, else from disk
+            in_memory = self.teacher is not None and self.teacher_dtype == torch.float32
+            teacher = self.teacher if in_memory else load_model(self.teacher_dir, role="teacher")
             return teacher.state_dict(), {}
         return self.run.load_checkpoint(stage)
 
@@ -330,6 +332,20 @@ class StagedDistiller(StageTraining):
         release_memory()
         self.reporter.note("teacher freed from memory: training on its top-K cache")
 
+    def _teacher_for_training(self) -> None:
+        """The teacher in the precision it keeps while the student trains (``--teacher-precision``): from here on it
+        only gives the KD loss and the held-out measurements their targets."""
+        from .teacher_precision import name, teacher_dtype
+
+        if self.teacher is None:
+            return
+        self.teacher_dtype = teacher_dtype(self.cfg.teacher_precision, self.device,
+                                           str(self.accelerator.mixed_precision))
+        if self.teacher_dtype != torch.float32:
+            self.teacher.to(self.teacher_dtype)
+            release_memory()
+            self.reporter.note(f"teacher held in {name(self.teacher_dtype)} while the student trains")
+
     def _load_state(self) -> int:
         def read():
             state = self.run.read_resume_state()
@@ -364,9 +380,11 @@ class StagedDistiller(StageTraining):
         calib = list(self.train_ids[: cfg.calib_batches * cfg.batch_size].split(self.local_batch))
         if self.search is not None:
             self._release_teacher()
+            self._teacher_for_training()
             return self._run_auto(accepted, calib)
         self._plan_load_paths(calib)
         self._release_teacher()
+        self._teacher_for_training()
         for stage in plan(self.pattern, cfg.stages, cfg.steps_per_stage, cfg.step_schedule, cfg.sparsity_schedule)[accepted:]:
             outcome = self.run_stage(stage, calib)
             record = self._record(stage, outcome)
@@ -438,6 +456,10 @@ class StagedDistiller(StageTraining):
         record["layer_sparsity"] = {name: e["sparsity"] for name, e in report["layers"].items()}
         record.update(self.peak.read())  # training + held-out measurements of this stage (memory.py)
         record["kd_chunk"] = self.kd_chunk
+        if self.teacher is not None:
+            from .teacher_precision import name
+
+            record["teacher_precision"] = name(self.teacher_dtype)
         if self.utilisation is not None:
             record.update(self.utilisation.record(self.tokens_per_second))
         if self.sharded:
