@@ -204,12 +204,14 @@ def _rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
 
 @needs_gloo
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' pids through /proc (Linux)")
-def test_killed_rank_stops_at_last_accepted_stage_and_resumes(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("sharding", [(), ("--fsdp",)], ids=["ddp", "fsdp"])
+def test_killed_rank_stops_at_last_accepted_stage_and_resumes(tiny_dirs, tmp_path, sharding):
     """Rank 1 is killed (SIGKILL) while stage 2 trains: rank 0 says in one line that the run stopped at accepted stage
-    1 and how to resume, releases the lock and keeps the run dir there; `--resume` under torchrun completes it."""
+    1 and how to resume, releases the lock and keeps the run dir there; `--resume` under torchrun completes it. Under
+    DDP and under --fsdp (where the killed rank held half of every weight)."""
     recipe = _recipe(tmp_path, tiny_dirs["llama"], steps_per_stage=400)  # stage 2 lasts seconds: time to kill
     out = tmp_path / "run"
-    args = ("distill", "--recipe", str(recipe), "--out", str(out))
+    args = ("distill", "--recipe", str(recipe), "--out", str(out), *sharding)
     launcher = subprocess.Popen(_torchrun("--no-python", CLI, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=_env())
     state = Path(str(out) + ".partial") / "state.json"
@@ -243,7 +245,10 @@ def test_killed_rank_stops_at_last_accepted_stage_and_resumes(tiny_dirs, tmp_pat
     assert "resuming after accepted stage 1" in r.stderr
     traj = json.loads((out / "trajectory.json").read_text())["stages"]
     assert [s["stage"] for s in traj] == [0, 1, 2] and all(s["accepted"] for s in traj)
-    assert traj[2]["ranks"] == {"world_size": 2, "weights_identical": True}
+    ranks = traj[2]["ranks"]
+    assert ranks == ({"world_size": 2, "weights_identical": True} if not sharding else
+                     {"world_size": 2, "fsdp": True, "local_parameters": ranks["local_parameters"],
+                      "parameters": ranks["parameters"]})
     assert json.loads((out / "summary.json").read_text())["sparsity"] == pytest.approx(0.5)
 
 
