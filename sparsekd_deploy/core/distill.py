@@ -12,9 +12,9 @@ import copy
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..config import DistillConfig
+from ..errors import OutputExistsError
 from ..locks import dir_lock
 from ..models.loading import load_model, load_tokenizer, resolve_teacher
 from . import consistency
@@ -30,7 +30,7 @@ from .operators import make_operator
 from .patterns import is_auto, make_pattern
 from .pruner import Masks, Pruner, apply_masks, final_report, sparsity_report
 from .result import NullReporter, Result
-from .rundir import STATE, RunDir, check_resume_config, writing
+from .rundir import STATE, RunDir, check_resume_config, read_run_tensors, writing
 from .schedule import Stage, plan
 from .stability import StageStability
 from .stage import StageOutcome, stage_record, stop_reason
@@ -169,10 +169,13 @@ class StagedDistiller(StageTraining):
         if stage == 0:
             teacher = self.teacher if self.teacher is not None else load_model(self.teacher_dir, role="teacher")
             return teacher.state_dict(), {}
-        state = {}
-        for f in sorted(self.run.checkpoint_dir(stage).glob("*.safetensors")):
+        ckpt, state = self.run.checkpoint_dir(stage), {}
+        for f in sorted(ckpt.glob("*.safetensors")):
             if f.name != "masks.safetensors":
-                state.update(load_file(str(f)))
+                state.update(read_run_tensors(f))
+        if not state:  # load_state_dict(strict=False) would keep the weights there and call it a restore
+            raise OutputExistsError(f"{ckpt} (accepted stage {stage}) has no weights; pass --overwrite to start the "
+                                    "run over")
         return state, self.run.load_masks(stage)
 
     def restore_everywhere(self, stage: int) -> None:
@@ -182,14 +185,21 @@ class StagedDistiller(StageTraining):
         if self.sharded:
             from .fsdp import load_full_state
 
-            state, masks = self._read_stage(stage) if self.team.is_main else ({}, {})
+            read: dict = {}
+
+            def main_reads() -> None:
+                read["state"], read["masks"] = self._read_stage(stage)
+
+            # Read by the main process alone; a damaged checkpoint is raised on every rank (not left to the others
+            # waiting in the broadcast below), and only that news travels, not the weights.
+            self.team.on_main(main_reads)
+            state, masks = read.get("state", {}), read.get("masks", {})
             with self.team.collective("the ranks loaded the main process's weights"):
                 load_full_state(self.raw, state)
             self.masks = self.team.share_masks(masks)
             apply_masks(self.raw, self.masks)
             return
-        if self.team.is_main:
-            self.restore(stage)
+        self.team.on_main(self.restore, stage)  # its failure (a damaged checkpoint) is raised on every rank
         self.team.sync_module(self.raw)
         self.masks = self.team.share_masks(self.masks)
 

@@ -31,6 +31,17 @@ def read_run_json(path: Path) -> dict:
     return obj
 
 
+def read_run_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file the run wrote (data, checkpoint weights, masks); a damaged one is one error saying how to
+    start over, not safetensors' traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise OutputExistsError(f"{path} is missing or damaged ({e}); pass --overwrite to start the run over") from None
+
+
 @contextlib.contextmanager
 def writing(path: Path):
     """safetensors reports a failed write (a full disk, a read-only mount) as SafetensorError with the OS error in its
@@ -87,7 +98,7 @@ class RunDir:
         os.replace(tmp, self.partial / name)
 
     def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return load_file(str(self.partial / name))
+        return read_run_tensors(self.partial / name)
 
     def checkpoint_dir(self, stage: int) -> Path:
         return self.partial / "checkpoints" / f"stage-{stage}"
@@ -104,7 +115,7 @@ class RunDir:
         return final
 
     def load_masks(self, stage: int) -> dict[str, torch.Tensor]:
-        return {k: v.bool() for k, v in load_file(str(self.checkpoint_dir(stage) / "masks.safetensors")).items()}
+        return {k: v.bool() for k, v in read_run_tensors(self.checkpoint_dir(stage) / "masks.safetensors").items()}
 
     def finish(self) -> Path:
         """Swap the finished work dir into place; the previous output is removed only after the swap."""
