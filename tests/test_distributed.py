@@ -447,3 +447,24 @@ def test_fsdp_uneven_splits_lr_search_topk_divergence_and_a_damaged_checkpoint(t
     assert errors == [f"error: {weights} is missing or damaged ({errors[0].split('(', 1)[1].split(')')[0]}); pass "
                       "--overwrite to start the run over"]
     assert (tmp_path / "damaged.partial" / "state.json").exists()  # kept: --overwrite or a repaired file decides
+
+
+@needs_gloo
+def test_build_fsdp_under_torchrun(tiny_dirs, tmp_path):
+    """`build --fsdp` on 2 gloo ranks: both ranks distil (the student sharded), the main process alone exports,
+    validates and writes the bundle (its checksums verify; one JSON summary), the other stops after the
+    distillation."""
+    from conftest import LOOSE
+
+    from sparsekd_deploy.bundle import Bundle
+
+    recipe = _recipe(tmp_path, tiny_dirs["llama"])
+    r = _launch_cli("build", "--recipe", str(recipe), "--fsdp", "--target", "onnxruntime", "--out", str(tmp_path / "b"),
+                    "--run-dir", str(tmp_path / "run"), "--json", *LOOSE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("fsdp: the student sharded over 2 processes") == 1 and r.stderr.count("bundle written") == 1
+    summary = json.loads(r.stdout)  # one JSON document: only the main process printed one
+    assert summary["validation"]["passed"] is True and summary["bundle"] == str(tmp_path / "b")
+    Bundle.open(tmp_path / "b")  # checksums verified
+    traj = json.loads((tmp_path / "run" / "trajectory.json").read_text())["stages"]
+    assert [s["ranks"]["fsdp"] for s in traj[1:]] == [True, True]
