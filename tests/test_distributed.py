@@ -417,17 +417,21 @@ def test_fsdp_uneven_splits_lr_search_topk_divergence_and_a_damaged_checkpoint(t
     one = json.loads((tmp_path / "one" / "trajectory.json").read_text())["stages"]
     two = json.loads((tmp_path / "two" / "trajectory.json").read_text())["stages"]
     assert two[1]["lr_search"]["chosen"] == one[1]["lr_search"]["chosen"]
+    worst = 0.0
     for a, b in zip(one[1:], two[1:], strict=True):
         ma, mb = _masks(tmp_path / "one", a["stage"]), _masks(tmp_path / "two", b["stage"])
         assert sorted(ma) == sorted(mb) and len(ma) == 12  # 14 linear layers less the 2 down_proj (71 inputs)
         assert all(torch.equal(ma[k], mb[k]) for k in ma)
         kls = [(a["kl_after_prune"], b["kl_after_prune"])] + [(x[1], y[1]) for x, y in
                                                               zip(a["checkpoints"], b["checkpoints"], strict=True)]
-        assert max(abs(x - y) for x, y in kls) <= FSDP_KL_TOLERANCE
+        worst = max(worst, *(abs(x - y) for x, y in kls))
     wa = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
     wb = load_file(str(tmp_path / "two" / "student" / "model.safetensors"))
     assert sorted(wa) == sorted(wb) and wb["model.embed_tokens.weight"].shape == (257, 32)
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    gap = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    print(f"fsdp (uneven shards, lr search, top-K cache) vs one process: max |held-out KL difference| {worst:.3g}, "
+          f"max |final weight difference| {gap:.3g}")
+    assert worst <= FSDP_KL_TOLERANCE and gap <= 1e-5
     masked = [k.removesuffix(".weight") + ".weight" for k in ma]
     assert _two_of_four(wb, masked) and not _two_of_four(load_file(str(teacher / "model.safetensors")), masked)
 
@@ -468,3 +472,16 @@ def test_build_fsdp_under_torchrun(tiny_dirs, tmp_path):
     Bundle.open(tmp_path / "b")  # checksums verified
     traj = json.loads((tmp_path / "run" / "trajectory.json").read_text())["stages"]
     assert [s["ranks"]["fsdp"] for s in traj[1:]] == [True, True]
+
+
+@needs_gloo
+def test_a_failed_sharded_pass_leaves_the_student_sharded(tmp_path):
+    """A pass of the sharded student (held-out measurement, calibration) that raises must not leave FSDP's units
+    unsharded: a write to the shards afterwards (masks, a restore) must reach the weights every later forward
+    gathers. Before ``fsdp.in_root`` resharded them, the head stayed whole after the failure, the zeroing went to
+    that whole copy and the second forward gathered the stale shards again (|logit| 1.31, not 0)."""
+    r = subprocess.run(_torchrun(str(Path(__file__).with_name("dist_fsdp_worker.py")), str(tmp_path)),
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks == [{"sharded": True, "max_logit": [0.0, 0.0]}] * 2
