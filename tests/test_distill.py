@@ -146,6 +146,19 @@ def test_resume_continues_from_last_accepted(tiny_dirs, fast_cfg, monkeypatch):
                                           r"rerun with the same flags or drop --resume"):
         distill(_cfg(fast_cfg, tiny_dirs["llama"], stages=3, lr=1e-3, seed=3), resume=True)
     assert json.loads((rd.partial / "state.json").read_text())["accepted"] == 2  # the refusal touched nothing
+    # A damaged or missing checkpoint is one line (it was safetensors' traceback), or, without a weight file, a
+    # "restore" that silently kept the teacher's weights under stage 2's masks.
+    weights = rd.checkpoint_dir(2) / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:100])
+    with pytest.raises(OutputExistsError, match=r"cannot be resumed: checkpoint checkpoints/stage-2 \(accepted stage 2\) "
+                                                r"is missing or damaged \(.*\); pass --overwrite to start the run over$"):
+        distill(cfg, resume=True)
+    weights.unlink()
+    with pytest.raises(OutputExistsError, match=r"checkpoint checkpoints/stage-2 \(accepted stage 2\) is missing or "
+                                                r"damaged \(no weight files in it\); pass --overwrite"):
+        distill(cfg, resume=True)
+    weights.write_bytes(whole)
     res = distill(cfg, resume=True)
     assert res.reached_target and [s["stage"] for s in res.trajectory] == [0, 1, 2, 3]
     assert res.summary["sparsity"] == pytest.approx(0.5)

@@ -204,12 +204,14 @@ def _rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
 
 @needs_gloo
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' pids through /proc (Linux)")
-def test_killed_rank_stops_at_last_accepted_stage_and_resumes(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("sharding", [(), ("--fsdp",)], ids=["ddp", "fsdp"])
+def test_killed_rank_stops_at_last_accepted_stage_and_resumes(tiny_dirs, tmp_path, sharding):
     """Rank 1 is killed (SIGKILL) while stage 2 trains: rank 0 says in one line that the run stopped at accepted stage
-    1 and how to resume, releases the lock and keeps the run dir there; `--resume` under torchrun completes it."""
+    1 and how to resume, releases the lock and keeps the run dir there; `--resume` under torchrun completes it. Under
+    DDP and under --fsdp (where the killed rank held half of every weight)."""
     recipe = _recipe(tmp_path, tiny_dirs["llama"], steps_per_stage=400)  # stage 2 lasts seconds: time to kill
     out = tmp_path / "run"
-    args = ("distill", "--recipe", str(recipe), "--out", str(out))
+    args = ("distill", "--recipe", str(recipe), "--out", str(out), *sharding)
     launcher = subprocess.Popen(_torchrun("--no-python", CLI, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=_env())
     state = Path(str(out) + ".partial") / "state.json"
@@ -243,7 +245,10 @@ def test_killed_rank_stops_at_last_accepted_stage_and_resumes(tiny_dirs, tmp_pat
     assert "resuming after accepted stage 1" in r.stderr
     traj = json.loads((out / "trajectory.json").read_text())["stages"]
     assert [s["stage"] for s in traj] == [0, 1, 2] and all(s["accepted"] for s in traj)
-    assert traj[2]["ranks"] == {"world_size": 2, "weights_identical": True}
+    ranks = traj[2]["ranks"]
+    assert ranks == ({"world_size": 2, "weights_identical": True} if not sharding else
+                     {"world_size": 2, "fsdp": True, "local_parameters": ranks["local_parameters"],
+                      "parameters": ranks["parameters"]})
     assert json.loads((out / "summary.json").read_text())["sparsity"] == pytest.approx(0.5)
 
 
@@ -367,3 +372,118 @@ def test_fsdp_refusals_are_one_line(monkeypatch):
                          ({"pattern": "unstructured:auto"}, "an auto pattern")):
         with pytest.raises(ConfigError, match=rf"fsdp does not support {named} .*yet: drop one of them"):
             build_config(None, {"fsdp": True, **extra})
+
+
+def _uneven_llama(path: Path) -> Path:
+    """The tiny Llama with dims that 2 ranks cannot split evenly: vocabulary 257 (embeddings, head: 129 + 128 rows)
+    and intermediate size 71 (gate/up projections: 36 + 35 rows; down_proj, 71 inputs, is no 2:4 layer)."""
+    from conftest import tiny_config, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    config.vocab_size, config.intermediate_size = 257, 71
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # sharpened as conftest.build_tiny does
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    model.save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _two_of_four(weights: dict[str, torch.Tensor], masked: list[str]) -> bool:
+    """Every group of 4 consecutive inputs of every masked weight keeps at most 2."""
+    return all(bool(((weights[k].reshape(weights[k].shape[0], -1, 4) != 0).sum(-1) <= 2).all()) for k in masked)
+
+
+@needs_gloo
+def test_fsdp_uneven_splits_lr_search_topk_divergence_and_a_damaged_checkpoint(tmp_path):
+    """--fsdp on 2 gloo ranks where the shards are uneven (vocabulary 257, intermediate size 71), with the lr range
+    test and the teacher top-K cache on, against 1 process without FSDP: the same lr chosen, the same masks in every
+    layer of both stages, held-out KLs within FSDP_KL_TOLERANCE, a whole 2:4 final student equal to the 1-process one
+    within float rounding. Then the paths where one rank could wait for the other forever or a traceback end the run:
+    a student that diverges (lr 1e30) stops at stage 0 in one line (its NaN held-out measurement once crashed in
+    torch.bincount on every rank); a resume whose stage-1 checkpoint is damaged is one line (the main process read
+    it alone and failed with safetensors' traceback, leaving rank 1 in the weights' broadcast)."""
+    teacher = _uneven_llama(tmp_path / "teacher")
+    recipe = _recipe(tmp_path, teacher, lr_search="on", teacher_access="topk:8")
+    r = _launch_cli("distill", "--recipe", str(recipe), "--fsdp", "--out", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = subprocess.run([CLI, "distill", "--recipe", str(recipe), "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=_env() | {"OMP_NUM_THREADS": "1"}, timeout=400)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "trajectory.json").read_text())["stages"]
+    two = json.loads((tmp_path / "two" / "trajectory.json").read_text())["stages"]
+    assert two[1]["lr_search"]["chosen"] == one[1]["lr_search"]["chosen"]
+    worst = 0.0
+    for a, b in zip(one[1:], two[1:], strict=True):
+        ma, mb = _masks(tmp_path / "one", a["stage"]), _masks(tmp_path / "two", b["stage"])
+        assert sorted(ma) == sorted(mb) and len(ma) == 12  # 14 linear layers less the 2 down_proj (71 inputs)
+        assert all(torch.equal(ma[k], mb[k]) for k in ma)
+        kls = [(a["kl_after_prune"], b["kl_after_prune"])] + [(x[1], y[1]) for x, y in
+                                                              zip(a["checkpoints"], b["checkpoints"], strict=True)]
+        worst = max(worst, *(abs(x - y) for x, y in kls))
+    wa = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "student" / "model.safetensors"))
+    assert sorted(wa) == sorted(wb) and wb["model.embed_tokens.weight"].shape == (257, 32)
+    gap = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    print(f"fsdp (uneven shards, lr search, top-K cache) vs one process: max |held-out KL difference| {worst:.3g}, "
+          f"max |final weight difference| {gap:.3g}")
+    assert worst <= FSDP_KL_TOLERANCE and gap <= 1e-5
+    masked = [k.removesuffix(".weight") + ".weight" for k in ma]
+    assert _two_of_four(wb, masked) and not _two_of_four(load_file(str(teacher / "model.safetensors")), masked)
+
+    r = _launch_cli("distill", "--recipe", str(recipe), "--fsdp", "--lr", "1e30", "--lr-search", "off",
+                    "--out", str(tmp_path / "nan"))
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode != 0 and "[rank0]: Traceback" not in r.stderr, r.stderr[-3000:]  # (torchrun: 1 for any)
+    assert len(errors) == 1 and "non-finite loss" in errors[0] and "the saved student is the dense teacher" in errors[0]
+
+    _interrupted_copy(tmp_path / "two", tmp_path / "damaged.partial", accepted=1)
+    weights = tmp_path / "damaged.partial" / "checkpoints" / "stage-1" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short, as a full disk leaves it
+    r = _launch_cli("distill", "--recipe", str(recipe), "--fsdp", "--out", str(tmp_path / "damaged"), "--resume")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode != 0 and "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr, \
+        r.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith(f"error: run {tmp_path / 'damaged.partial'} cannot be resumed: "
+                                                     "checkpoint checkpoints/stage-1 (accepted stage 1) is missing or "
+                                                     "damaged (")
+    assert errors[0].endswith("; pass --overwrite to start the run over")
+    assert (tmp_path / "damaged.partial" / "state.json").exists()  # kept: --overwrite or a repaired file decides
+
+
+@needs_gloo
+def test_build_fsdp_under_torchrun(tiny_dirs, tmp_path):
+    """`build --fsdp` on 2 gloo ranks: both ranks distil (the student sharded), the main process alone exports,
+    validates and writes the bundle (its checksums verify; one JSON summary), the other stops after the
+    distillation."""
+    from conftest import LOOSE
+
+    from sparsekd_deploy.bundle import Bundle
+
+    recipe = _recipe(tmp_path, tiny_dirs["llama"])
+    r = _launch_cli("build", "--recipe", str(recipe), "--fsdp", "--target", "onnxruntime", "--out", str(tmp_path / "b"),
+                    "--run-dir", str(tmp_path / "run"), "--json", *LOOSE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("fsdp: the student sharded over 2 processes") == 1 and r.stderr.count("bundle written") == 1
+    summary = json.loads(r.stdout)  # one JSON document: only the main process printed one
+    assert summary["validation"]["passed"] is True and summary["bundle"] == str(tmp_path / "b")
+    Bundle.open(tmp_path / "b")  # checksums verified
+    traj = json.loads((tmp_path / "run" / "trajectory.json").read_text())["stages"]
+    assert [s["ranks"]["fsdp"] for s in traj[1:]] == [True, True]
+
+
+@needs_gloo
+def test_a_failed_sharded_pass_leaves_the_student_sharded(tmp_path):
+    """A pass of the sharded student (held-out measurement, calibration) that raises must not leave FSDP's units
+    unsharded: a write to the shards afterwards (masks, a restore) must reach the weights every later forward
+    gathers. Before ``fsdp.in_root`` resharded them, the head stayed whole after the failure, the zeroing went to
+    that whole copy and the second forward gathered the stale shards again (|logit| 1.31, not 0)."""
+    r = subprocess.run(_torchrun(str(Path(__file__).with_name("dist_fsdp_worker.py")), str(tmp_path)),
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks == [{"sharded": True, "max_logit": [0.0, 0.0]}] * 2

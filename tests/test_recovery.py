@@ -65,6 +65,26 @@ def test_recovery_keeps_the_best_checkpoint_and_never_a_non_finite_one():
     assert rec.step == rec.steps == 8 and rec.metrics["kl"] == 0.05
 
 
+
+def test_heldout_measurement_of_a_diverged_student_is_a_nan_kl_not_a_crash():
+    """A recovery step can leave the student's weights infinite (a too-large lr): its held-out measurement must give
+    a non-finite KL, which never wins (above), so the run stops at its next step's non-finite loss, at its last
+    accepted stage. Its NaN confidences once met torch.bincount as a negative ECE bin and ended the run with a
+    traceback (1 process and 2 ranks alike). The same student before the damage measures finite."""
+    from conftest import build_tiny
+
+    from sparsekd_deploy.core.evaluate import heldout_metrics
+
+    teacher, student = build_tiny("llama"), build_tiny("llama", seed=1)
+    heldout = torch.randint(256, (4, 8), generator=torch.Generator().manual_seed(0))
+    fine = heldout_metrics(teacher, student, heldout, 2, "cpu")
+    assert 0.0 < fine["kl"] < float("inf") and 0.0 <= fine["ece"] <= 1.0
+    with torch.no_grad():
+        for w in student.parameters():  # a diverged step's weights
+            w.fill_(float("inf"))
+    diverged = heldout_metrics(teacher, student, heldout, 2, "cpu")
+    assert torch.isnan(torch.tensor(diverged["kl"])) and not diverged["kl"] < fine["kl"]
+
 # The demo teacher, one light stage (10 % unstructured), data-free, small enough for a unit test (seconds a seed when the machine is idle).
 LIGHT = dict(pattern="unstructured:0.1", stages=1, steps_per_stage=8, seq_len=32, num_samples=16, heldout_samples=8,
              batch_size=8, calib_batches=1, consistency_prompts=2, consistency_samples=2, consistency_tokens=4,

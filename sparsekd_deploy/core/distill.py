@@ -128,8 +128,10 @@ class StagedDistiller(StageTraining):
         rank's; otherwise it runs here as it is."""
         if not self.sharded:
             return fn(*args, **kwargs)
+        from .fsdp import in_root
+
         with self.team.collective("the ranks ran the sharded student"):
-            result = self.student(None, call=lambda: fn(*args, **kwargs))
+            result = in_root(self.student, lambda: fn(*args, **kwargs))
         return self.team.share(result)
 
     def refresh_whole(self) -> torch.nn.Module:

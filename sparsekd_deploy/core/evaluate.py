@@ -43,6 +43,9 @@ def heldout_metrics(teacher, student, heldout: torch.Tensor, batch_size: int, de
         conf = s_top.exp().double().flatten().cpu()
         low_s += (conf < LOW_CONFIDENCE).sum().item()
         low_t += (t_top.exp() < LOW_CONFIDENCE).sum().item()
-        gap += torch.bincount((conf * ECE_BINS).long().clamp(max=ECE_BINS - 1), correct - conf, minlength=ECE_BINS)
+        # A diverged student's NaN confidences go to bin 0 (their NaN gap makes the ECE NaN): the KL is then NaN too,
+        # which never wins a recovery (recovery.Recovery), instead of bincount failing on NaN's negative bin.
+        bins = torch.nan_to_num(conf * ECE_BINS, nan=0.0).long().clamp(0, ECE_BINS - 1)
+        gap += torch.bincount(bins, correct - conf, minlength=ECE_BINS)
     return {"kl": kl_sum / count, "top1": agree / count, "low_confidence": low_s / count,
             "teacher_low_confidence": low_t / count, "ece": gap.abs().sum().item() / count}

@@ -57,6 +57,22 @@ def shard_student(module: nn.Module, student: nn.Module, device: torch.device, w
     return len(layers)
 
 
+def in_root(root: nn.Module, fn):
+    """``fn()`` run inside the sharded ``root``'s forward (``LossModule``'s ``call``), on every rank. When ``fn``
+    raises, FSDP's post-forward hooks never run and the units it entered stay unsharded: their whole weights stand in
+    for the parameters, and a write to them (a mask, a restore) would be lost at the next reshard, leaving the
+    shards stale. So every unit is resharded before the error goes on."""
+    try:
+        return root(None, call=fn)
+    except BaseException:
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in root.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+        raise
+
+
 def local_numel(model: nn.Module) -> int:
     """Parameter elements this rank holds (its shards; the whole model without FSDP)."""
     return sum((p.to_local() if is_sharded(p) else p).numel() for p in model.parameters())
