@@ -3,8 +3,10 @@ torchrun, never collected by pytest).
 
 The tiny Llama is sharded as the distiller shards it; a pass run through ``fsdp.in_root`` (``on_student``'s path)
 raises midway; then this rank zeroes its shard of the head, as a mask or a restore writes shards, and runs the
-student twice. Writes ``<out>/rank<r>.json``: whether the head is sharded again and the largest |logit| of each run
-(0 when the write reached the weights the forward gathers)."""
+student twice. Then the sharded prune's scoring fails on the main process alone (``importance.score`` raises
+there): every rank must get the failure (the main process its own error, the others ``FollowerError``), none left
+waiting in a gather. Writes ``<out>/rank<r>.json``: whether the head is sharded again, the largest |logit| of each run
+(0 when the write reached the weights the forward gathers) and what the failed prune raised on this rank."""
 
 from __future__ import annotations
 
@@ -17,8 +19,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import build_tiny  # noqa: E402
 
+from sparsekd_deploy.core import importance  # noqa: E402
 from sparsekd_deploy.core.distributed import LossModule, Team  # noqa: E402
-from sparsekd_deploy.core.fsdp import in_root, is_sharded, local_tensor, shard_student  # noqa: E402
+from sparsekd_deploy.core.fsdp import in_root, is_sharded, local_tensor, shard_student, sharded_prune_masks  # noqa: E402
+from sparsekd_deploy.core.patterns import NM  # noqa: E402
+from sparsekd_deploy.core.pruner import Pruner  # noqa: E402
 
 
 def main(out: Path) -> None:
@@ -40,7 +45,21 @@ def main(out: Path) -> None:
     with torch.no_grad():
         local_tensor(student.lm_head.weight).zero_()
         runs = [in_root(root, lambda: student(input_ids=ids).logits.abs().max().item()) for _ in range(2)]
-    (out / f"rank{team.rank}.json").write_text(json.dumps({"sharded": sharded, "max_logit": runs}))
+    score = importance.score
+
+    def fails_on_main(*a, **kw):
+        if team.is_main:
+            raise ValueError("scoring failed on the main process")
+        return score(*a, **kw)
+
+    importance.score = fails_on_main
+    try:
+        sharded_prune_masks(team, lambda fn: in_root(root, fn), student, Pruner(student, NM(2, 4)), "magnitude", 1.0,
+                            [ids], {})
+        raised = None
+    except Exception as e:  # noqa: BLE001 - what reached this rank is the result
+        raised = f"{type(e).__name__}: {e}"
+    (out / f"rank{team.rank}.json").write_text(json.dumps({"sharded": sharded, "max_logit": runs, "prune": raised}))
 
 
 if __name__ == "__main__":

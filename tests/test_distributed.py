@@ -486,4 +486,7 @@ def test_a_failed_sharded_pass_leaves_the_student_sharded(tmp_path):
                        capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
-    assert ranks == [{"sharded": True, "max_logit": [0.0, 0.0]}] * 2
+    assert [{k: r[k] for k in ("sharded", "max_logit")} for r in ranks] == [{"sharded": True, "max_logit": [0.0, 0.0]}] * 2
+    # Scoring that fails on the main process alone reaches every rank (it had left rank 1 in the next layer's gather).
+    assert ranks[0]["prune"] == "ValueError: scoring failed on the main process"
+    assert ranks[1]["prune"] == "FollowerError: the main process failed (ValueError: scoring failed on the main process)"

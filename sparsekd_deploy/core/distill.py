@@ -487,13 +487,17 @@ class StagedDistiller(StageTraining):
         return record
 
     def _accept(self, stage: Stage, record: dict) -> int:
-        if self.team.is_main:  # the other ranks hold the same weights (checked in _record) and write nothing
+        def measure_and_write() -> None:  # the other ranks hold the same weights (checked in _record), write nothing
             whole = self.whole if self.sharded else self.raw  # refreshed by _record
             record["consistency"] = {"student": self.consistency_of(whole), "teacher": self.teacher_consistency}
             record["stability"] = self.stability.entry(whole, record.pop("confidence", {}), record["consistency"])
             self.run.save_checkpoint(stage.index, whole, self.masks)
+
+        # A failure on the main process (a full disk under the checkpoint) stops every rank here in one line, rather
+        # than leaving the others in the next stage's collectives until the launcher notices.
+        self.team.on_main(measure_and_write)
         self.trajectory.append(record)
-        self.save_state(stage.index)
+        self.team.on_main(self.save_state, stage.index)
         self.reporter.stage_end(record)
         return stage.index
 

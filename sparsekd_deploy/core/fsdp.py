@@ -133,15 +133,26 @@ def sharded_prune_masks(team, on_student, model: nn.Module, pruner, importance: 
     if importance == "wanda":
         norms = on_student(lambda: input_norms(ScoringContext(model, pruner.layers, calib)))
     scores: dict[str, torch.Tensor] = {}
+    failed: list[BaseException] = []
     with team.collective("the ranks gathered a weight to score"):
         for layer in pruner.layers:
-            whole = gathered(layer.module.weight).detach()
-            if team.is_main:
-                view = GatheredLayer(layer.name, layer.module, whole)
-                scores.update(score(importance, ScoringContext(None, [view], [], masks=masks, norms=norms)))
+            whole = gathered(layer.module.weight).detach()  # every rank, every layer: the gathers stay in step
+            if team.is_main and not failed:
+                try:
+                    view = GatheredLayer(layer.name, layer.module, whole)
+                    scores.update(score(importance, ScoringContext(None, [view], [], masks=masks, norms=norms)))
+                except Exception as e:  # noqa: BLE001 - raised below on every rank, once the gathers are done
+                    failed.append(e)
             del whole
-    new = stage_masks(pruner, scores, fraction, allocation) if team.is_main else {}
-    return team.share_masks(new)
+    chosen: dict[str, dict[str, torch.Tensor]] = {}
+
+    def choose() -> None:  # on the main process; its failure (scoring's included) reaches every rank as one line
+        if failed:
+            raise failed[0]
+        chosen["masks"] = stage_masks(pruner, scores, fraction, allocation)
+
+    team.on_main(choose)
+    return team.share_masks(chosen.get("masks", {}))
 
 
 
