@@ -355,6 +355,59 @@ def test_fsdp_two_ranks_reproduce_one_process_and_resume(tiny_dirs, tmp_path):
                                                                       abs=FSDP_KL_TOLERANCE)
 
 
+# The 1-process search of unstructured:auto at KL budget 0.05 on the tiny Llama (the fast recipe, seed 0): (target
+# sparsity, accepted) per attempt. 80 % is rejected and undone (KL 0.075), then 70 % (0.053) with the step halved,
+# 65 % passes and the search climbs again, until 10 attempts are used. Golden, so that the budget keeps rejecting.
+AUTO_SEARCH = [(0.2, True), (0.4, True), (0.6, True), (0.8, False), (0.7, False), (0.65, True), (0.7, True),
+               (0.75, True), (0.8, False), (0.775, False)]
+
+
+@needs_gloo
+def test_fsdp_auto_search_matches_one_process_and_resumes(tiny_dirs, tmp_path):
+    """`unstructured:auto --kl-budget 0.05` under --fsdp on 2 gloo ranks against one process: the same attempts
+    accepted and rejected (each rejection undone by loading the last accepted stage into the shards), the same
+    sparsities, the same masks in every layer of every accepted stage and in the final student, held-out KLs within
+    FSDP_KL_TOLERANCE. Interrupted after its first accepted stage, `--resume --fsdp` replays the same search."""
+    recipe = _recipe(tmp_path, tiny_dirs["llama"], pattern="unstructured:auto", kl_budget=0.05)
+    r = _launch_cli("distill", "--recipe", str(recipe), "--fsdp", "--out", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = subprocess.run([CLI, "distill", "--recipe", str(recipe), "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=_env() | {"OMP_NUM_THREADS": "1"}, timeout=400)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "trajectory.json").read_text())["stages"]
+    two = json.loads((tmp_path / "two" / "trajectory.json").read_text())["stages"]
+    assert [(s["target_sparsity"], s["accepted"]) for s in one[1:]] == AUTO_SEARCH
+    assert [(s["target_sparsity"], s["accepted"]) for s in two[1:]] == AUTO_SEARCH
+    worst = 0.0
+    for a, b in zip(one[1:], two[1:], strict=True):
+        assert b["ranks"]["fsdp"] is True and b["sparsity"] == a["sparsity"]
+        assert b["layer_sparsity"] == a["layer_sparsity"]
+        if a["accepted"]:
+            ma, mb = _masks(tmp_path / "one", a["stage"]), _masks(tmp_path / "two", b["stage"])
+            assert sorted(ma) == sorted(mb) and len(ma) == 14 and all(torch.equal(ma[k], mb[k]) for k in ma)
+        kls = [(a["kl_after_prune"], b["kl_after_prune"])] + [(x[1], y[1]) for x, y in
+                                                              zip(a["checkpoints"], b["checkpoints"], strict=True)]
+        worst = max(worst, *(abs(x - y) for x, y in kls))
+    print(f"fsdp auto search vs one process: max |held-out KL difference| {worst:.3g}")
+    assert worst <= FSDP_KL_TOLERANCE
+    sa, sb = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert sb["final_stage"] == sa["final_stage"] == 8 and sb["sparsity"] == sa["sparsity"] == pytest.approx(0.75)
+    wa = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "student" / "model.safetensors"))
+    masked = sorted(_masks(tmp_path / "one", 8))
+    assert all(torch.equal(wa[k] == 0, wb[k] == 0) for k in masked)  # the final student's masks, every layer
+
+    _interrupted_copy(tmp_path / "two", tmp_path / "resumed.partial", accepted=1)
+    r = _launch_cli("distill", "--recipe", str(recipe), "--fsdp", "--out", str(tmp_path / "resumed"), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming after accepted stage 1" in r.stderr
+    resumed = json.loads((tmp_path / "resumed" / "trajectory.json").read_text())["stages"]
+    assert [(s["target_sparsity"], s["accepted"]) for s in resumed[1:]] == AUTO_SEARCH
+    ma, mb = _masks(tmp_path / "two", 8), _masks(tmp_path / "resumed", 8)
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert [s["kl"] for s in resumed[1:]] == pytest.approx([s["kl"] for s in two[1:]], abs=FSDP_KL_TOLERANCE)
+
+
 def test_fsdp_refusals_are_one_line(monkeypatch):
     """--fsdp without a launcher says how to launch; combined with what it does not support yet, each is named."""
     with pytest.raises(ConfigError, match=r"^fsdp shards the student over the processes of a launched run and this is "
@@ -364,12 +417,12 @@ def test_fsdp_refusals_are_one_line(monkeypatch):
         build_config(None, {"fsdp": "yes please"})
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: only the combinations are refused
     build_config(None, {"fsdp": True, "pattern": "2:4", "importance": "magnitude"})
+    build_config(None, {"fsdp": True, "pattern": "unstructured:auto", "kl_budget": 0.05})  # its search runs sharded
     for extra, named in (({"mask_learning": "sr-ste"}, "mask_learning sr-ste"),
                          ({"importance": "taylor"}, "importance taylor"),
                          ({"demolition": "gradual"}, "demolition gradual"),
                          ({"qat_steps": 4, "quantize": "int8-dynamic"}, "qat_steps"),
-                         ({"pattern": "channels:0.5"}, "compensation ls"),
-                         ({"pattern": "unstructured:auto"}, "an auto pattern")):
+                         ({"pattern": "channels:0.5"}, "compensation ls")):
         with pytest.raises(ConfigError, match=rf"fsdp does not support {named} .*yet: drop one of them"):
             build_config(None, {"fsdp": True, **extra})
 

@@ -57,6 +57,35 @@ def test_auto_prunes_until_the_budget_would_break(tiny_dirs, fast_cfg):
 GOLDEN_AUTO_SPARSITY = 0.75  # seed 0, tiny Llama, fast_cfg
 
 
+def test_a_resumed_auto_search_continues_where_it_stopped():
+    """Replaying the recorded attempts up to any accepted stage (what --resume reads from state.json) leaves the search
+    as the live one was there: same attempts, sparsity, step and last rejection, so the same next target. A resume
+    once replayed only the accepted stages and went back to the first step (20 %) after a rejection."""
+    from sparsekd_deploy.core.auto_search import AutoSearch
+
+    def kl_at(sparsity):  # KL over budget 0.05 above 72 % sparsity: 80 % is rejected, then 70 % accepted
+        return 0.05 * (sparsity / 0.72) ** 2
+
+    live, trajectory, states = AutoSearch.for_spec("unstructured:auto", 2), [{"stage": 0, "accepted": True}], {}
+    while (nxt := live.next_stage(4)) is not None:
+        stage, pattern = nxt
+        s, kl = pattern.target_sparsity(), kl_at(pattern.target_sparsity())
+        ok = kl <= 0.05
+        trajectory.append({"stage": stage.index, "accepted": ok, "target_sparsity": s, "kl": kl, "kl_after_prune": kl})
+        live.accept(s) if ok else live.reject(s, kl)
+        if ok:
+            states[stage.index] = (len(trajectory), AutoSearch(**vars(live)))
+    assert [(r["target_sparsity"], r["accepted"]) for r in trajectory[1:6]] == [
+        (0.2, True), (0.4, True), (0.6, True), (0.8, False), (0.7, True)]
+    for n, expected in states.values():
+        resumed = AutoSearch.for_spec("unstructured:auto", 2)
+        resumed.replay(trajectory[:n])
+        assert vars(resumed) == vars(expected)
+    resumed = AutoSearch.for_spec("unstructured:auto", 2)
+    resumed.replay(trajectory[:6])  # after 0.8 was rejected and 0.7 accepted: the step is halved, not back at 20 %
+    assert resumed.step == pytest.approx(0.1) and resumed.next_stage(4)[1].target_sparsity() == pytest.approx(0.8)
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"pattern": "2:4:auto"}, "pattern"),
     ({"pattern": "nm:auto"}, "only unstructured:auto and channels:auto"),

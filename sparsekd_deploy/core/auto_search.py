@@ -51,6 +51,17 @@ class AutoSearch:
         self.last_rejected = (sparsity, kl)
         self.step /= 2
 
+    def replay(self, trajectory: list[dict]) -> None:
+        """Continue a resumed search from its recorded stages (the dense entry first): every attempt counts, an
+        accepted one moves the sparsity and a rejected one halves the step, as it did live. Without the rejections a
+        resumed search went back to the first step and tried sparsities the interrupted run had already ruled out."""
+        for r in trajectory[1:]:
+            self.tried = r["stage"]
+            if r["accepted"]:
+                self.accept(r["target_sparsity"])
+            else:  # an untrained stage records no kl; its verdict was on the pruned student's (as in StageOutcome)
+                self.reject(r["target_sparsity"], r["kl"] if r["kl"] is not None else r["kl_after_prune"])
+
     def reason(self, budget: float) -> str:
         got = f"reached {self.kind} {self.accepted_sparsity:.1%} within KL budget {budget}"
         if self.accepted_sparsity >= MAX_SPARSITY:

@@ -402,10 +402,7 @@ class StagedDistiller(StageTraining):
     def _run_auto(self, accepted: int, calib: list[torch.Tensor]) -> Result:
         """Stages add sparsity until the next would break the budget; a rejected one is undone and the step halved."""
         cfg, search = self.cfg, self.search
-        for r in self.trajectory[1:]:  # a resumed search continues from its accepted stages
-            search.tried = r["stage"]
-            if r["accepted"]:
-                search.accept(r["target_sparsity"])
+        search.replay(self.trajectory)  # a resumed search continues where it stopped (a fresh one: only stage 0)
         best_pattern = search.pattern_at(search.accepted_sparsity) if search.accepted_sparsity else None
         while (nxt := search.next_stage(cfg.steps_per_stage)) is not None:
             stage, pattern = nxt

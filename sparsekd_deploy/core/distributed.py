@@ -73,8 +73,6 @@ def check_global_batch(batch_size: int, world: int | None = None) -> None:
 def fsdp_problems(cfg) -> list[str]:
     """Why ``--fsdp`` cannot run with this launch and config (config validation reports them with the rest). FSDP2
     (core/fsdp.py) shards the student over the launched processes, on GPUs (NCCL) or CPUs (gloo) alike."""
-    from .patterns import is_auto
-
     problems = []
     if launched_world_size() < 2:
         problems.append("fsdp shards the student over the processes of a launched run and this is one process: "
@@ -89,8 +87,6 @@ def fsdp_problems(cfg) -> list[str]:
             cfg.importance not in ("wanda", "magnitude"),
         "demolition gradual (it holds whole fading weights at every step)": cfg.demolition == "gradual",
         "qat_steps (fake quantization calibrates on whole weights)": cfg.qat_steps > 0,
-        "an auto pattern (its sparsity search is untested under fsdp; pass the sparsity, e.g. unstructured:0.5)":
-            is_auto(str(cfg.pattern)),
     }
     problems.extend(f"fsdp does not support {what} yet: drop one of them" for what, on in unsupported.items() if on)
     return problems
