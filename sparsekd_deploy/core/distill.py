@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -121,6 +122,9 @@ class StagedDistiller(StageTraining):
         self.sharded = cfg.fsdp and self.team.distributed
         self.teacher_dtype = torch.float32  # the teacher's weights; 16-bit once training begins (teacher_precision.py)
         self.whole: torch.nn.Module | None = None
+        # Settings a resumed run adopted because its state.json predates them (rundir.check_resume_config): left out
+        # of the state it writes, so a later resume adopts them again instead of meeting them as changed flags.
+        self.unrecorded: set[str] = set()
 
     def on_student(self, fn, *args, **kwargs):
         """``fn(*args, **kwargs)``, a pass that runs the student. Under FSDP every rank runs it, inside the sharded
@@ -218,7 +222,7 @@ class StagedDistiller(StageTraining):
         if not self.team.is_main:
             return
         self.run.write_json(STATE, {
-            "config": self.cfg.to_dict(), "accepted": accepted, "status": status,
+            "config": {k: v for k, v in self.cfg.to_dict().items() if k not in self.unrecorded}, "accepted": accepted, "status": status,
             "trajectory": self.trajectory, "teacher_consistency": self.teacher_consistency,
         })
 
@@ -550,5 +554,9 @@ def report_parameters(model: torch.nn.Module) -> int:
 def distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = False, reporter=None) -> Result:
     """Library entry point (the CLI is a thin layer over this)."""
     if resume:
-        check_resume_config(RunDir(cfg.out), cfg.to_dict())  # a resumed run must continue with the flags it began with
+        # A resumed run must continue with the flags it began with (and what its version did where it had no flag).
+        adopted = check_resume_config(RunDir(cfg.out), cfg.to_dict())
+        distiller = StagedDistiller(dataclasses.replace(cfg, **adopted), reporter)
+        distiller.unrecorded = set(adopted)
+        return distiller.run_all(resume=resume, overwrite=overwrite)
     return StagedDistiller(cfg, reporter).run_all(resume=resume, overwrite=overwrite)
