@@ -449,6 +449,15 @@ def test_fsdp_uneven_splits_lr_search_topk_divergence_and_a_damaged_checkpoint(t
                                                      "damaged (")
     assert errors[0].endswith("; pass --overwrite to start the run over")
     assert (tmp_path / "damaged.partial" / "state.json").exists()  # kept: --overwrite or a repaired file decides
+    # A checkpoint of other weights (names the student does not have): refused as under 1 process, where the sharded
+    # load (strict=False, for the tied head) had resumed silently from the weights the student held.
+    from safetensors.torch import save_file
+
+    save_file({"other.weight": torch.zeros(2, 2)}, str(weights))
+    r = _launch_cli("distill", "--recipe", str(recipe), "--fsdp", "--out", str(tmp_path / "damaged"), "--resume")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode != 0 and len(errors) == 1 and "it does not fit the teacher's architecture: " in errors[0], \
+        r.stderr[-3000:]
 
 
 @needs_gloo

@@ -179,12 +179,16 @@ class StagedDistiller(StageTraining):
             missing, unexpected = self.raw.load_state_dict(state, strict=False)
         except RuntimeError as e:  # a tensor of another shape
             raise damaged_run(self.run.partial, f"checkpoint of stage {stage}", e) from None
-        untied = _untied(self.raw, missing)
+        self._check_fits(self.raw, missing, unexpected, stage)
+        apply_masks(self.raw, self.masks)
+
+    def _check_fits(self, model, missing: list[str], unexpected: list[str], stage: int) -> None:
+        """Refuse a checkpoint that leaves ``model`` weights it does not hold (other than tied ones) or holds others."""
+        untied = _untied(model, missing)
         if untied or unexpected:
             raise damaged_run(self.run.partial, f"checkpoint of stage {stage}",
                               f"it does not fit the teacher's architecture: {len(untied)} weight(s) missing, "
                               f"{len(unexpected)} unexpected")
-        apply_masks(self.raw, self.masks)
 
     def _read_stage(self, stage: int) -> tuple[dict[str, torch.Tensor], Masks]:
         """The weights and masks of an accepted stage, read from its checkpoint (stage 0: the teacher's)."""
@@ -205,6 +209,11 @@ class StagedDistiller(StageTraining):
 
             def read_on_main() -> None:  # the tensors stay on the main process; only a failure is sent to every rank
                 read["state"], read["masks"] = self._read_stage(stage)
+                # Checked against the main process's whole copy (same names, same ties): the sharded load below is
+                # strict=False for the tied head, and would silently keep the current weights for whatever is absent.
+                names = set(self.whole.state_dict())
+                self._check_fits(self.whole, [k for k in names if k not in read["state"]],
+                                 [k for k in read["state"] if k not in names], stage)
 
             # A damaged checkpoint stops every rank in one line here, before the collective load below.
             self.team.on_main(read_on_main)
