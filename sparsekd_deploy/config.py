@@ -385,6 +385,29 @@ def _share_problems(name: str, share: float | None, used: bool, feature: str) ->
 
 
 OPENING_SHARE = 0.5  # default share of a stage's steps for mask learning / gradual demolition
+
+
+# What a run's state.json records of settings its version named otherwise, read as this version names them, so that
+# --resume compares like with like (core/rundir.check_resume_config). Older versions filled the shares in at 0.5
+# even with their feature off (unused; now None, and refused when set), and held the teacher in fp32 throughout
+# (no teacher_precision: a run resumed at the default auto keeps fp32, which on a GPU auto would change mid-run).
+STARTED_WITHOUT = {"teacher_precision": "fp32"}
+
+
+def as_started(recorded: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``recorded``, a saved run config, as this version's fields read it; the settings of ``now`` that a run which
+    predates them adopts: those left at auto take the value the run ran with). See STARTED_WITHOUT."""
+    saved = dict(recorded)
+    for share, feature in (("mask_learning_share", "mask_learning"), ("demolition_share", "demolition")):
+        if saved.get(feature) == "off":
+            saved[share] = None
+    adopt = {}
+    for key, value in STARTED_WITHOUT.items():
+        if key not in recorded:
+            saved[key] = value
+            if now.get(key) == "auto":
+                adopt[key] = value
+    return saved, adopt
 CALIB_BATCHES = 4  # default calibration batches of the weight criteria (wanda, magnitude, taylor)
 # Calibration sequences of importance fisher. One-shot channels:0.5 on the demo (seed 0, held-out KL before any
 # training; a one-off sweep through the library, no script): 32 sequences 0.081, 64: 0.074, 128: 0.073, 256: 0.068;

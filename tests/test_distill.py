@@ -159,9 +159,44 @@ def test_resume_continues_from_last_accepted(tiny_dirs, fast_cfg, monkeypatch):
                                                 r"damaged \(no weight files in it\); pass --overwrite"):
         distill(cfg, resume=True)
     weights.write_bytes(whole)
+    # The state.json as the version before --teacher-precision wrote it (the shares filled in at 0.5 with their
+    # feature off, no teacher_precision): the same flags resume it (they were refused as changed shares before).
+    state = json.loads((rd.partial / "state.json").read_text())
+    older = {k: v for k, v in state["config"].items() if k != "teacher_precision"}
+    state["config"] = older | {"mask_learning_share": 0.5, "demolition_share": 0.5}
+    (rd.partial / "state.json").write_text(json.dumps(state))
     res = distill(cfg, resume=True)
     assert res.reached_target and [s["stage"] for s in res.trajectory] == [0, 1, 2, 3]
     assert res.summary["sparsity"] == pytest.approx(0.5)
+    assert res.trajectory[3]["teacher_precision"] == "fp32"
+    # The adopted fp32 is not written as a flag: a later resume of such a run adopts it again at the default auto.
+    assert "teacher_precision" not in json.loads((res.out / "state.json").read_text())["config"]
+
+
+def test_resume_of_a_run_older_than_teacher_precision_keeps_its_fp32_teacher(tmp_path):
+    """A state.json written before --teacher-precision existed: the run held its teacher in fp32 throughout. Resumed
+    at the default auto it adopts fp32 (on a GPU auto would switch to 16 bits mid-run); fp32 passed is the same
+    setting; bf16 passed is refused like any changed flag."""
+    from sparsekd_deploy.core.rundir import RunDir, check_resume_config
+    from sparsekd_deploy.pipeline.build import _differing_flags
+
+    now = build_config(None, {"out": str(tmp_path / "run")}).to_dict()
+    older = {k: v for k, v in now.items() if k != "teacher_precision"} | {"mask_learning_share": 0.5,
+                                                                          "demolition_share": 0.5}
+    rd = RunDir(tmp_path / "run")
+    rd.partial.mkdir()
+    (rd.partial / "state.json").write_text(json.dumps({"config": older, "accepted": 1}))
+    assert check_resume_config(rd, now) == {"teacher_precision": "fp32"}
+    assert check_resume_config(rd, now | {"teacher_precision": "fp32"}) == {}
+    with pytest.raises(ConfigError, match=r"was started with teacher_precision=fp32, you passed teacher_precision=bf16"):
+        check_resume_config(rd, now | {"teacher_precision": "bf16"})
+    # Shares the older version left at 0.5 with their feature on were spent: another value is a changed flag.
+    (rd.partial / "state.json").write_text(json.dumps({"config": older | {"demolition": "gradual"}, "accepted": 1}))
+    with pytest.raises(ConfigError, match=r"was started with demolition_share=0.5, you passed demolition_share=0.3"):
+        check_resume_config(rd, now | {"demolition": "gradual", "demolition_share": 0.3})
+    # A rebuild that finds such a finished run reuses it with the same flags (it named the shares as changed before).
+    assert _differing_flags(rd.partial / "state.json", build_config(None, {"out": str(tmp_path / "run"),
+                                                                         "demolition": "gradual"})) == ""
 
 
 def test_output_dir_rules(tiny_dirs, fast_cfg):
@@ -265,6 +300,7 @@ def test_teacher_precision_bf16_holds_only_the_training_teacher_in_bf16(tiny_dir
     assert torch.equal(data[0]["train"], data[1]["train"]) and torch.equal(data[0]["heldout"], data[1]["heldout"])
     # Seeded golden values; the fp32 run's differ in the 4th digit (0.018417, 0.015461, 0.034133, 0.028330).
     _golden(bf16, [(0.018406, 0.015457), (0.034140, 0.028303)])
+    _golden(auto, GOLDEN["llama-2:4"])  # auto on a CPU computes what the run did before --teacher-precision
     assert _kls(bf16) != _kls(auto)
 
 

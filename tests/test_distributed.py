@@ -148,6 +148,17 @@ def _masks(run: Path, stage: int) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoints" / f"stage-{stage}" / "masks.safetensors"))
 
 
+def _against_one_process(recipe: Path, tmp_path: Path, *args: str) -> tuple[list[dict], list[dict]]:
+    """The stage records of the launched run in tmp_path/two and of the same recipe in 1 process (tmp_path/one).
+    The one-process reference runs in a fresh interpreter with the ranks' thread count (torchrun sets
+    OMP_NUM_THREADS=1 per worker): in this test process, thread settings left by other tests change the reduction
+    order of the float sums, and the KLs drift past the tolerance."""
+    ref = subprocess.run([CLI, "distill", "--recipe", str(recipe), "--out", str(tmp_path / "one"), *args],
+                         capture_output=True, text=True, env=_env() | {"OMP_NUM_THREADS": "1"}, timeout=400)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    return tuple(json.loads((tmp_path / run / "trajectory.json").read_text())["stages"] for run in ("one", "two"))
+
+
 @needs_gloo
 def test_two_ranks_reproduce_one_process(tiny_dirs, tmp_path):
     """A staged 2:4 run under torchrun (2 ranks × 2 rows) against one process (4 rows), same recipe and seed: the
@@ -165,14 +176,7 @@ def test_two_ranks_reproduce_one_process(tiny_dirs, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("building the distillation set") == 1 and r.stderr.count("accepted") == 2
     assert json.loads(r.stdout)["reached_target"] is True  # one JSON summary on stdout, from the main process
-    # The one-process reference runs in a fresh interpreter with the ranks' thread count (torchrun sets
-    # OMP_NUM_THREADS=1 per worker): in this test process, thread settings left by other tests change the reduction
-    # order of the float sums, and the KLs drift past the tolerance.
-    ref = subprocess.run([CLI, "distill", "--recipe", str(recipe), "--out", str(tmp_path / "one"), "--json"],
-                         capture_output=True, text=True, env=_env() | {"OMP_NUM_THREADS": "1"}, timeout=400)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "trajectory.json").read_text())["stages"]
-    two = json.loads((tmp_path / "two" / "trajectory.json").read_text())["stages"]
+    one, two = _against_one_process(recipe, tmp_path, "--json")
     assert [s["stage"] for s in two] == [s["stage"] for s in one] == [0, 1, 2]
     for a, b in zip(one[1:], two[1:], strict=True):
         assert b["ranks"] == {"world_size": 2, "weights_identical": True}
@@ -320,11 +324,7 @@ def test_fsdp_two_ranks_reproduce_one_process_and_resume(tiny_dirs, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("fsdp: the student sharded over 2 processes (2 layer units and the root)") == 1
     assert json.loads(r.stdout)["reached_target"] is True
-    ref = subprocess.run([CLI, "distill", "--recipe", str(recipe), "--out", str(tmp_path / "one"), "--json"],
-                         capture_output=True, text=True, env=_env() | {"OMP_NUM_THREADS": "1"}, timeout=400)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "trajectory.json").read_text())["stages"]
-    two = json.loads((tmp_path / "two" / "trajectory.json").read_text())["stages"]
+    one, two = _against_one_process(recipe, tmp_path, "--json")
     assert [s["stage"] for s in two] == [s["stage"] for s in one] == [0, 1, 2]
     worst = 0.0
     for a, b in zip(one[1:], two[1:], strict=True):
@@ -464,11 +464,7 @@ def test_fsdp_uneven_splits_lr_search_topk_divergence_and_a_damaged_checkpoint(t
     recipe = _recipe(tmp_path, teacher, lr_search="on", teacher_access="topk:8")
     r = _launch_cli("distill", "--recipe", str(recipe), "--fsdp", "--out", str(tmp_path / "two"))
     assert r.returncode == 0, r.stderr[-3000:]
-    ref = subprocess.run([CLI, "distill", "--recipe", str(recipe), "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=_env() | {"OMP_NUM_THREADS": "1"}, timeout=400)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "trajectory.json").read_text())["stages"]
-    two = json.loads((tmp_path / "two" / "trajectory.json").read_text())["stages"]
+    one, two = _against_one_process(recipe, tmp_path)
     assert two[1]["lr_search"]["chosen"] == one[1]["lr_search"]["chosen"]
     worst = 0.0
     for a, b in zip(one[1:], two[1:], strict=True):
@@ -506,6 +502,15 @@ def test_fsdp_uneven_splits_lr_search_topk_divergence_and_a_damaged_checkpoint(t
                                                      "damaged (")
     assert errors[0].endswith("; pass --overwrite to start the run over")
     assert (tmp_path / "damaged.partial" / "state.json").exists()  # kept: --overwrite or a repaired file decides
+    # A checkpoint of other weights (names the student does not have): refused as under 1 process, where the sharded
+    # load (strict=False, for the tied head) had resumed silently from the weights the student held.
+    from safetensors.torch import save_file
+
+    save_file({"other.weight": torch.zeros(2, 2)}, str(weights))
+    r = _launch_cli("distill", "--recipe", str(recipe), "--fsdp", "--out", str(tmp_path / "damaged"), "--resume")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode != 0 and len(errors) == 1 and "it does not fit the teacher's architecture: " in errors[0], \
+        r.stderr[-3000:]
 
 
 @needs_gloo

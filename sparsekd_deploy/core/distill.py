@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -121,6 +122,9 @@ class StagedDistiller(StageTraining):
         self.sharded = cfg.fsdp and self.team.distributed
         self.teacher_dtype = torch.float32  # the teacher's weights; 16-bit once training begins (teacher_precision.py)
         self.whole: torch.nn.Module | None = None
+        # Settings a resumed run adopted because its state.json predates them (rundir.check_resume_config): left out
+        # of the state it writes, so a later resume adopts them again instead of meeting them as changed flags.
+        self.unrecorded: set[str] = set()
 
     def on_student(self, fn, *args, **kwargs):
         """``fn(*args, **kwargs)``, a pass that runs the student. Under FSDP every rank runs it, inside the sharded
@@ -175,12 +179,16 @@ class StagedDistiller(StageTraining):
             missing, unexpected = self.raw.load_state_dict(state, strict=False)
         except RuntimeError as e:  # a tensor of another shape
             raise damaged_run(self.run.partial, f"checkpoint of stage {stage}", e) from None
-        untied = _untied(self.raw, missing)
+        self._check_fits(self.raw, missing, unexpected, stage)
+        apply_masks(self.raw, self.masks)
+
+    def _check_fits(self, model, missing: list[str], unexpected: list[str], stage: int) -> None:
+        """Refuse a checkpoint that leaves ``model`` weights it does not hold (other than tied ones) or holds others."""
+        untied = _untied(model, missing)
         if untied or unexpected:
             raise damaged_run(self.run.partial, f"checkpoint of stage {stage}",
                               f"it does not fit the teacher's architecture: {len(untied)} weight(s) missing, "
                               f"{len(unexpected)} unexpected")
-        apply_masks(self.raw, self.masks)
 
     def _read_stage(self, stage: int) -> tuple[dict[str, torch.Tensor], Masks]:
         """The weights and masks of an accepted stage, read from its checkpoint (stage 0: the teacher's)."""
@@ -201,6 +209,11 @@ class StagedDistiller(StageTraining):
 
             def read_on_main() -> None:  # the tensors stay on the main process; only a failure is sent to every rank
                 read["state"], read["masks"] = self._read_stage(stage)
+                # Checked against the main process's whole copy (same names, same ties): the sharded load below is
+                # strict=False for the tied head, and would silently keep the current weights for whatever is absent.
+                names = set(self.whole.state_dict())
+                self._check_fits(self.whole, [k for k in names if k not in read["state"]],
+                                 [k for k in read["state"] if k not in names], stage)
 
             # A damaged checkpoint stops every rank in one line here, before the collective load below.
             self.team.on_main(read_on_main)
@@ -218,7 +231,7 @@ class StagedDistiller(StageTraining):
         if not self.team.is_main:
             return
         self.run.write_json(STATE, {
-            "config": self.cfg.to_dict(), "accepted": accepted, "status": status,
+            "config": {k: v for k, v in self.cfg.to_dict().items() if k not in self.unrecorded}, "accepted": accepted, "status": status,
             "trajectory": self.trajectory, "teacher_consistency": self.teacher_consistency,
         })
 
@@ -547,5 +560,9 @@ def report_parameters(model: torch.nn.Module) -> int:
 def distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = False, reporter=None) -> Result:
     """Library entry point (the CLI is a thin layer over this)."""
     if resume:
-        check_resume_config(RunDir(cfg.out), cfg.to_dict())  # a resumed run must continue with the flags it began with
+        # A resumed run must continue with the flags it began with (and what its version did where it had no flag).
+        adopted = check_resume_config(RunDir(cfg.out), cfg.to_dict())
+        distiller = StagedDistiller(dataclasses.replace(cfg, **adopted), reporter)
+        distiller.unrecorded = set(adopted)
+        return distiller.run_all(resume=resume, overwrite=overwrite)
     return StagedDistiller(cfg, reporter).run_all(resume=resume, overwrite=overwrite)

@@ -179,15 +179,21 @@ class RunDir:
         return swap_into_place(self.partial, self.final)
 
 
-def check_resume_config(run: RunDir, config: dict) -> None:
+def check_resume_config(run: RunDir, config: dict) -> dict:
     """Refuse to resume with settings other than those the interrupted run started with (its ``state.json``);
-    a resumed run would otherwise silently mix two configurations. ``out`` may differ in spelling only."""
+    a resumed run would otherwise silently mix two configurations. ``out`` may differ in spelling only. Returns the
+    settings the resumed run must adopt: those its state.json predates, passed at their default ``auto``
+    (``config.STARTED_WITHOUT``)."""
+    from ..config import as_started
+
     if not (run.partial / STATE).is_file():
-        return  # nothing to resume: RunDir.prepare says so
-    saved = run.read_state().get("config", {})
+        return {}  # nothing to resume: RunDir.prepare says so
+    saved, adopt = as_started(run.read_state().get("config", {}), config)
+    config = {**config, **adopt}
     differ = [k for k in config if k != "out" and k in saved and saved[k] != config[k]]
     if differ:
         was = ", ".join(f"{k}={saved[k]}" for k in differ)
         now = ", ".join(f"{k}={config[k]}" for k in differ)
         raise ConfigError([f"run {run.final} was started with {was}, you passed {now}; "
                            "rerun with the same flags or drop --resume"])
+    return adopt

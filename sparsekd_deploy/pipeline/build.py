@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..bundle import Bundle, BundleError, BundleWriter
-from ..config import DistillConfig
+from ..config import DistillConfig, as_started
 from ..core.patterns import NM, make_pattern
 from ..locks import dir_lock
 from .export_step import ExportResult, QuantizeRequest, export_and_audit
@@ -196,10 +196,11 @@ EXPORT_ONLY = ("quantize", "calibration", "calibration_samples")
 def _differing_flags(state_file: Path, cfg: DistillConfig) -> str:
     """'lr=0.0005 (now 0.001), …' for every setting of a finished run that differs from ``cfg`` ('' when none)."""
     try:
-        saved = json.loads(state_file.read_text()).get("config", {})
-    except (OSError, ValueError, AttributeError):
+        recorded = json.loads(state_file.read_text()).get("config", {})
+        saved, adopt = as_started(recorded, cfg.to_dict())  # a run of an older version, as this one reads it
+    except (OSError, ValueError, AttributeError, TypeError):
         return f"its {state_file.name} is missing or unreadable"
-    now = cfg.to_dict()
+    now = {**cfg.to_dict(), **adopt}
     same_run = ("out", *EXPORT_ONLY)  # settings that change the export, never the distillation
     if now.get("qat_steps") or saved.get("qat_steps"):  # ... except when a QAT stage trained against them
         same_run = ("out", "calibration")
