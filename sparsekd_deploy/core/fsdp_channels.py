@@ -14,7 +14,9 @@ fisher``) and the least-squares refit of the output projections (``--compensatio
   queues the root's post-backward callback (``_fsdp_state.py``: ``_pre_backward`` →
   ``_register_root_post_backward_final_callback``), and that callback runs ``post_backward`` — a reshard — on every
   parameter group not yet in POST_BACKWARD, the root's included, while the root's forward is still running: the
-  embeddings and head the rest of the pass reads would be swapped back to their shards under it. After the root's
+  embeddings and head the rest of the pass reads would be swapped back to their shards under it (tried on 2 gloo
+  ranks: the second calibration batch's forward then fails on every rank with "aten.embedding.default got mixed
+  torch.Tensor and DTensor"). After the root's
   forward, the backward is FSDP2's ordinary one (as in a training step): the root's post-forward hooks the loss,
   each unit's pre-backward gathers its weights again, and since ``autograd.grad`` asks only for the activations'
   gradients, no parameter gets a gradient and nothing is reduce-scattered.
