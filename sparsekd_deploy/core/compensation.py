@@ -68,6 +68,16 @@ def before_prune(model: nn.Module, pruner: Pruner, calib: list[torch.Tensor]) ->
     """One pass over the calibration batches of the student as it is before the prune. Refuses (``check_fits``)
     before the pass when the grams would not fit the memory here."""
     check_fits(pruner)
+    grams = gram_pass(model, pruner, calib)
+    weights = {b.name: b.output.weight_oi().detach().float().cpu().clone() for b in pruner.blocks}
+    return Before(grams, weights)
+
+
+@torch.no_grad()
+def gram_pass(model: nn.Module, pruner: Pruner, calib: list[torch.Tensor], record: bool = True
+              ) -> dict[str, torch.Tensor]:
+    """Hᵀ H per block over the calibration batches (one forward each). ``record=False`` runs the same forwards and
+    keeps nothing: a rank of a sharded student that must take part in every forward but not hold the grams."""
     grams: dict[str, torch.Tensor] = {}
 
     def hook_for(name):
@@ -81,7 +91,7 @@ def before_prune(model: nn.Module, pruner: Pruner, calib: list[torch.Tensor]) ->
 
         return hook
 
-    handles = [b.output.module.register_forward_pre_hook(hook_for(b.name)) for b in pruner.blocks]
+    handles = [b.output.module.register_forward_pre_hook(hook_for(b.name)) for b in pruner.blocks] if record else []
     device = next(model.parameters()).device
     try:
         model.eval()
@@ -90,8 +100,7 @@ def before_prune(model: nn.Module, pruner: Pruner, calib: list[torch.Tensor]) ->
     finally:
         for h in handles:
             h.remove()
-    weights = {b.name: b.output.weight_oi().detach().float().cpu().clone() for b in pruner.blocks}
-    return Before(grams, weights)
+    return grams
 
 
 @torch.no_grad()
@@ -101,19 +110,26 @@ def compensate(pruner: Pruner, before: Before, masks: Masks) -> None:
     so at most one block's float64 solve exists at once (``before`` is spent afterwards)."""
     keeps = pruner.channel_keeps(masks)
     for b in pruner.blocks:
-        keep = keeps[b.name].cpu()
-        g = before.grams.pop(b.name)
-        wt = before.weights.pop(b.name).t()  # [channels, hidden], the removed channels' columns still in it
-        gk = g[keep].double()  # [kept, channels]
-        del g
-        gkk = gk[:, keep]
-        lam = DAMP * gkk.diagonal().mean().clamp_min(1e-12)
-        wt64 = wt.double()
-        # the ridge pulls the fit toward the weights the kept channels had, not toward zero
-        gkk.diagonal().add_(lam)
-        fitted = torch.linalg.solve(gkk, gk @ wt64 + lam * wt64[keep])
-        del gk, gkk, wt64
         w = b.output.weight_oi()  # a view: Conv1D's transposed weight too
-        new = torch.zeros(w.shape, dtype=w.dtype, device=w.device)
-        new[:, keep] = fitted.t().to(device=w.device, dtype=w.dtype)
-        w.copy_(new)
+        w.copy_(refitted(before, b.name, keeps[b.name], w.dtype).to(w.device))
+
+
+@torch.no_grad()
+def refitted(before: Before, name: str, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Block ``name``'s refitted output projection, whole, [out, in], on the CPU in ``dtype``: the ridge fit on the
+    ``keep`` channels, zero in the removed columns. Pops the block's gram and weight copy from ``before``."""
+    keep = keep.cpu()
+    g = before.grams.pop(name)
+    wt = before.weights.pop(name).t()  # [channels, hidden], the removed channels' columns still in it
+    gk = g[keep].double()  # [kept, channels]
+    del g
+    gkk = gk[:, keep]
+    lam = DAMP * gkk.diagonal().mean().clamp_min(1e-12)
+    wt64 = wt.double()
+    # the ridge pulls the fit toward the weights the kept channels had, not toward zero
+    gkk.diagonal().add_(lam)
+    fitted = torch.linalg.solve(gkk, gk @ wt64 + lam * wt64[keep])
+    del gk, gkk, wt64
+    new = torch.zeros((wt.shape[1], wt.shape[0]), dtype=dtype)
+    new[:, keep] = fitted.t().to(dtype)
+    return new

@@ -79,12 +79,11 @@ def fsdp_problems(cfg) -> list[str]:
                         "launch N ≥ 2, e.g. torchrun --standalone --nproc_per_node 2 --no-python sparsekd-deploy "
                         "distill ... --fsdp (or accelerate launch --num_processes 2 --no_python ...), or drop --fsdp")
     # Not (yet) under FSDP: each needs whole weights or gradients on the main process at every step or scoring pass,
-    # where a sharded student has only its rows.
+    # where a sharded student has only its rows. Channel pruning's fisher and ls run sharded (fsdp_channels.py).
     unsupported = {
         "mask_learning sr-ste (it re-ranks whole masks from dense latents at every step)": cfg.mask_learning != "off",
-        "compensation ls (it refits whole output projections on the main process)": cfg.compensation == "ls",
-        f"importance {cfg.importance} (its scores need whole gradients; use --importance wanda or magnitude)":
-            cfg.importance not in ("wanda", "magnitude"),
+        f"importance {cfg.importance} (its scores need whole gradients; use --importance wanda, magnitude or fisher)":
+            cfg.importance not in ("wanda", "magnitude", "fisher"),
         "demolition gradual (it holds whole fading weights at every step)": cfg.demolition == "gradual",
         "qat_steps (fake quantization calibrates on whole weights)": cfg.qat_steps > 0,
     }

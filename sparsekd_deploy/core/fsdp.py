@@ -65,12 +65,17 @@ def in_root(root: nn.Module, fn):
     try:
         return root(None, call=fn)
     except BaseException:
-        from torch.distributed.fsdp import FSDPModule
-
-        for m in root.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
+        reshard_all(root)
         raise
+
+
+def reshard_all(root: nn.Module) -> None:
+    """Every FSDP unit under ``root`` back to its shards (after a pass or a backward that raised midway)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in root.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def local_numel(model: nn.Module) -> int:
@@ -120,12 +125,14 @@ def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def sharded_prune_masks(team, on_student, model: nn.Module, pruner, importance: str, fraction: float,
                         calib: list[torch.Tensor], masks: dict[str, torch.Tensor],
-                        allocation: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+                        allocation: dict[str, float] | None = None,
+                        fisher: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """``stage.prune_stage``'s masks for a sharded student: Wanda's input norms from forward passes every rank runs
     on the same calibration batches (``on_student``), then per layer its weight gathered whole — one parameter at a
     time, never the whole model — and scored by the main process with the run's criterion (``importance.score``, the
-    single-process code). The main process's masks (whole, CPU, bool) go to every rank. Magnitude and Wanda only:
-    config validation refuses the criteria whose scores need gradients (``distributed.fsdp_problems``)."""
+    single-process code). The main process's masks (whole, CPU, bool) go to every rank. Fisher scores from the Σ
+    measured on every rank beforehand (``fisher``: fsdp_channels.sharded_fisher); taylor is refused by config
+    validation (``distributed.fsdp_problems``)."""
     from .importance import ScoringContext, input_norms, score
     from .stage import stage_masks
 
@@ -140,7 +147,8 @@ def sharded_prune_masks(team, on_student, model: nn.Module, pruner, importance: 
             if team.is_main and not failed:
                 try:
                     view = GatheredLayer(layer.name, layer.module, whole)
-                    scores.update(score(importance, ScoringContext(None, [view], [], masks=masks, norms=norms)))
+                    scores.update(score(importance, ScoringContext(None, [view], [], masks=masks, norms=norms,
+                                                                    fisher=fisher)))
                 except Exception as e:  # noqa: BLE001 - raised below on every rank, once the gathers are done
                     failed.append(e)
             del whole

@@ -30,6 +30,9 @@ class ScoringContext:
     # Wanda's ‖x‖ per layer when measured already (an FSDP run measures them on every rank, then scores one
     # gathered weight at a time on the main process); None = measured here with ``input_norms``.
     norms: dict[str, torch.Tensor] | None = None
+    # Fisher's Σ per MLP output projection (layer name) when measured already (``channel_fisher``; an FSDP run
+    # measures it on every rank); None = measured here.
+    fisher: dict[str, torch.Tensor] | None = None
 
 
 Criterion = Callable[[ScoringContext], dict[str, torch.Tensor]]
@@ -106,11 +109,31 @@ def fisher(ctx: ScoringContext) -> dict[str, torch.Tensor]:
 
     Scores come as the output projection's [out, in] matrix whose column c sums to channel c's Fisher (input
     projections 0), so the pruner's per-channel sum is exactly the Fisher."""
-    blocks = mlp_blocks(ctx.student)
-    chosen = {layer.name for layer in ctx.layers}
+    sums = ctx.fisher
+    if sums is None:
+        sums = channel_fisher(ctx.student, ctx.layers, ctx.calib, ctx.chunk)
+    out = {}
+    for layer in ctx.layers:
+        s = sums.get(layer.name)
+        rows = layer.shape_oi[0]
+        out[layer.name] = (torch.zeros(layer.shape_oi) if s is None
+                           else (s.float() / rows)[None, :].expand(rows, -1).clone())
+    return out
+
+
+def channel_fisher(student: nn.Module, layers: list[PrunableLayer], calib: list[torch.Tensor], chunk: int | None,
+                   forward: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Fisher's Σ (float64, CPU, one per channel) per MLP output projection among ``layers``, keyed by its layer
+    name. ``forward(fn)`` runs ``fn`` (a batch's forward, returning its loss): directly by default; a sharded
+    student runs it inside its root's forward (fsdp_channels.sharded_fisher). The gradient at the activations is
+    taken after ``forward`` returns, outside it."""
+    blocks = mlp_blocks(student)
+    chosen = {layer.name for layer in layers}
     blocks = [b for b in blocks if b.output.name in chosen]
     if not blocks:
         raise ValueError("fisher importance scores MLP channels: use it with a channels:S pattern")
+    forward = forward or (lambda fn: fn())
     acts: dict[str, torch.Tensor] = {}
 
     def hook_for(name):
@@ -119,47 +142,48 @@ def fisher(ctx: ScoringContext) -> dict[str, torch.Tensor]:
 
         return hook
 
-    fisher_sum = {b.name: torch.zeros(b.intermediate, dtype=torch.float64) for b in blocks}
-    handles = [b.output.module.register_forward_pre_hook(hook_for(b.name)) for b in blocks]
-    checked = False
+    fisher_sum = {b.output.name: torch.zeros(b.intermediate, dtype=torch.float64) for b in blocks}
+    handles = [b.output.module.register_forward_pre_hook(hook_for(b.output.name)) for b in blocks]
+    checked = []
     try:
-        ctx.student.eval()
+        student.eval()
         with torch.enable_grad():
-            for ids in ctx.calib:
-                ids = ids.to(_device(ctx.student))
-                chunk = _fisher_chunk(ctx, ids)
-                if chunk and not checked:  # the chunked loss is only right where logits are lm_head(hidden)
-                    from ..models.lm_head import check_head
+            for ids in calib:
+                ids = ids.to(_device(student))
+                per = _fisher_chunk(student, chunk, ids)
 
-                    check_head(ctx.student, ids[:1, :8])
-                    checked = True
-                acts.clear()
-                loss = _next_token_loss(ctx.student, ids, chunk)
+                def loss_of(ids=ids, per=per):
+                    if per and not checked:  # the chunked loss is only right where logits are lm_head(hidden)
+                        from ..models.lm_head import check_head
+
+                        check_head(student, ids[:1, :8])
+                        checked.append(True)
+                    acts.clear()
+                    return _next_token_loss(student, ids, per)
+
+                loss = forward(loss_of)
                 names = list(acts)
                 grads = torch.autograd.grad(loss, [acts[n] for n in names])  # parameters' .grad stay untouched
                 for name, g in zip(names, grads, strict=True):
                     gate = (g.float() * acts[name].detach().float()).sum(1)  # [batch, channels]
                     fisher_sum[name] += (gate.double() ** 2).sum(0).cpu()
+                acts.clear()
     finally:
         for h in handles:
             h.remove()
-    out = {layer.name: torch.zeros(layer.shape_oi) for layer in ctx.layers}
-    for b in blocks:
-        rows = b.output.shape_oi[0]
-        out[b.output.name] = (fisher_sum[b.name].float() / rows)[None, :].expand(rows, -1).clone()
-    return out
+    return fisher_sum
 
 
 fisher.scores_channels = True  # only MLP channels (config refuses it with other patterns)
 
 
-def _fisher_chunk(ctx: ScoringContext, ids: torch.Tensor) -> int:
+def _fisher_chunk(student: nn.Module, chunk: int | None, ids: torch.Tensor) -> int:
     """Tokens per chunk of a calibration batch's loss (0 = unchunked): the run's, else the automatic rule."""
-    if ctx.chunk is not None:
-        return ctx.chunk if 0 < ctx.chunk < ids[:, 1:].numel() else 0
+    if chunk is not None:
+        return chunk if 0 < chunk < ids[:, 1:].numel() else 0
     from .losses import kd_chunk_tokens
 
-    head = ctx.student.get_output_embeddings()
+    head = student.get_output_embeddings()
     if head is None:  # no head to split the logits at: the model's own logits (as before)
         return 0
     return kd_chunk_tokens(None, ids[:, 1:].numel(), head.weight.shape[0])

@@ -204,15 +204,15 @@ class StageTraining:
 
     def _prune(self, fraction: float, calib: list[torch.Tensor]) -> None:
         """Scored and masked once, by the main process (taylor's gradients stay local there); every rank applies
-        the masks. Under FSDP the main process scores gathered weights (fsdp.sharded_prune_masks) and every rank
-        masks its shards."""
+        the masks. Under FSDP every rank runs the scoring passes (Fisher's gradients, the grams of ls), the main
+        process scores gathered weights and refits, and every rank masks and refits its shards (fsdp_channels)."""
         if self.sharded:
-            from .fsdp import sharded_prune_masks
+            from .fsdp_channels import sharded_prune_stage
 
-            self.masks = sharded_prune_masks(self.team, self.on_student, self.raw, self.pruner, self.cfg.importance,
-                                             fraction, calib, self.masks,
-                                             self.load_plan.allocation if self.load_plan else None)
-            apply_masks(self.raw, self.masks)
+            self.masks = sharded_prune_stage(self.team, self.on_student, self.student, self.raw, self.pruner,
+                                             self.cfg.importance, fraction, calib, self.masks,
+                                             self.load_plan.allocation if self.load_plan else None,
+                                             compensation=self.cfg.compensation, chunk=self.kd_chunk)
             return
         if self.team.is_main:
             self.masks = prune_stage(self.raw, self.pruner, self.cfg.importance, fraction, calib, self.masks,
