@@ -153,4 +153,6 @@ def test_build_resume_reuses_a_finished_run(bundle, tiny_dirs):
              "--resume", "--overwrite", *FAST, *LOOSE])
     assert r.exit_code == 0, r.output
     assert "reusing the finished distillation run" in r.output
+    # --overwrite was given and the run was reused: the note must not say that --overwrite redoes it
+    assert "--overwrite without --resume redoes it" in " ".join(r.output.split())
     assert (run_dir / "student" / "model.safetensors").stat().st_mtime_ns == before

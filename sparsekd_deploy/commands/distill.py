@@ -14,9 +14,11 @@ DISTILL_OPTIONS = [
     ("--teacher", "teacher", dict(help="Local HF model dir (safetensors) or cached Hub id; default: the demo teacher.")),
     ("--pattern", "pattern", dict(help="2:4 (any n:m), unstructured:S or channels:S; unstructured:auto / channels:auto "
                                        "prune until the next stage would break --kl-budget. [default: 2:4]")),
-    ("--stages", "stages", dict(type=int, help="Stages from dense to the target. [default: 3]")),
+    ("--stages", "stages", dict(type=int, help="Stages from dense to the target. [default: 1 for n:m and for targets "
+                                                    "≤ 0.5, else 3]")),
     ("--kl-budget", "kl_budget", dict(type=float, help="Accept a stage only if held-out KL ≤ this. [default: 0.15]")),
-    ("--steps-per-stage", "steps_per_stage", dict(type=int, help="Distillation steps per stage. [default: 100]")),
+    ("--steps-per-stage", "steps_per_stage", dict(type=int, help="Distillation steps per stage. [default: 300 ÷ "
+                                                                     "stages]")),
     ("--step-schedule", "step_schedule", dict(type=click.Choice(["equal", "backloaded"]),
                                               help="Split of the step budget over stages. [default: backloaded]")),
     ("--sparsity-schedule", "sparsity_schedule", dict(type=click.Choice(["linear", "cubic"]),

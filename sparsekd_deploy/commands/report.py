@@ -14,7 +14,7 @@ from .error_handling import handle_errors
 @click.argument("source", type=click.Path())
 @click.option("--out", type=click.Path(), help="The HTML page. [default: <SOURCE>.report.html beside it]")
 @click.option("--md", "md", type=click.Path(), help="The Markdown twin (figures in <name>_files/ beside it). "
-              "[default: <out>.md]")
+              "[default: the page's name with .md for .html]")
 @click.option("--no-md", is_flag=True, help="Write only the HTML page.")
 @click.option("--json", "as_json", is_flag=True, help="Print the claims and written files as JSON.")
 @handle_errors

@@ -148,7 +148,7 @@ def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptio
         if differ:
             raise BundleError(f"distillation run {run.final} was made with other settings ({differ}); pass "
                               "--overwrite to redo it, or --run-dir to keep both")
-        reporter.note(f"reusing the finished distillation run in {run.final} (same settings; --overwrite redoes it)")
+        reporter.note(f"reusing the finished distillation run in {run.final} (same settings; --overwrite without --resume redoes it)")
         result = Result.from_dir(run.final)
     else:
         result = distill(cfg, resume=opts.resume, overwrite=opts.overwrite, reporter=reporter)
