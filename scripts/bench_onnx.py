@@ -6,7 +6,7 @@ Decoding (greedy, tokens/s) of the same student with
   (c) PyTorch eager ``generate``,
 alternated over several rounds (machines are noisy), medians reported with ratios.
 
-    .venv/bin/python scripts/bench_onnx.py --student runs/demo/student [--tokens 64] [--rounds 5]
+    .venv/bin/python scripts/bench_onnx.py [--student dist/demo.run/student] [--tokens 64] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -38,12 +38,15 @@ def timed(fn, n_tokens: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--student", type=Path, default=Path("runs/demo/student"))
+    ap.add_argument("--student", type=Path, default=Path("dist/demo.run/student"),
+                    help="a distilled student dir (default: the one `make demo` leaves)")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    if not (args.student / "config.json").is_file():
+        ap.error(f"{args.student} is not a student dir (no config.json): run `make demo` first, or pass --student")
     torch.set_num_threads(2)
     run_dir = args.student.parent
     model = load_model(args.student)
