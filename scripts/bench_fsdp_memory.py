@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         runs[mode] = launch(mode, args, args.out / "recipe.yaml")
         print(f"  {mode}: {runs[mode]['wall_s']:.0f} s wall", flush=True)
     d, f = runs["ddp"], runs["fsdp"]
-    print(f"\n| rank | DDP peak MiB | FSDP peak MiB | FSDP / DDP | DDP params held | FSDP params held | FSDP / DDP |")
+    print("\n| rank | DDP peak MiB | FSDP peak MiB | FSDP / DDP | DDP params held | FSDP params held | FSDP / DDP |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in range(args.nproc):
         pd, pf = d["ranks"]["peak_memory_mb"][r], f["ranks"]["peak_memory_mb"][r]
