@@ -92,8 +92,11 @@ def write_recipe(args, teacher: Path, path: Path) -> None:
 
 def launch(mode: str, args, recipe: Path) -> dict:
     out = args.out / mode
+    cli = Path(sys.executable).with_name("sparsekd-deploy")  # the installed console script (cli.py has no __main__)
+    if not cli.is_file():
+        sys.exit(f"error: {cli} not found: install the package into this interpreter's environment (pip install -e .)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-           "-m", "sparsekd_deploy.cli", "distill", "--recipe", str(recipe), "--out", str(out), *MODES[mode]]
+           "--no-python", str(cli), "distill", "--recipe", str(recipe), "--out", str(out), *MODES[mode]]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                               "MASTER_PORT")}
     env |= {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
