@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--topk", type=int, default=16, help="--teacher-access topk:K")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                    help="glibc's M_MMAP_THRESHOLD for the ranks (MALLOC_MMAP_THRESHOLD_): a fixed one gives every "
+                         "allocation above it back to the OS when freed, so the RSS peak follows live memory")
     args = ap.parse_args(argv)
     for name in ("hidden", "intermediate", "layers", "heads", "steps", "batch_size", "seq_len", "topk", "nproc"):
         if getattr(args, name) < 1:
@@ -100,6 +103,8 @@ def launch(mode: str, args, recipe: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                               "MASTER_PORT")}
     env |= {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    if args.mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -142,6 +147,12 @@ def main(argv: list[str] | None = None) -> None:
           f"(FSDP / DDP {f['tokens_per_second'] / d['tokens_per_second']:.3f})")
     print(f"final held-out KL ({d.get('kl_measure', 'full')}): DDP {d['kl']:.6g}, FSDP {f['kl']:.6g}, "
           f"|Δ| {abs(d['kl'] - f['kl']):.2g} (relative {abs(d['kl'] - f['kl']) / max(abs(d['kl']), 1e-30):.2g})")
+    ckd, ckf = d["checkpoints"], f["checkpoints"]
+    if [c[0] for c in ckd] != [c[0] for c in ckf]:
+        print(f"held-out measurements at different steps: DDP {[c[0] for c in ckd]}, FSDP {[c[0] for c in ckf]}")
+    else:
+        print(f"max |ΔKL| over the stage's {len(ckd)} held-out measurements: "
+              f"{max(abs(a[1] - b[1]) for a, b in zip(ckd, ckf, strict=True)):.2g}")
     print(f"wall: DDP {d['wall_s']:.0f} s, FSDP {f['wall_s']:.0f} s")
 
 
