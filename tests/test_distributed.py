@@ -179,7 +179,10 @@ def test_two_ranks_reproduce_one_process(tiny_dirs, tmp_path):
     one, two = _against_one_process(recipe, tmp_path, "--json")
     assert [s["stage"] for s in two] == [s["stage"] for s in one] == [0, 1, 2]
     for a, b in zip(one[1:], two[1:], strict=True):
-        assert b["ranks"] == {"world_size": 2, "weights_identical": True}
+        peaks = b["ranks"].pop("peak_memory_mb")  # every rank's stage peak, the main process's first
+        whole = sum(p.numel() for p in load_file(tmp_path / "two" / "student" / "model.safetensors").values())
+        assert b["ranks"] == {"world_size": 2, "weights_identical": True, "local_parameters": [whole, whole]}
+        assert len(peaks) == 2 and peaks[0] == b["peak_memory_mb"] and all(p > 0 for p in peaks)
         ma, mb = _masks(tmp_path / "one", a["stage"]), _masks(tmp_path / "two", b["stage"])
         assert sorted(ma) == sorted(mb) and len(ma) == 14  # every prunable layer of the tiny Llama
         assert all(torch.equal(ma[k], mb[k]) for k in ma)
@@ -250,7 +253,10 @@ def test_killed_rank_stops_at_last_accepted_stage_and_resumes(tiny_dirs, tmp_pat
     traj = json.loads((out / "trajectory.json").read_text())["stages"]
     assert [s["stage"] for s in traj] == [0, 1, 2] and all(s["accepted"] for s in traj)
     ranks = traj[2]["ranks"]
-    assert ranks == ({"world_size": 2, "weights_identical": True} if not sharding else
+    peaks = ranks.pop("peak_memory_mb")
+    assert len(peaks) == 2 and peaks[0] == traj[2]["peak_memory_mb"] and all(p > 0 for p in peaks)
+    assert ranks == ({"world_size": 2, "weights_identical": True, "local_parameters": ranks["local_parameters"]}
+                     if not sharding else
                      {"world_size": 2, "fsdp": True, "local_parameters": ranks["local_parameters"],
                       "parameters": ranks["parameters"]})
     assert json.loads((out / "summary.json").read_text())["sparsity"] == pytest.approx(0.5)

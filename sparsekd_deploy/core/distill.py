@@ -466,7 +466,9 @@ class StagedDistiller(StageTraining):
             sparsity_report(self.pruner, self.raw)
         record = stage_record(stage, outcome, report["overall_sparsity"], self.tokens_per_second)
         record["layer_sparsity"] = {name: e["sparsity"] for name, e in report["layers"].items()}
-        record.update(self.peak.read())  # training + held-out measurements of this stage (memory.py)
+        # Training + held-out measurements of this stage (memory.py), this process's; a launched run's `ranks` also
+        # carries every rank's peak (the main process's differs: under FSDP it alone keeps a whole CPU copy).
+        record.update(self.peak.read())
         record["kd_chunk"] = self.kd_chunk
         if self.teacher is not None:
             from .teacher_precision import name
@@ -480,10 +482,15 @@ class StagedDistiller(StageTraining):
             # Measured, not assumed: the parameter elements each rank holds (its shards), against the whole model.
             record["ranks"] = {"world_size": self.team.world, "fsdp": True,
                                "local_parameters": self.team.gather(local_numel(self.raw)),
-                               "parameters": report_parameters(whole) if self.team.is_main else None}
+                               "parameters": report_parameters(whole) if self.team.is_main else None,
+                               "peak_memory_mb": self.team.gather(record["peak_memory_mb"])}
         elif self.team.distributed:
             # Checked, not assumed: DDP's averaged gradients must leave every rank with the main process's weights.
-            record["ranks"] = {"world_size": self.team.world, "weights_identical": self.team.same_weights(self.raw)}
+            from .fsdp import local_numel
+
+            record["ranks"] = {"world_size": self.team.world, "weights_identical": self.team.same_weights(self.raw),
+                               "local_parameters": self.team.gather(local_numel(self.raw)),
+                               "peak_memory_mb": self.team.gather(record["peak_memory_mb"])}
             if not record["ranks"]["weights_identical"]:
                 from ..errors import IntegrityError
 
