@@ -148,6 +148,25 @@ def _masks(run: Path, stage: int) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoints" / f"stage-{stage}" / "masks.safetensors"))
 
 
+def _same_masks_worst_kl_gap(one: list[dict], two: list[dict], tmp_path: Path, layers: int) -> float:
+    """Asserts every stage of the 2-rank run (``two``) kept exactly the 1-process run's masks on ``layers`` layers;
+    returns the largest |held-out KL difference| over every measurement (after the prune + each checkpoint)."""
+    worst = 0.0
+    for a, b in zip(one[1:], two[1:], strict=True):
+        ma, mb = _masks(tmp_path / "one", a["stage"]), _masks(tmp_path / "two", b["stage"])
+        assert sorted(ma) == sorted(mb) and len(ma) == layers
+        assert all(torch.equal(ma[k], mb[k]) for k in ma)
+        kls = [(a["kl_after_prune"], b["kl_after_prune"])] + [(x[1], y[1]) for x, y in
+                                                              zip(a["checkpoints"], b["checkpoints"], strict=True)]
+        worst = max(worst, *(abs(x - y) for x, y in kls))
+    return worst
+
+
+def _final_weights(tmp_path: Path) -> tuple[dict, dict]:
+    """The final students' weights of the 1-process (``one``) and the 2-rank (``two``) run."""
+    return tuple(load_file(str(tmp_path / run / "student" / "model.safetensors")) for run in ("one", "two"))
+
+
 def _against_one_process(recipe: Path, tmp_path: Path, *args: str) -> tuple[list[dict], list[dict]]:
     """The stage records of the launched run in tmp_path/two and of the same recipe in 1 process (tmp_path/one).
     The one-process reference runs in a fresh interpreter with the ranks' thread count (torchrun sets
@@ -473,22 +492,14 @@ def test_fsdp_uneven_splits_lr_search_topk_divergence_and_a_damaged_checkpoint(t
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = _against_one_process(recipe, tmp_path)
     assert two[1]["lr_search"]["chosen"] == one[1]["lr_search"]["chosen"]
-    worst = 0.0
-    for a, b in zip(one[1:], two[1:], strict=True):
-        ma, mb = _masks(tmp_path / "one", a["stage"]), _masks(tmp_path / "two", b["stage"])
-        assert sorted(ma) == sorted(mb) and len(ma) == 12  # 14 linear layers less the 2 down_proj (71 inputs)
-        assert all(torch.equal(ma[k], mb[k]) for k in ma)
-        kls = [(a["kl_after_prune"], b["kl_after_prune"])] + [(x[1], y[1]) for x, y in
-                                                              zip(a["checkpoints"], b["checkpoints"], strict=True)]
-        worst = max(worst, *(abs(x - y) for x, y in kls))
-    wa = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "two" / "student" / "model.safetensors"))
+    worst = _same_masks_worst_kl_gap(one, two, tmp_path, layers=12)  # 14 linear layers less the 2 down_proj (71 inputs)
+    wa, wb = _final_weights(tmp_path)
     assert sorted(wa) == sorted(wb) and wb["model.embed_tokens.weight"].shape == (257, 32)
     gap = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     print(f"fsdp (uneven shards, lr search, top-K cache) vs one process: max |held-out KL difference| {worst:.3g}, "
           f"max |final weight difference| {gap:.3g}")
     assert worst <= FSDP_KL_TOLERANCE and gap <= 1e-5
-    masked = [k.removesuffix(".weight") + ".weight" for k in ma]
+    masked = [k.removesuffix(".weight") + ".weight" for k in _masks(tmp_path / "two", two[-1]["stage"])]
     assert _two_of_four(wb, masked) and not _two_of_four(load_file(str(teacher / "model.safetensors")), masked)
 
     r = _launch_cli("distill", "--recipe", str(recipe), "--fsdp", "--lr", "1e30", "--lr-search", "off",
@@ -596,17 +607,9 @@ def test_fsdp_channels_with_its_defaults_reproduce_one_process(tiny_dirs, tmp_pa
     r = _launch_cli("distill", "--recipe", str(recipe), "--fsdp", "--out", str(tmp_path / "two"))
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = _against_one_process(recipe, tmp_path)
-    worst = 0.0
-    for a, b in zip(one[1:], two[1:], strict=True):
-        assert b["ranks"]["fsdp"] is True
-        ma, mb = _masks(tmp_path / "one", a["stage"]), _masks(tmp_path / "two", b["stage"])
-        assert sorted(ma) == sorted(mb) and len(ma) == 6  # gate, up and down projections of the 2 MLPs
-        assert all(torch.equal(ma[k], mb[k]) for k in ma)
-        kls = [(a["kl_after_prune"], b["kl_after_prune"])] + [(x[1], y[1]) for x, y in
-                                                              zip(a["checkpoints"], b["checkpoints"], strict=True)]
-        worst = max(worst, *(abs(x - y) for x, y in kls))
-    wa = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "two" / "student" / "model.safetensors"))
+    assert all(b["ranks"]["fsdp"] is True for b in two[1:])
+    worst = _same_masks_worst_kl_gap(one, two, tmp_path, layers=6)  # gate, up and down projections of the 2 MLPs
+    wa, wb = _final_weights(tmp_path)
     assert sorted(wa) == sorted(wb) and wb["model.layers.0.mlp.down_proj.weight"].shape == (32, 32)  # shrunk: 64 → 32
     refit = max((wa[k] - wb[k]).abs().max().item() for k in wa if "down_proj" in k)
     gap = max((wa[k] - wb[k]).abs().max().item() for k in wa)
