@@ -408,6 +408,8 @@ def as_started(recorded: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str,
             if now.get(key) == "auto":
                 adopt[key] = value
     return saved, adopt
+
+
 CALIB_BATCHES = 4  # default calibration batches of the weight criteria (wanda, magnitude, taylor)
 # Calibration sequences of importance fisher. One-shot channels:0.5 on the demo (seed 0, held-out KL before any
 # training; a one-off sweep through the library, no script): 32 sequences 0.081, 64: 0.074, 128: 0.073, 256: 0.068;

@@ -151,6 +151,11 @@ class StagedDistiller(StageTraining):
             self.whole.load_state_dict(state, strict=False)
         return self.whole
 
+    @property
+    def whole_student(self) -> torch.nn.Module:
+        """The whole student as ``refresh_whole`` last gave it (under FSDP: the main process's CPU copy)."""
+        return self.whole if self.sharded else self.raw
+
     def whole_pruner(self) -> Pruner:
         """The pruner over the model ``refresh_whole`` gives (same layers, same names)."""
         if not self.sharded:
@@ -300,7 +305,6 @@ class StagedDistiller(StageTraining):
             self.whole = copy.deepcopy(self.teacher).cpu()
         self.teacher.to(self.device)
         student = copy.deepcopy(self.teacher)
-        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
         # The KD loss is the wrapped module's forward (distributed.LossModule): the chunked path's calls to the base
         # model and lm_head then sit inside DDP's forward, so their gradients are averaged too. The teacher is no
         # submodule: it stays out of the wrapped graph.
@@ -316,6 +320,7 @@ class StagedDistiller(StageTraining):
             optimizer = self.accelerator.prepare(torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=0.0))
             self.student, self.optimizer, self.raw = module, optimizer, student
         else:
+            optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
             self.student, self.optimizer = self.accelerator.prepare(module, optimizer)
             self.raw = self.accelerator.unwrap_model(self.student).student
         self.pruner = Pruner(self.raw, self.pattern, cfg.include, cfg.exclude, self.keep_dense)
@@ -476,26 +481,23 @@ class StagedDistiller(StageTraining):
             record["teacher_precision"] = name(self.teacher_dtype)
         if self.utilisation is not None:
             record.update(self.utilisation.record(self.tokens_per_second))
-        if self.sharded:
+        if self.team.distributed:
             from .fsdp import local_numel
 
-            # Measured, not assumed: the parameter elements each rank holds (its shards), against the whole model.
-            record["ranks"] = {"world_size": self.team.world, "fsdp": True,
-                               "local_parameters": self.team.gather(local_numel(self.raw)),
-                               "parameters": report_parameters(whole) if self.team.is_main else None,
-                               "peak_memory_mb": self.team.gather(record["peak_memory_mb"])}
-        elif self.team.distributed:
-            # Checked, not assumed: DDP's averaged gradients must leave every rank with the main process's weights.
-            from .fsdp import local_numel
+            # Measured, not assumed: the parameter elements each rank holds (its shards under FSDP) and its peak.
+            ranks = {"world_size": self.team.world, "local_parameters": self.team.gather(local_numel(self.raw)),
+                     "peak_memory_mb": self.team.gather(record["peak_memory_mb"])}
+            if self.sharded:
+                ranks.update(fsdp=True, parameters=report_parameters(whole) if self.team.is_main else None)
+            else:
+                # Checked, not assumed: DDP's averaged gradients must leave every rank with the main process's weights.
+                ranks["weights_identical"] = self.team.same_weights(self.raw)
+                if not ranks["weights_identical"]:
+                    from ..errors import IntegrityError
 
-            record["ranks"] = {"world_size": self.team.world, "weights_identical": self.team.same_weights(self.raw),
-                               "local_parameters": self.team.gather(local_numel(self.raw)),
-                               "peak_memory_mb": self.team.gather(record["peak_memory_mb"])}
-            if not record["ranks"]["weights_identical"]:
-                from ..errors import IntegrityError
-
-                raise IntegrityError(f"the {self.team.world} ranks hold different weights after stage {stage.label}: "
-                                     "gradients were not averaged over the ranks; the run stops here")
+                    raise IntegrityError(f"the {self.team.world} ranks hold different weights after stage "
+                                         f"{stage.label}: gradients were not averaged over the ranks; the run stops here")
+            record["ranks"] = ranks
         if self.cache is not None:
             record["kl_measure"] = f"top-{self.cache.stamp.k} buckets + tail (a lower bound of the full KL)"
         if not outcome.accepted:
@@ -505,7 +507,7 @@ class StagedDistiller(StageTraining):
 
     def _accept(self, stage: Stage, record: dict) -> int:
         def measure_and_write() -> None:  # the other ranks hold the same weights (checked in _record), write nothing
-            whole = self.whole if self.sharded else self.raw  # refreshed by _record
+            whole = self.whole_student  # refreshed by _record
             record["consistency"] = {"student": self.consistency_of(whole), "teacher": self.teacher_consistency}
             record["stability"] = self.stability.entry(whole, record.pop("confidence", {}), record["consistency"])
             self.run.save_checkpoint(stage.index, whole, self.masks)
@@ -527,7 +529,7 @@ class StagedDistiller(StageTraining):
     def _write_outputs(self, status: str, reason: str, accepted: int) -> tuple[Path, list[dict], dict]:
         cfg = self.cfg
         out = self.run.partial
-        whole = self.whole if self.sharded else self.raw
+        whole = self.whole_student  # refreshed by _finish
         report = final_report(self.whole_pruner(), whole, self.masks, complete=status == "complete")
         report.update({"final_stage": accepted, "stages": cfg.stages})
         report["parameters"] = {"teacher": self.teacher_params, "student": report_parameters(whole)}

@@ -47,25 +47,33 @@ def writing(path: Path):
         raise OSError(n, os.strerror(n), str(path)) from None
 
 
+def _first_line(why: BaseException | str) -> str:
+    return (str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__)[:200]
+
+
+def _read_safetensors(path: Path, damaged) -> dict[str, torch.Tensor]:
+    """``path``'s tensors; a missing, cut or garbage file raises ``damaged(first line of why)`` instead of
+    safetensors' traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise damaged(_first_line(e)) from None
+
+
 def damaged_run(run_dir: Path, what: str, why: BaseException | str) -> OutputExistsError:
     """The one error for a run dir that cannot be resumed as it is (a truncated or missing checkpoint, data file or
     state field): it names the file and how to start over, instead of a traceback from safetensors or a KeyError."""
-    text = str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__
-    return OutputExistsError(f"run {run_dir} cannot be resumed: {what} is missing or damaged ({text[:200]}); "
+    return OutputExistsError(f"run {run_dir} cannot be resumed: {what} is missing or damaged ({_first_line(why)}); "
                              "pass --overwrite to start the run over")
 
 
 def read_run_data(path: Path) -> dict[str, torch.Tensor]:
     """A run's data.safetensors (token ids: ``train``, ``heldout``), read by build and export after the run; a cut or
     foreign one is one DataError line naming it, not a safetensors traceback."""
-    from safetensors import SafetensorError
-
-    try:
-        data = load_file(str(path))
-    except (OSError, SafetensorError) as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{path} (the run's token ids) is missing or damaged ({why[:200]}); redo the distillation "
-                        "run with --overwrite") from None
+    data = _read_safetensors(path, lambda why: DataError(
+        f"{path} (the run's token ids) is missing or damaged ({why}); redo the distillation run with --overwrite"))
     missing = [k for k in ("train", "heldout") if k not in data]
     if missing:
         raise DataError(f"{path} (the run's token ids) has no {', '.join(missing)} split; redo the distillation run "
@@ -131,12 +139,7 @@ class RunDir:
 
     def load_tensors(self, name: str, keys: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         """A tensor file of the run (``keys`` must be in it); a missing or cut one is one error, not a traceback."""
-        from safetensors import SafetensorError
-
-        try:
-            tensors = load_file(str(self.partial / name))
-        except (OSError, SafetensorError) as e:
-            raise damaged_run(self.partial, name, e) from None
+        tensors = _read_safetensors(self.partial / name, lambda why: damaged_run(self.partial, name, why))
         missing = [k for k in keys if k not in tensors]
         if missing:
             raise damaged_run(self.partial, name, f"it has no {', '.join(missing)}")
@@ -158,20 +161,19 @@ class RunDir:
 
     def load_checkpoint(self, stage: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(weights, masks) of an accepted stage's checkpoint; a missing, truncated or garbage file is one error."""
-        from safetensors import SafetensorError
-
         ckpt = self.checkpoint_dir(stage)
         what = f"checkpoint {ckpt.relative_to(self.partial)} (accepted stage {stage})"
         weights = [f for f in sorted(ckpt.glob("*.safetensors")) if f.name != "masks.safetensors"]
         if not weights:
             raise damaged_run(self.partial, what, "no weight files in it")
-        try:
-            state = {}
-            for f in weights:
-                state.update(load_file(str(f)))
-            masks = {k: v.bool() for k, v in load_file(str(ckpt / "masks.safetensors")).items()}
-        except (OSError, SafetensorError) as e:
-            raise damaged_run(self.partial, what, e) from None
+
+        def damaged(why: str) -> OutputExistsError:
+            return damaged_run(self.partial, what, why)
+
+        state = {}
+        for f in weights:
+            state.update(_read_safetensors(f, damaged))
+        masks = {k: v.bool() for k, v in _read_safetensors(ckpt / "masks.safetensors", damaged).items()}
         return state, masks
 
     def finish(self) -> Path:
