@@ -7,6 +7,7 @@ One layer's attention as a one-node graph, each variant on the same Q / K / V, m
 - ``MultiHeadAttention`` + 2-D key-padding mask + ``unidirectional=1`` (the causal mask made inside the kernel);
 - ``MultiHeadAttention`` + ``unidirectional=1`` alone;
 - ``GroupQueryAttention`` (causal by definition; K / V as [B, S, H*Dh]);
+- the standard ONNX ``Attention`` (opset 23) with ``is_causal=1`` (Q / K / V as [B, N, S, Dh]);
 - ``MultiHeadAttention`` with no mask at all — **not causal**, so not a candidate: it is the only variant that takes
   ORT's CPU flash-attention path (its condition: no mask, no bias, not unidirectional, no past / present), shown for
   what a causal flash kernel could save.
@@ -25,13 +26,14 @@ import time
 import numpy as np
 
 
-def _graph(op: str, inputs: list[tuple[str, int, list]], node_inputs: list[str], outputs: list[str], **attrs) -> bytes:
+def _graph(op: str, inputs: list[tuple[str, int, list]], node_inputs: list[str], outputs: list[str],
+           domain: str = "com.microsoft", **attrs) -> bytes:
     from onnx import helper
 
-    node = helper.make_node(op, node_inputs, outputs, domain="com.microsoft", **attrs)
+    node = helper.make_node(op, node_inputs, outputs, domain=domain, **attrs)
     graph = helper.make_graph([node], "attention", [helper.make_tensor_value_info(*i) for i in inputs],
                               [helper.make_tensor_value_info(outputs[0], 1, None)])
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    opsets = [helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()
 
 
@@ -56,6 +58,10 @@ def variants(s: int, n: int, d: int):
            _graph("GroupQueryAttention", gqa_in, ["q", "k_bsh", "v_bsh", "", "", "seqlens_k", "total"],
                   ["out", "present_k", "present_v"], kv_num_heads=n, **attrs),
            {"seqlens_k": np.array([s - 1], np.int32), "total": np.array(s, np.int32)}, True)
+    bnsh = [("q_bnsh", T.FLOAT, [1, n, s, d]), ("k", T.FLOAT, [1, n, s, d]), ("v", T.FLOAT, [1, n, s, d])]
+    yield ("ONNX Attention-23, is_causal=1",
+           _graph("Attention", bnsh, ["q_bnsh", "k", "v"], ["out_bnsh"], domain="", is_causal=1,
+                  scale=float(d) ** -0.5), {}, True)
     yield ("MHA, no mask (flash path; NOT causal)",
            _graph("MultiHeadAttention", qkv, ["q", "k", "v"], ["out"], **attrs), {}, False)
 
@@ -76,7 +82,8 @@ def main() -> None:
     q = rng.standard_normal((1, s, n * d), dtype=np.float32)
     k, v = (rng.standard_normal((1, n, s, d), dtype=np.float32) for _ in range(2))
     bsh = {"k_bsh": k.transpose(0, 2, 1, 3).reshape(1, s, n * d).copy(),
-           "v_bsh": v.transpose(0, 2, 1, 3).reshape(1, s, n * d).copy()}
+           "v_bsh": v.transpose(0, 2, 1, 3).reshape(1, s, n * d).copy(),
+           "q_bnsh": q.reshape(1, s, n, d).transpose(0, 2, 1, 3).copy()}
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
     print(f"one layer's attention, 1 x {s} tokens, {n} heads of {d}, fp32, {args.threads} threads, "
@@ -87,13 +94,16 @@ def main() -> None:
         session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
         wanted = {i.name for i in session.get_inputs()}
         feeds = {key: val for key, val in {"q": q, "k": k, "v": v, **bsh, **extra}.items() if key in wanted}
+        first = session.get_outputs()[0].name
         for _ in range(3):
-            out = session.run(["out"], feeds)[0]
+            out = session.run([first], feeds)[0]
         times = []
         for _ in range(args.runs):
             t0 = time.perf_counter()
-            out = session.run(["out"], feeds)[0]
+            out = session.run([first], feeds)[0]
             times.append(time.perf_counter() - t0)
+        if first == "out_bnsh":  # [B, N, S, Dh] -> the others' [B, S, N*Dh]
+            out = out.transpose(0, 2, 1, 3).reshape(1, s, n * d)
         ms = statistics.median(times) * 1e3
         reference = out if reference is None else reference
         first_ms = ms if first_ms is None else first_ms

@@ -48,6 +48,7 @@ from sparsekd_deploy.pipeline.export_step import calibration_feeds
 from sparsekd_deploy.targets.onnxruntime import OnnxRuntimeTarget
 
 MODES = ("int8-dynamic", "int8", "int4-weight")
+BAR_POSITIONS = 2048  # the bar model's max_position_embeddings (its rotary caches are cut to it, as build does)
 SPEED_MODES = MODES + ("int8-trt",)  # int8-trt: the --target tensorrt int8 graph, run on ORT CPU
 
 
@@ -64,7 +65,7 @@ def bar_model(cache: Path) -> tuple[Path, dict]:
         return onnx_path, load_file(str(zeros))
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=1024, num_hidden_layers=8, intermediate_size=2816, vocab_size=32000,
-                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
+                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=BAR_POSITIONS)
     model = LlamaForCausalLM(cfg).eval()
     pruner = Pruner(model, NM(2, 4))
     apply_masks(model, pruner.stage_masks({ly.name: ly.weight_oi().detach().abs() for ly in pruner.layers}, 1.0))
@@ -144,7 +145,7 @@ def prefill_profile(graphs: dict[str, Path], vocab: int, top: int = 8) -> None:
 def fused(path: Path) -> tuple[Path, int]:
     """The onnxruntime target's graph: ``path`` with ORT's fused attention (what build / export write for it)."""
     dst = path.with_name(path.stem + ".fused.onnx")
-    return dst, fuse_attention(path, dst).fused
+    return dst, fuse_attention(path, dst, max_positions=BAR_POSITIONS).fused
 
 
 def part1(cache: Path, rounds: int, tokens: int, modes=SPEED_MODES, profile: bool = False) -> dict:

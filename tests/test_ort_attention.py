@@ -24,9 +24,9 @@ def _ops(path):
 @pytest.fixture(scope="module")
 def fused(exported, tmp_path_factory):
     """The tiny 2:4 llama (2 layers, 4 query heads over 2 KV heads) exported, and its fused copy."""
-    _, path = exported["llama"]
+    model, path = exported["llama"]
     dst = tmp_path_factory.mktemp("fused") / "model.onnx"
-    return path, dst, fuse_attention(path, dst)
+    return path, dst, fuse_attention(path, dst, max_positions=model.config.max_position_embeddings)
 
 
 def test_every_layer_fused_and_the_decomposed_attention_gone(fused):
@@ -151,3 +151,59 @@ def test_an_external_data_graph_is_not_rewritten_in_place(exported, tmp_path):
     record = _fuse_for_ort([dst], notes.append)  # what the manifest's model.attention_fusion holds
     assert record["big.onnx"] == 0 and "external-data" in record["skipped"]["big.onnx"]
     assert any("left unfused" in n for n in notes)
+
+
+def test_rotary_and_residual_norms_fused_by_orts_own_fusers_with_caches_cut_to_the_models_positions(fused, exported,
+                                                                                                   tmp_path):
+    """After the attention, ORT's fusers turn each layer's rotary (q and k) into RotaryEmbedding and each residual Add
+    + RMSNorm into SkipSimplifiedLayerNormalization; their cos / sin caches (131072 positions by default) are cut to
+    the model's max_position_embeddings (64 for the tiny llama). Parity and KV-cache decoding: the tests above run on
+    this graph."""
+    plain, dst, info = fused
+    ops = _ops(dst)
+    # 2 layers: q and k rotated in each; the first norm has no residual before it, the other 4 (2 per layer) do
+    assert info.ort_fusions == {"RotaryEmbedding": 4, "SkipSimplifiedLayerNormalization": 4}
+    assert ops.count(("com.microsoft", "RotaryEmbedding")) == 4
+    assert ("", "Neg") in set(_ops(plain)) and ("", "Neg") not in set(ops)  # rotate_half's Neg went with the rotary
+    graph = onnx.load(str(dst), load_external_data=False).graph
+    caches = {i.name: list(i.dims) for i in graph.initializer if i.name in ("cos_cache", "sin_cache")}
+    model, _ = exported["llama"]
+    half = model.config.hidden_size // model.config.num_attention_heads // 2
+    assert caches == {"cos_cache": [64, half], "sin_cache": [64, half]}
+    assert "onnxruntime.transformers" in info.rewriter
+    # without max_positions the fuser's own 131072 rows stay (what the export step avoids)
+    uncut = fuse_attention(plain, tmp_path / "uncut.onnx", max_positions=None)
+    assert uncut.ort_fusions == info.ort_fusions
+    dims = [list(i.dims) for i in onnx.load(str(tmp_path / "uncut.onnx")).graph.initializer if i.name == "cos_cache"]
+    assert dims == [[131072, half]]
+
+
+def test_orts_fusers_failing_is_one_line_and_the_graph_untouched(exported, tmp_path, monkeypatch):
+    from onnxruntime.transformers import optimizer
+
+    def broken(*_a, **_k):
+        raise AttributeError("'NoneType' object has no attribute 'item'\nmore")
+
+    monkeypatch.setattr(optimizer, "optimize_by_fusion", broken)
+    _, path = exported["llama"]
+    copy = tmp_path / "model.onnx"
+    copy.write_bytes(path.read_bytes())
+    with pytest.raises(FusionError, match=r"rotary / norms of model.onnx failed in onnxruntime.transformers .*'item'$"):
+        fuse_attention(copy)
+    assert copy.read_bytes() == path.read_bytes() and not (tmp_path / "model.onnx.tmp").exists()
+
+
+def test_qwen2_with_qkv_biases_fuses_the_same_and_keeps_parity(tiny_dirs, tmp_path):
+    from sparsekd_deploy.exporters.onnx import export_onnx
+    from sparsekd_deploy.models.loading import load_model
+
+    model, path = load_model(tiny_dirs["qwen2"]), tmp_path / "plain.onnx"
+    export_onnx(tiny_dirs["qwen2"], path)
+    dst = tmp_path / "model.onnx"
+    info = fuse_attention(path, dst, max_positions=model.config.max_position_embeddings)
+    assert (info.fused, info.ort_fusions) == (2, {"RotaryEmbedding": 4, "SkipSimplifiedLayerNormalization": 4})
+    prompts = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(4))
+    assert check_parity(model, dst, prompts, "fp32")["max_abs_logit_diff"] < 1e-4
+    ids = prompts.numpy()[:, :6]
+    np.testing.assert_array_equal(OnnxRuntimeTarget(dst).generate(ids, 12).tokens,
+                                  OnnxRuntimeTarget(path).generate(ids, 12).tokens)

@@ -43,6 +43,7 @@ class FusionInfo:
     op: str = f"{DOMAIN}.MultiHeadAttention"
     rewriter: str = ""  # the library that did it, with its version
     skipped: str | None = None  # why the graph was not rewritten at all
+    ort_fusions: dict | None = None  # ORT's own fusers' counts (RotaryEmbedding, SkipSimplifiedLayerNormalization)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,14 +99,69 @@ def _rule():
             return result
 
         def rewrite(self, op, query, key, value, mask, zero, **_):
-            q = op.Reshape(op.Transpose(query, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
-            floor = op.Constant(value_float=float(np.finfo(np.float32).min))
+            from onnxscript import ir
+
+            # Constants as `value` tensors: ORT's symbolic shape inference (which its later fusions need) reads only
+            # that form and fails on value_ints / value_float.
+            q = op.Reshape(op.Transpose(query, perm=[0, 2, 1, 3]),
+                           op.Constant(value=ir.tensor(np.array([0, 0, -1], np.int64))))
+            floor = op.Constant(value=ir.tensor(np.array(np.finfo(np.float32).min, np.float32)))
             bias = op.Where(mask, zero, floor)
             # key / value go in as [B, H, T, Dh] (MultiHeadAttention's BNSH form): no copy back to [B, T, H*Dh].
             return op.MultiHeadAttention(q, key, value, None, None, bias, num_heads=self._heads, scale=self._scale,
                                          _domain=DOMAIN)
 
     return pattern.RewriteRuleSet([DecomposedSDPAToMHA.rule()])
+
+
+ORT_FUSIONS = {"RotaryEmbedding": "rotary", "SkipSimplifiedLayerNormalization": "residual Add + RMSNorm"}
+
+
+def ort_fusions(model, max_positions: int | None = None) -> dict[str, int]:
+    """ORT's own fusers (``onnxruntime.transformers``) on ``model`` in place, only those that match these graphs:
+    each layer's rotary (Mul / Slice / Neg / Concat / Add on q and k) becomes one RotaryEmbedding, and each residual
+    Add before an RMSNorm joins it in a SkipSimplifiedLayerNormalization. Returns the count of each op made.
+
+    Why: with the attention fused, these small kernels are most of what is left besides the weight MatMuls — time
+    quantization cannot take away, so they weigh on the int8 / fp32 ratio and on decode, where each token runs every
+    one of them. Everything else (attention, gelu, embedding fusions) is off: the attention is ours, and ORT's gelu
+    fuser fails on the quantized graphs.
+
+    The rotary fuser writes cos / sin caches of 131072 positions (its default for any model, 33 MB at head size
+    64); ``max_positions`` (the model's ``max_position_embeddings``) cuts them to the positions the model has."""
+    import logging
+
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_by_fusion
+
+    options = FusionOptions("bert")
+    for name in vars(options):
+        if name.startswith("enable_"):
+            setattr(options, name, False)
+    # layer_norm: the skip fuser joins an Add to a SimplifiedLayerNormalization, which this makes of the RMSNorm first
+    # (ORT's session would at load anyway); shape inference: it tells the residual input from the skip input.
+    for name in ("rotary_embeddings", "layer_norm", "skip_layer_norm", "shape_inference"):
+        setattr(options, f"enable_{name}", True)
+    quiet = logging.getLogger("onnxruntime.transformers")
+    level, quiet.level = quiet.level, logging.ERROR  # "symbolic shape inference failed" on graphs it cannot type
+    try:
+        optimized = optimize_by_fusion(model, "bert", optimization_options=options).model
+    finally:
+        quiet.setLevel(level)
+    counts = {op: sum(n.op_type == op and n.domain == DOMAIN for n in optimized.graph.node) for op in ORT_FUSIONS}
+    if max_positions:
+        _cut_rotary_caches(optimized, max_positions)
+    model.CopyFrom(optimized)
+    return counts
+
+
+def _cut_rotary_caches(model, rows: int) -> None:
+    from onnx import numpy_helper
+
+    caches = {n.input[i] for n in model.graph.node if n.op_type == "RotaryEmbedding" for i in (2, 3)}
+    for init in model.graph.initializer:
+        if init.name in caches and init.dims and init.dims[0] > rows:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init)[:rows].copy(), init.name))
 
 
 def fuse_attention_model(model) -> int:
@@ -127,11 +183,13 @@ def fuse_attention_model(model) -> int:
     return count
 
 
-def fuse_attention(src: str | Path, dst: str | Path | None = None) -> FusionInfo:
-    """Fuse ``src``'s attention into MultiHeadAttention and write it to ``dst`` (default: over ``src``; temp name,
-    then rename: never half-written). A graph with no matching attention is left as it was (fused 0): not
-    rewritten in place, copied unchanged to another ``dst``."""
+def fuse_attention(src: str | Path, dst: str | Path | None = None, *, max_positions: int | None = None) -> FusionInfo:
+    """Fuse ``src``'s attention into MultiHeadAttention, then its rotary and residual norms with ORT's own fusers
+    (``ort_fusions``; ``max_positions`` sizes the rotary caches), and write it to ``dst`` (default: over ``src``;
+    temp name, then rename: never half-written). A graph with no matching attention is left as it was (fused 0, ORT's
+    fusers not run either): not rewritten in place, copied unchanged to another ``dst``."""
     import onnx
+    import onnxruntime
     import onnxscript
 
     from .onnx import EXTERNAL_DATA_BYTES, save_onnx
@@ -166,6 +224,15 @@ def fuse_attention(src: str | Path, dst: str | Path | None = None) -> FusionInfo
         raise FusionError(f"fusing the attention of {src.name} failed in {rewriter}: {first}") from None
     if count == 0 and dst == src:
         return FusionInfo(0, rewriter=rewriter)  # nothing to rewrite
+    counts = None
+    if count:  # only graphs whose attention we recognised: the layout ORT's fusers are known to take (tests)
+        ort_fusers = f"onnxruntime.transformers {onnxruntime.__version__}"
+        try:
+            counts = ort_fusions(model, max_positions)
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise FusionError(f"fusing the rotary / norms of {src.name} failed in {ort_fusers}: {first}") from None
+        rewriter = f"{rewriter}; {ort_fusers}"
     size = sum(init.ByteSize() for init in model.graph.initializer)
     save_onnx(model, dst, size > EXTERNAL_DATA_BYTES)
-    return FusionInfo(count, rewriter=rewriter)
+    return FusionInfo(count, rewriter=rewriter, ort_fusions=counts)

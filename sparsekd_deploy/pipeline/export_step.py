@@ -93,17 +93,19 @@ def _quantize(onnx_path: Path, q: QuantizeRequest) -> tuple[Path, dict]:
     return Path(res.path), res.to_dict()
 
 
-def _fuse_for_ort(paths: list[Path], note) -> dict:
-    """Fuse each graph's attention for ONNX Runtime (in place); the record says how many layers, per file, and why a
-    file was not rewritten at all."""
+def _fuse_for_ort(paths: list[Path], note, max_positions: int | None = None) -> dict:
+    """Fuse each graph's attention for ONNX Runtime (in place), then its rotary and residual norms; the record says
+    how many layers, per file, what ORT's fusers made of it, and why a file was not rewritten at all."""
     from ..exporters.ort_attention import fuse_attention
 
-    note("fusing attention for onnxruntime (com.microsoft.MultiHeadAttention)")
+    note("fusing attention, rotary and norms for onnxruntime (com.microsoft ops)")
     record = {}
     for path in paths:
-        res = fuse_attention(path)
+        res = fuse_attention(path, max_positions=max_positions)
         record[path.name] = res.fused
         record.update(op=res.op, rewriter=res.rewriter)
+        if res.ort_fusions is not None:
+            record.setdefault("ort_fusions", {})[path.name] = res.ort_fusions
         if res.skipped:
             record.setdefault("skipped", {})[path.name] = res.skipped
             note(f"  {path.name} left unfused: {res.skipped}")
@@ -122,7 +124,7 @@ def export_and_audit(student_dir: Path, onnx_path: Path, pattern: Pattern | None
     from ..exporters.audit import audit_onnx, audit_report, require_pattern, student_pattern_share, zeroed_weights
     from ..exporters.fp16 import convert_fp16
     from ..exporters.onnx import export_onnx
-    from ..models.loading import load_model
+    from ..models.loading import load_model, max_positions
     from .parity import check_parity
 
     note = reporter.note if reporter is not None else (lambda _msg: None)
@@ -141,7 +143,8 @@ def export_and_audit(student_dir: Path, onnx_path: Path, pattern: Pattern | None
         note(f"quantizing to {quantize.mode}")
         graphs[quantize.mode], quantization = _quantize(onnx_path, quantize)
     if target == "onnxruntime":
-        info["attention_fusion"] = _fuse_for_ort([g for p, g in graphs.items() if p != "fp16"], note)
+        info["attention_fusion"] = _fuse_for_ort([g for p, g in graphs.items() if p != "fp16"], note,
+                                                 max_positions(student.config))
     pruned = zeroed_weights(student)
     n, m = (pattern.n, pattern.m) if isinstance(pattern, NM) else (None, None)
     parity, audits, share = {}, {}, None
