@@ -82,8 +82,6 @@ def fsdp_problems(cfg) -> list[str]:
     # where a sharded student has only its rows. Channel pruning's fisher and ls run sharded (fsdp_channels.py).
     unsupported = {
         "mask_learning sr-ste (it re-ranks whole masks from dense latents at every step)": cfg.mask_learning != "off",
-        f"importance {cfg.importance} (its scores need whole gradients; use --importance wanda, magnitude or fisher)":
-            cfg.importance not in ("wanda", "magnitude", "fisher"),
         "demolition gradual (it holds whole fading weights at every step)": cfg.demolition == "gradual",
         "qat_steps (fake quantization calibrates on whole weights)": cfg.qat_steps > 0,
     }

@@ -204,15 +204,17 @@ class StageTraining:
 
     def _prune(self, fraction: float, calib: list[torch.Tensor]) -> None:
         """Scored and masked once, by the main process (taylor's gradients stay local there); every rank applies
-        the masks. Under FSDP every rank runs the scoring passes (Fisher's gradients, the grams of ls), the main
-        process scores gathered weights and refits, and every rank masks and refits its shards (fsdp_channels)."""
+        the masks. Under FSDP every rank runs the scoring passes (Fisher's gradients, the grams of ls, taylor's
+        backward on its share of each calibration batch), the main process scores gathered weights (taylor: the
+        gathered shard scores) and refits, and every rank masks and refits its shards (fsdp_channels)."""
         if self.sharded:
             from .fsdp_channels import sharded_prune_stage
 
             self.masks = sharded_prune_stage(self.team, self.on_student, self.student, self.raw, self.pruner,
                                              self.cfg.importance, fraction, calib, self.masks,
                                              self.load_plan.allocation if self.load_plan else None,
-                                             compensation=self.cfg.compensation, chunk=self.kd_chunk)
+                                             compensation=self.cfg.compensation, chunk=self.kd_chunk,
+                                             batch_size=self.cfg.batch_size)
             return
         if self.team.is_main:
             self.masks = prune_stage(self.raw, self.pruner, self.cfg.importance, fraction, calib, self.masks,
