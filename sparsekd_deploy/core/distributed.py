@@ -83,7 +83,6 @@ def fsdp_problems(cfg) -> list[str]:
     unsupported = {
         "mask_learning sr-ste (it re-ranks whole masks from dense latents at every step)": cfg.mask_learning != "off",
         "demolition gradual (it holds whole fading weights at every step)": cfg.demolition == "gradual",
-        "qat_steps (fake quantization calibrates on whole weights)": cfg.qat_steps > 0,
     }
     problems.extend(f"fsdp does not support {what} yet: drop one of them" for what, on in unsupported.items() if on)
     return problems

@@ -7,6 +7,7 @@ Kept apart from ``distill.py``, which sets a run up, sequences its stages, and w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -314,9 +315,17 @@ class StageTraining:
         ranges = None
         if cfg.quantize == "int8":  # the exporter calibrates on the same leading training sequences
             ids = self.train_ids[: cfg.calibration_samples]
-            ranges = self.team.on_main(qat.calibrate, self.raw, layers, list(ids.split(self.local_batch)), self.device)
+            # The main process's ranges on every rank: a rank that rounded with its own would train another model.
+            # Under FSDP every rank runs the calibration forwards (on the same rows; each unit gathers its weights).
+            calibrate = self.on_student if self.sharded else self.team.on_main
+            ranges = calibrate(qat.calibrate, self.raw, layers, list(ids.split(self.local_batch)), self.device)
         before = self.measure()  # the float student, for the record and the damage the rounding does
-        with qat.fake_quantized(self.raw, cfg.quantize, ranges):
+        # Under FSDP each Linear's forward meets its whole weight (its unit gathered it), so the per-row scales are
+        # the whole rows'. The main process's whole CPU copy, which the accepted stage's consistency and stability
+        # are measured on, is fake-quantized alike.
+        whole = self.whole if self.sharded and self.team.is_main else None
+        with qat.fake_quantized(self.raw, cfg.quantize, ranges), \
+                (qat.fake_quantized(whole, cfg.quantize, ranges) if whole is not None else contextlib.nullcontext()):
             self.optimizer.state.clear()
             after = self.measure()
             # Rule 1 of recovery.py (the step size follows the damage), the damage being what the rounding added.
