@@ -81,7 +81,6 @@ def fsdp_problems(cfg) -> list[str]:
     # Not (yet) under FSDP: each needs whole weights or gradients on the main process at every step or scoring pass,
     # where a sharded student has only its rows. Channel pruning's fisher and ls run sharded (fsdp_channels.py).
     unsupported = {
-        "mask_learning sr-ste (it re-ranks whole masks from dense latents at every step)": cfg.mask_learning != "off",
         "demolition gradual (it holds whole fading weights at every step)": cfg.demolition == "gradual",
     }
     problems.extend(f"fsdp does not support {what} yet: drop one of them" for what, on in unsupported.items() if on)

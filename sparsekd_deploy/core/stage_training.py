@@ -121,7 +121,9 @@ class StageTraining:
         # the one-shot criterion scored (so the first re-rank moves nothing that the gradient did not move). A fade
         # starts from the same weights.
         dense = learning_start(self.raw, self.pruner) if k or fading else None
-        norms = input_norms(ScoringContext(self.raw, self.pruner.layers, calib)) if k and cfg.importance != "magnitude" else None
+        # (a forward of the student: under FSDP every rank runs it, on_student)
+        norms = (self.on_student(input_norms, ScoringContext(self.raw, self.pruner.layers, calib))
+                 if k and cfg.importance != "magnitude" else None)
         self._prune(stage.fraction, calib)
         self.optimizer.state.clear()  # momentum from the previous stage points at a different model
         after = self.measure()
@@ -287,7 +289,7 @@ class StageTraining:
         one_shot = {k: v.clone() for k, v in self.masks.items()}
         allocation = self.load_plan.allocation if self.load_plan else None
         self.mask_learner = MaskLearner(self.raw, self.pruner, self.masks, stage.fraction, norms, frozen=before,
-                                        allocation=allocation)
+                                        allocation=allocation, team=self.team)
         self.mask_learner.start(dense)
         try:
             self.train_steps(self.batches(self.cfg.seed + 100 * stage.index + 50), 0, steps, steps, lr, stage.label)
