@@ -50,6 +50,7 @@ class StageTraining:
                     stage_label: str) -> None:
         """Steps ``start..stop-1`` of a ``total``-step cosine schedule peaking at ``peak_lr``."""
         cfg = self.cfg
+        self.whole_stale = True
         self.student.train()
         began = time.perf_counter()
         with self.team.collective(f"stage {stage_label} trained"):  # DDP averages gradients with the other ranks
@@ -210,6 +211,7 @@ class StageTraining:
         the masks. Under FSDP every rank runs the scoring passes (Fisher's gradients, the grams of ls, taylor's
         backward on its share of each calibration batch), the main process scores gathered weights (taylor: the
         gathered shard scores) and refits, and every rank masks and refits its shards (fsdp_channels)."""
+        self.whole_stale = True
         if self.sharded:
             from .fsdp_channels import sharded_prune_stage
 
