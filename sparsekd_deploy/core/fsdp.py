@@ -9,7 +9,9 @@ What the rest of the run needs from a sharded student, and how it gets it:
 
 - a forward pass gathers each unit's weights from every rank, so every rank runs it (``LossModule.forward``'s
   ``call``: the held-out measurement and the scoring passes run inside the root's forward, on the same data);
-- whole weights, one parameter at a time (``gathered``): the main process scores and masks with them;
+- whole weights, one parameter at a time (``gathered``): the main process scores and masks with them; a tensor each
+  rank computed for its own rows (Taylor's scores, SR-STE's latents) is gathered the same way (``gathered_like``),
+  and ``use_gathered`` keeps the ranks in step while the main process uses each whole tensor;
 - a mask applied to a shard (``local_part``): each rank multiplies its own rows, cut as the parameter's own
   placement cuts them (uneven splits included);
 - a whole copy for files (``full_state``): gathered to the main process's CPU, loaded back with
