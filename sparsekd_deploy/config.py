@@ -87,7 +87,7 @@ class DistillConfig:
     # type on a GPU (its matmuls run in it anyway; half the memory), fp32 on a CPU.
     teacher_precision: str = "auto"  # auto | fp32 | bf16 | fp16
     # Launched runs (torchrun / accelerate launch) use DDP; fsdp shards the student over the ranks instead (FSDP2,
-    # core/fsdp.py; what it does not support yet: distributed.fsdp_problems).
+    # core/fsdp.py; what it refuses: distributed.fsdp_problems).
     fsdp: bool = False
     consistency_prompts: int = 8
     consistency_samples: int = 8

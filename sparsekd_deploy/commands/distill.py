@@ -83,9 +83,8 @@ DISTILL_OPTIONS = [
                "use the fp32 teacher. [default: auto]")),
     ("--fsdp", "fsdp", dict(is_flag=True, help="Under torchrun / accelerate launch (N ≥ 2 processes): shard the "
                                                "student over the processes (FSDP2; GPUs or CPUs) instead of DDP's "
-                                               "whole copy per process (fixed and :auto patterns, channels "
-                                               "with fisher and ls; not with sr-ste, taylor, gradual "
-                                               "demolition or QAT).")),
+                                               "whole copy per process (every pattern and option: taylor, "
+                                               "sr-ste, gradual demolition and QAT included).")),
     ("--consistency-temperature", "consistency_temperatures",
      dict(type=float, multiple=True, help="Temperature(s) for repeat-prompt consistency. [default: 1.0]")),
 ]

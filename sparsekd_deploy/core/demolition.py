@@ -12,6 +12,9 @@ For a channel pattern only the output projection's columns fade: a channel's con
 then exactly ``factor ×`` its contribution before the prune (scaling its gate/up rows too would shrink it by a
 nonlinear, faster curve through the activation). Its input rows are held at their old values until the end of the
 fade, and are zeroed with the rest then. For the other patterns every newly removed weight fades.
+
+Everything here is elementwise, so under FSDP (``--fsdp``) each rank holds and fades its own rows: the values before
+the prune are its shard's (``mask_learning.learning_start``), the masks its rows of the whole masks every rank holds.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fsdp import local_part, local_tensor
 from .pruner import Masks, Pruner
 
 
 class Fade:
     """Holds a stage's newly removed weights at ``value before the prune × factor`` (see the module docstring).
 
-    ``dense``: param name → the weight (or channel bias) before the stage's prune; ``before`` / ``after``: the masks
-    before and after it. ``steps``: how many optimizer steps the factor takes to fall from 1 to 0."""
+    ``dense``: param name → the weight (or channel bias) before the stage's prune (this rank's shard of a sharded
+    parameter); ``before`` / ``after``: the masks before and after it (whole). ``steps``: how many optimizer steps
+    the factor takes to fall from 1 to 0."""
 
     def __init__(self, model: nn.Module, pruner: Pruner, dense: dict[str, torch.Tensor], before: Masks, after: Masks,
                  steps: int):
@@ -44,7 +49,7 @@ class Fade:
             removed = ~keep if old is None else (old & ~keep)
             if not removed.any():
                 continue
-            removed = removed.to(p.device)
+            removed = local_part(p, removed).to(p.device)
             values = torch.where(removed, dense[name].to(device=p.device, dtype=p.dtype), 0)
             self._held.append((p, removed, values, scaled is None or name in scaled))
 
@@ -59,7 +64,8 @@ class Fade:
         f = self.factor()
         for p, removed, values, fades in self._held:
             scale = f if fades else (1.0 if f > 0 else 0.0)
-            p.copy_(torch.where(removed, values * scale, p))
+            target = local_tensor(p)
+            target.copy_(torch.where(removed, values * scale, target))
 
     def after_step(self) -> None:
         """Called after every optimizer step of the fade (the masks already enforced): the factor takes its next

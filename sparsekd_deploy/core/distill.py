@@ -122,6 +122,10 @@ class StagedDistiller(StageTraining):
         self.sharded = cfg.fsdp and self.team.distributed
         self.teacher_dtype = torch.float32  # the teacher's weights; 16-bit once training begins (teacher_precision.py)
         self.whole: torch.nn.Module | None = None
+        # Whether the shards may differ from the whole copy's last refresh (training, a prune, a restore set it; a
+        # refresh clears it): the end of a run gathers the student again only then (a completed run's last stage
+        # record has just gathered it).
+        self.whole_stale = True
         # Settings a resumed run adopted because its state.json predates them (rundir.check_resume_config): left out
         # of the state it writes, so a later resume adopts them again instead of meeting them as changed flags.
         self.unrecorded: set[str] = set()
@@ -149,6 +153,7 @@ class StagedDistiller(StageTraining):
             state = full_state(self.raw)
         if self.team.is_main:
             self.whole.load_state_dict(state, strict=False)
+        self.whole_stale = False
         return self.whole
 
     @property
@@ -222,6 +227,7 @@ class StagedDistiller(StageTraining):
 
             # A damaged checkpoint stops every rank in one line here, before the collective load below.
             self.team.on_main(read_on_main)
+            self.whole_stale = True
             state, masks = read.get("state", {}), read.get("masks", {})
             with self.team.collective("the ranks loaded the main process's weights"):
                 load_full_state(self.raw, state)
@@ -522,7 +528,8 @@ class StagedDistiller(StageTraining):
 
     def _finish(self, status: str, reason: str, accepted: int) -> Result:
         """The run's outputs, written by the main process; the other ranks wait for it and return the same result."""
-        self.refresh_whole()  # under FSDP: the main process's whole copy of the final student
+        if self.whole_stale:  # under FSDP: the main process's whole copy of the final student
+            self.refresh_whole()
         final, trajectory, summary = self.team.on_main(self._write_outputs, status, reason, accepted)
         return Result(status, reason, final, trajectory, summary)
 

@@ -78,16 +78,9 @@ def fsdp_problems(cfg) -> list[str]:
         problems.append("fsdp shards the student over the processes of a launched run and this is one process: "
                         "launch N ≥ 2, e.g. torchrun --standalone --nproc_per_node 2 --no-python sparsekd-deploy "
                         "distill ... --fsdp (or accelerate launch --num_processes 2 --no_python ...), or drop --fsdp")
-    # Not (yet) under FSDP: each needs whole weights or gradients on the main process at every step or scoring pass,
-    # where a sharded student has only its rows. Channel pruning's fisher and ls run sharded (fsdp_channels.py).
-    unsupported = {
-        "mask_learning sr-ste (it re-ranks whole masks from dense latents at every step)": cfg.mask_learning != "off",
-        f"importance {cfg.importance} (its scores need whole gradients; use --importance wanda, magnitude or fisher)":
-            cfg.importance not in ("wanda", "magnitude", "fisher"),
-        "demolition gradual (it holds whole fading weights at every step)": cfg.demolition == "gradual",
-        "qat_steps (fake quantization calibrates on whole weights)": cfg.qat_steps > 0,
-    }
-    problems.extend(f"fsdp does not support {what} yet: drop one of them" for what, on in unsupported.items() if on)
+    # Every option runs sharded: channel pruning's fisher and ls (fsdp_channels.py), taylor (fsdp_taylor.py), sr-ste
+    # (mask_learning.py), gradual demolition (demolition.py) and the QAT stage (stage_training.run_qat_stage), each
+    # checked against one process in tests/test_distributed.py.
     return problems
 
 

@@ -9,7 +9,9 @@ What the rest of the run needs from a sharded student, and how it gets it:
 
 - a forward pass gathers each unit's weights from every rank, so every rank runs it (``LossModule.forward``'s
   ``call``: the held-out measurement and the scoring passes run inside the root's forward, on the same data);
-- whole weights, one parameter at a time (``gathered``): the main process scores and masks with them;
+- whole weights, one parameter at a time (``gathered``): the main process scores and masks with them; a tensor each
+  rank computed for its own rows (Taylor's scores, SR-STE's latents) is gathered the same way (``gathered_like``),
+  and ``use_gathered`` keeps the ranks in step while the main process uses each whole tensor;
 - a mask applied to a shard (``local_part``): each rank multiplies its own rows, cut as the parameter's own
   placement cuts them (uneven splits included);
 - a whole copy for files (``full_state``): gathered to the main process's CPU, loaded back with
@@ -123,16 +125,52 @@ def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                                                                 strict=False))
 
 
+def gathered_like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """The whole tensor whose part on this rank is ``local``, cut as ``param``'s placement cuts it (a score or a
+    gradient held per shard); a collective like ``gathered``. A parameter that is not sharded: ``local`` itself."""
+    if not is_sharded(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape,
+                              stride=param.stride()).full_tensor()
+
+
+def use_gathered(team, what: str, items: list, gather, use) -> None:
+    """For each of ``items`` in order, every rank gathers a whole tensor (``gather(item)``, a collective: the ranks
+    stay in step) and the main process alone calls ``use(item, whole)``. A failure of ``use`` is held until every
+    gather is done (the other ranks would otherwise wait in the next one), then raised on every rank in one line: as
+    itself on the main process, as ``FollowerError`` elsewhere."""
+    failed: list[BaseException] = []
+    with team.collective(what):
+        for item in items:
+            whole = gather(item).detach()
+            if team.is_main and not failed:
+                try:
+                    use(item, whole)
+                except Exception as e:  # noqa: BLE001 - raised below on every rank, once the gathers are done
+                    failed.append(e)
+            del whole
+
+    def check() -> None:
+        if failed:
+            raise failed[0]
+
+    team.on_main(check)
+
+
 def sharded_prune_masks(team, on_student, model: nn.Module, pruner, importance: str, fraction: float,
                         calib: list[torch.Tensor], masks: dict[str, torch.Tensor],
                         allocation: dict[str, float] | None = None,
-                        fisher: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                        fisher: dict[str, torch.Tensor] | None = None,
+                        taylor: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """``stage.prune_stage``'s masks for a sharded student: Wanda's input norms from forward passes every rank runs
     on the same calibration batches (``on_student``), then per layer its weight gathered whole — one parameter at a
     time, never the whole model — and scored by the main process with the run's criterion (``importance.score``, the
     single-process code). The main process's masks (whole, CPU, bool) go to every rank. Fisher scores from the Σ
-    measured on every rank beforehand (``fisher``: fsdp_channels.sharded_fisher); taylor is refused by config
-    validation (``distributed.fsdp_problems``)."""
+    measured on every rank beforehand (``fisher``: fsdp_channels.sharded_fisher); Taylor's |W·∂L/∂W| computed on
+    each rank's shard (``taylor``: fsdp_taylor.sharded_taylor) is gathered instead of the weight, one layer at a
+    time, and the main process masks the earlier stages' zeros and ranks it as ``importance.score`` does."""
     from .importance import ScoringContext, input_norms, score
     from .stage import stage_masks
 
@@ -140,28 +178,25 @@ def sharded_prune_masks(team, on_student, model: nn.Module, pruner, importance: 
     if importance == "wanda":
         norms = on_student(lambda: input_norms(ScoringContext(model, pruner.layers, calib)))
     scores: dict[str, torch.Tensor] = {}
-    failed: list[BaseException] = []
-    with team.collective("the ranks gathered a weight to score"):
-        for layer in pruner.layers:
-            whole = gathered(layer.module.weight).detach()  # every rank, every layer: the gathers stay in step
-            if team.is_main and not failed:
-                try:
-                    view = GatheredLayer(layer.name, layer.module, whole)
-                    scores.update(score(importance, ScoringContext(None, [view], [], masks=masks, norms=norms,
-                                                                    fisher=fisher)))
-                except Exception as e:  # noqa: BLE001 - raised below on every rank, once the gathers are done
-                    failed.append(e)
-            del whole
+
+    def whole_of(layer) -> torch.Tensor:
+        p = layer.module.weight
+        return gathered(p) if taylor is None else gathered_like(p, taylor[layer.param_name])
+
+    def score_one(layer, whole: torch.Tensor) -> None:
+        view = GatheredLayer(layer.name, layer.module, whole)
+        given = {layer.param_name: whole} if taylor is not None else None
+        scores.update(score(importance, ScoringContext(None, [view], [], masks=masks, norms=norms, fisher=fisher,
+                                                        taylor=given)))
+
+    use_gathered(team, "the ranks gathered a weight to score", pruner.layers, whole_of, score_one)
     chosen: dict[str, dict[str, torch.Tensor]] = {}
 
-    def choose() -> None:  # on the main process; its failure (scoring's included) reaches every rank as one line
-        if failed:
-            raise failed[0]
+    def choose() -> None:  # on the main process; its failure reaches every rank as one line
         chosen["masks"] = stage_masks(pruner, scores, fraction, allocation)
 
     team.on_main(choose)
     return team.share_masks(chosen.get("masks", {}))
-
 
 
 @dataclass

@@ -28,21 +28,36 @@ import torch
 from torch import nn
 
 from .compensation import Before, check_fits, gram_pass, refitted
-from .fsdp import GatheredLayer, gathered, in_root, is_sharded, local_tensor, reshard_all, sharded_prune_masks
+from .fsdp import (
+    GatheredLayer,
+    gathered,
+    in_root,
+    is_sharded,
+    local_tensor,
+    reshard_all,
+    sharded_prune_masks,
+    use_gathered,
+)
 from .pruner import Masks, Pruner, apply_masks
 
 
 def sharded_prune_stage(team, on_student, root: nn.Module, model: nn.Module, pruner: Pruner, importance: str,
                         fraction: float, calib: list[torch.Tensor], masks: Masks,
                         allocation: dict[str, float] | None = None, compensation: str = "off",
-                        chunk: int | None = None) -> Masks:
+                        chunk: int | None = None, batch_size: int | None = None) -> Masks:
     """``stage.prune_stage`` for a sharded student (``root`` the FSDP root holding ``model``): the same passes in
-    the same order, on every rank; returns the masks (every rank's)."""
+    the same order, on every rank; returns the masks (every rank's). ``batch_size``: the run's global batch, into
+    which taylor regroups the calibration batches (fsdp_taylor.py)."""
     ls = compensation == "ls" and bool(pruner.blocks)
     before = sharded_before_prune(team, on_student, model, pruner, calib) if ls else None
     fisher = sharded_fisher(team, root, model, pruner, calib, chunk) if importance == "fisher" else None
+    taylor = None
+    if importance == "taylor":
+        from .fsdp_taylor import sharded_taylor
+
+        taylor = sharded_taylor(team, root, model, pruner, calib, batch_size or len(calib[0]) * team.world)
     new = sharded_prune_masks(team, on_student, model, pruner, importance, fraction, calib, masks, allocation,
-                              fisher=fisher)
+                              fisher=fisher, taylor=taylor)
     apply_masks(model, new)
     if ls:
         sharded_compensate(team, pruner, before, new)
@@ -56,13 +71,12 @@ def sharded_before_prune(team, on_student, model: nn.Module, pruner: Pruner, cal
     grams: dict[str, torch.Tensor] = {}
     on_student(lambda: grams.update(gram_pass(model, pruner, calib, record=team.is_main)))
     weights: dict[str, torch.Tensor] = {}
-    with team.collective("the ranks gathered an output projection"):
-        for b in pruner.blocks:
-            whole = gathered(b.output.module.weight).detach()  # every rank, every block: the gathers stay in step
-            if team.is_main:
-                view = GatheredLayer(b.output.name, b.output.module, whole)
-                weights[b.name] = view.weight_oi().float().cpu().clone()
-            del whole
+
+    def keep(b, whole: torch.Tensor) -> None:
+        weights[b.name] = GatheredLayer(b.output.name, b.output.module, whole).weight_oi().float().cpu().clone()
+
+    use_gathered(team, "the ranks gathered an output projection", pruner.blocks,
+                 lambda b: gathered(b.output.module.weight), keep)
     return Before(grams, weights) if team.is_main else None
 
 

@@ -33,6 +33,9 @@ class ScoringContext:
     # Fisher's Σ per MLP output projection (layer name) when measured already (``channel_fisher``; an FSDP run
     # measures it on every rank); None = measured here.
     fisher: dict[str, torch.Tensor] | None = None
+    # Taylor's |W · ∂L/∂W| per parameter name (the weight's own layout, whole) when computed already (an FSDP run
+    # computes it on each rank's shard and gathers it one layer at a time: fsdp_taylor.py); None = computed here.
+    taylor: dict[str, torch.Tensor] | None = None
 
 
 Criterion = Callable[[ScoringContext], dict[str, torch.Tensor]]
@@ -81,6 +84,8 @@ def wanda(ctx: ScoringContext) -> dict[str, torch.Tensor]:
 @IMPORTANCE.register("taylor")
 def taylor(ctx: ScoringContext) -> dict[str, torch.Tensor]:
     """|W · ∂L/∂W| on the KD loss: first-order estimate of how much the loss rises if a weight is removed."""
+    if ctx.taylor is not None:
+        return {layer.name: _oi(layer, ctx.taylor[layer.param_name].float().cpu()) for layer in ctx.layers}
     if ctx.kd_loss is None:
         raise ValueError("taylor importance needs the KD loss")
     params = [layer.module.weight for layer in ctx.layers]

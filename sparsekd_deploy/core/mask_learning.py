@@ -14,6 +14,13 @@ cannot see what the teacher's distribution needs. Here the stage keeps a dense *
 
 At the end of the phase the mask is frozen and the student's weights are latent ⊙ mask; the stage's ordinary
 recovery continues from there. Weights pruned by an earlier stage stay pruned (only this stage's share is learned).
+
+Under FSDP (``--fsdp``) each rank keeps the latents of its own rows (a parameter's dim-0 shard) and moves them in and
+out of its shard by copying (FSDP2 gathers from the storage it holds for the shard: a parameter whose ``.data`` were
+swapped would be gathered stale). The re-ranking needs whole layers (an unstructured top-k or a partial n:m stage
+ranks the groups across the layer): after every step each latent is gathered to the main process one layer at a
+time, which scores and chooses exactly as above, and its masks go to every rank (``fsdp.use_gathered``,
+``Team.share_masks``); each rank then writes latent ⊙ its rows of the mask.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch
 from torch import nn
 
 from .allocation import allocated_masks
+from .fsdp import gathered_like, is_sharded, local_part, local_tensor, use_gathered
 from .pruner import Masks, Pruner
 
 # Decoupled decay of pruned latents per unit of lr (latent ← latent · (1 − lr · DECAY)). SR-STE's λ = 2e-4 is a
@@ -31,13 +39,14 @@ DEFAULT_DECAY = 0.0
 
 @torch.no_grad()
 def learning_start(model: nn.Module, pruner: Pruner) -> dict[str, torch.Tensor]:
-    """The prunable weights (and the biases channel masks cover) before the stage's prune: the latents' start."""
+    """The prunable weights (and the biases channel masks cover) before the stage's prune: the latents' start. Of a
+    sharded parameter, this rank's rows (its shard)."""
     out = {}
     for layer in pruner.layers:
-        out[layer.param_name] = layer.module.weight.detach().clone()
+        out[layer.param_name] = local_tensor(layer.module.weight).detach().clone()
         bias = getattr(layer.module, "bias", None)
         if bias is not None:
-            out[f"{layer.name}.bias"] = bias.detach().clone()
+            out[f"{layer.name}.bias"] = local_tensor(bias).detach().clone()
     return out
 
 
@@ -50,11 +59,14 @@ class MaskLearner:
 
     ``input_norms``: per layer name, ‖x‖ of each input feature over calibration activations (Wanda's factor); None
     ranks by |latent| alone (magnitude). ``frozen``: masks of earlier stages (param name → keep); those weights
-    can never come back. ``allocation``: per-unit sparsities of a load-path allocation (allocation.py)."""
+    can never come back. ``allocation``: per-unit sparsities of a load-path allocation (allocation.py). ``team``:
+    the run's processes (``distributed.Team``), needed when the parameters are sharded (FSDP): the main process
+    chooses the masks from the gathered latents."""
 
     def __init__(self, model: nn.Module, pruner: Pruner, masks: Masks, fraction: float,
                  input_norms: dict[str, torch.Tensor] | None, frozen: Masks | None = None,
-                 allocation: dict[str, float] | None = None, decay: float = DEFAULT_DECAY):
+                 allocation: dict[str, float] | None = None, decay: float = DEFAULT_DECAY, team=None):
+        self.team = team
         self.pruner = pruner
         self.fraction = fraction
         self.norms = input_norms
@@ -76,29 +88,55 @@ class MaskLearner:
     # -- around the optimizer step -------------------------------------------------------------------------
     @torch.no_grad()
     def before_step(self) -> None:
-        """Put the latents under the optimizer: the gradient (taken at latent ⊙ mask) updates the dense latent."""
+        """Put the latents under the optimizer: the gradient (taken at latent ⊙ mask) updates the dense latent.
+        Copied into the parameter's storage (its shard under FSDP), not swapped in: the same values either way."""
         for name, lat in self.latent.items():
-            self._params[name].data = lat
+            local_tensor(self._params[name]).copy_(lat)
 
     @torch.no_grad()
     def after_step(self, lr: float) -> None:
         """Decay pruned latents, choose the masks again, and put latent ⊙ mask back into the student."""
         for name, keep in self.masks.items():
-            lat = self._params[name].data
-            self.latent[name] = lat
+            p = self._params[name]
+            lat = self.latent[name]
+            lat.copy_(local_tensor(p))
             if self.decay:
-                lat.mul_(torch.where(keep.to(lat.device), 1.0, 1.0 - lr * self.decay))
-        new = self._choose()
+                lat.mul_(torch.where(local_part(p, keep).to(lat.device), 1.0, 1.0 - lr * self.decay))
+        new = self._choose_sharded() if self._sharded() else self._choose()
         for name, keep in new.items():
             self.flips += int((keep != self.masks[name]).sum())
         self.masks = new
         for name, lat in self.latent.items():
-            self._params[name].data = lat * self.masks[name].to(device=lat.device, dtype=lat.dtype)
+            p = self._params[name]
+            local_tensor(p).copy_(lat * local_part(p, self.masks[name]).to(device=lat.device, dtype=lat.dtype))
 
-    def _choose(self) -> Masks:
+    def _sharded(self) -> bool:
+        return any(is_sharded(self._params[name]) for name in self.latent)
+
+    def _choose_sharded(self) -> Masks:
+        """``_choose`` on the main process from each latent gathered whole (one layer at a time); its masks on every
+        rank (a collective: every rank calls it after every step)."""
+        whole: dict[str, torch.Tensor] = {}
+
+        def keep(layer, t: torch.Tensor) -> None:
+            whole[layer.param_name] = t.cpu()
+
+        use_gathered(self.team, "the ranks gathered the latents to choose the masks", self.pruner.layers,
+                     lambda layer: gathered_like(self._params[layer.param_name], self.latent[layer.param_name]), keep)
+        chosen: dict[str, Masks] = {}
+
+        def choose() -> None:
+            chosen["masks"] = self._choose(whole)
+
+        self.team.on_main(choose)
+        return self.team.share_masks(chosen.get("masks", {}))
+
+    def _choose(self, latents: dict[str, torch.Tensor] | None = None) -> Masks:
+        """The masks ranked from ``latents`` (param name → whole latent; default this process's own)."""
+        latents = self.latent if latents is None else latents
         scores = {}
         for layer in self.pruner.layers:
-            lat = self.latent[layer.param_name]
+            lat = latents[layer.param_name]
             s = (lat.t() if layer.transposed else lat).detach().abs().float().cpu()
             if self.norms is not None:
                 s = s * self.norms[layer.name][None, :]

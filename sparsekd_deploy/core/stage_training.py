@@ -7,6 +7,7 @@ Kept apart from ``distill.py``, which sets a run up, sequences its stages, and w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -49,6 +50,7 @@ class StageTraining:
                     stage_label: str) -> None:
         """Steps ``start..stop-1`` of a ``total``-step cosine schedule peaking at ``peak_lr``."""
         cfg = self.cfg
+        self.whole_stale = True
         self.student.train()
         began = time.perf_counter()
         with self.team.collective(f"stage {stage_label} trained"):  # DDP averages gradients with the other ranks
@@ -120,7 +122,9 @@ class StageTraining:
         # the one-shot criterion scored (so the first re-rank moves nothing that the gradient did not move). A fade
         # starts from the same weights.
         dense = learning_start(self.raw, self.pruner) if k or fading else None
-        norms = input_norms(ScoringContext(self.raw, self.pruner.layers, calib)) if k and cfg.importance != "magnitude" else None
+        # (a forward of the student: under FSDP every rank runs it, on_student)
+        norms = (self.on_student(input_norms, ScoringContext(self.raw, self.pruner.layers, calib))
+                 if k and cfg.importance != "magnitude" else None)
         self._prune(stage.fraction, calib)
         self.optimizer.state.clear()  # momentum from the previous stage points at a different model
         after = self.measure()
@@ -204,15 +208,18 @@ class StageTraining:
 
     def _prune(self, fraction: float, calib: list[torch.Tensor]) -> None:
         """Scored and masked once, by the main process (taylor's gradients stay local there); every rank applies
-        the masks. Under FSDP every rank runs the scoring passes (Fisher's gradients, the grams of ls), the main
-        process scores gathered weights and refits, and every rank masks and refits its shards (fsdp_channels)."""
+        the masks. Under FSDP every rank runs the scoring passes (Fisher's gradients, the grams of ls, taylor's
+        backward on its share of each calibration batch), the main process scores gathered weights (taylor: the
+        gathered shard scores) and refits, and every rank masks and refits its shards (fsdp_channels)."""
+        self.whole_stale = True
         if self.sharded:
             from .fsdp_channels import sharded_prune_stage
 
             self.masks = sharded_prune_stage(self.team, self.on_student, self.student, self.raw, self.pruner,
                                              self.cfg.importance, fraction, calib, self.masks,
                                              self.load_plan.allocation if self.load_plan else None,
-                                             compensation=self.cfg.compensation, chunk=self.kd_chunk)
+                                             compensation=self.cfg.compensation, chunk=self.kd_chunk,
+                                             batch_size=self.cfg.batch_size)
             return
         if self.team.is_main:
             self.masks = prune_stage(self.raw, self.pruner, self.cfg.importance, fraction, calib, self.masks,
@@ -284,7 +291,7 @@ class StageTraining:
         one_shot = {k: v.clone() for k, v in self.masks.items()}
         allocation = self.load_plan.allocation if self.load_plan else None
         self.mask_learner = MaskLearner(self.raw, self.pruner, self.masks, stage.fraction, norms, frozen=before,
-                                        allocation=allocation)
+                                        allocation=allocation, team=self.team)
         self.mask_learner.start(dense)
         try:
             self.train_steps(self.batches(self.cfg.seed + 100 * stage.index + 50), 0, steps, steps, lr, stage.label)
@@ -312,9 +319,17 @@ class StageTraining:
         ranges = None
         if cfg.quantize == "int8":  # the exporter calibrates on the same leading training sequences
             ids = self.train_ids[: cfg.calibration_samples]
-            ranges = self.team.on_main(qat.calibrate, self.raw, layers, list(ids.split(self.local_batch)), self.device)
+            # The main process's ranges on every rank: a rank that rounded with its own would train another model.
+            # Under FSDP every rank runs the calibration forwards (on the same rows; each unit gathers its weights).
+            calibrate = self.on_student if self.sharded else self.team.on_main
+            ranges = calibrate(qat.calibrate, self.raw, layers, list(ids.split(self.local_batch)), self.device)
         before = self.measure()  # the float student, for the record and the damage the rounding does
-        with qat.fake_quantized(self.raw, cfg.quantize, ranges):
+        # Under FSDP each Linear's forward meets its whole weight (its unit gathered it), so the per-row scales are
+        # the whole rows'. The main process's whole CPU copy, which the accepted stage's consistency and stability
+        # are measured on, is fake-quantized alike.
+        whole = self.whole if self.sharded and self.team.is_main else None
+        with qat.fake_quantized(self.raw, cfg.quantize, ranges), \
+                (qat.fake_quantized(whole, cfg.quantize, ranges) if whole is not None else contextlib.nullcontext()):
             self.optimizer.state.clear()
             after = self.measure()
             # Rule 1 of recovery.py (the step size follows the damage), the damage being what the rounding added.
