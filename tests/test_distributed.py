@@ -178,6 +178,13 @@ def _against_one_process(recipe: Path, tmp_path: Path, *args: str) -> tuple[list
     return tuple(json.loads((tmp_path / run / "trajectory.json").read_text())["stages"] for run in ("one", "two"))
 
 
+def _fsdp_against_one_process(recipe: Path, tmp_path: Path) -> tuple[list[dict], list[dict]]:
+    """``recipe`` launched on 2 ranks with --fsdp (tmp_path/two), then ``_against_one_process``."""
+    r = _launch_cli("distill", "--recipe", str(recipe), "--fsdp", "--out", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return _against_one_process(recipe, tmp_path)
+
+
 @needs_gloo
 def test_two_ranks_reproduce_one_process(tiny_dirs, tmp_path):
     """A staged 2:4 run under torchrun (2 ranks × 2 rows) against one process (4 rows), same recipe and seed: the
@@ -486,9 +493,7 @@ def test_fsdp_uneven_splits_lr_search_topk_divergence_and_a_damaged_checkpoint(t
     it alone and failed with safetensors' traceback, leaving rank 1 in the weights' broadcast)."""
     teacher = _uneven_llama(tmp_path / "teacher")
     recipe = _recipe(tmp_path, teacher, lr_search="on", teacher_access="topk:8")
-    r = _launch_cli("distill", "--recipe", str(recipe), "--fsdp", "--out", str(tmp_path / "two"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    one, two = _against_one_process(recipe, tmp_path)
+    one, two = _fsdp_against_one_process(recipe, tmp_path)
     assert two[1]["lr_search"]["chosen"] == one[1]["lr_search"]["chosen"]
     worst = _same_masks_worst_kl_gap(one, two, tmp_path, layers=12)  # 14 linear layers less the 2 down_proj (71 inputs)
     wa, wb = _final_weights(tmp_path)
@@ -602,9 +607,7 @@ def test_fsdp_channels_with_its_defaults_reproduce_one_process(tiny_dirs, tmp_pa
     FSDP_KL_TOLERANCE, the final student's refitted output projections and other weights within the tolerances
     above."""
     recipe = _recipe(tmp_path, tiny_dirs["llama"], pattern="channels:0.5")
-    r = _launch_cli("distill", "--recipe", str(recipe), "--fsdp", "--out", str(tmp_path / "two"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    one, two = _against_one_process(recipe, tmp_path)
+    one, two = _fsdp_against_one_process(recipe, tmp_path)
     assert all(b["ranks"]["fsdp"] is True for b in two[1:])
     worst = _same_masks_worst_kl_gap(one, two, tmp_path, layers=6)  # gate, up and down projections of the 2 MLPs
     wa, wb = _final_weights(tmp_path)
@@ -623,9 +626,7 @@ def test_fsdp_taylor_reproduces_one_process(tiny_dirs, tmp_path):
     a top-k over each whole layer, under the load-path allocation it defaults to: the same masks in every layer of
     both stages, held-out KLs within FSDP_KL_TOLERANCE. Measured: max |held-out KL difference| 7.1e-08."""
     recipe = _recipe(tmp_path, tiny_dirs["llama"], pattern="unstructured:0.5", importance="taylor")
-    r = _launch_cli("distill", "--recipe", str(recipe), "--fsdp", "--out", str(tmp_path / "two"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    one, two = _against_one_process(recipe, tmp_path)
+    one, two = _fsdp_against_one_process(recipe, tmp_path)
     assert all(b["ranks"]["fsdp"] is True for b in two[1:])
     worst = _same_masks_worst_kl_gap(one, two, tmp_path, layers=14)
     print(f"fsdp taylor vs one process: max |held-out KL difference| {worst:.3g}")
@@ -643,9 +644,7 @@ def test_fsdp_qat_int8_reproduces_one_process(tiny_dirs, tmp_path):
     process's whole copy, which must be fake-quantized too. Measured: max |held-out KL difference| 3.2e-08,
     sensitivity student KL 6e-11 apart."""
     recipe = _recipe(tmp_path, tiny_dirs["llama"], qat_steps=4, quantize="int8", calibration_samples=8)
-    r = _launch_cli("distill", "--recipe", str(recipe), "--fsdp", "--out", str(tmp_path / "two"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    one, two = _against_one_process(recipe, tmp_path)
+    one, two = _fsdp_against_one_process(recipe, tmp_path)
     assert [s["label"] for s in two] == [s["label"] for s in one] == ["dense", "2:4@88%", "2:4", "qat int8"]
     assert all(s["accepted"] and s["ranks"]["fsdp"] is True for s in two[1:])
     worst = _same_masks_worst_kl_gap(one, two, tmp_path, layers=14)
@@ -669,9 +668,7 @@ def test_fsdp_sr_ste_reproduces_one_process(tiny_dirs, tmp_path):
     learning phases' included) within FSDP_KL_TOLERANCE. Measured: 140 / 42 flips both, max |held-out KL
     difference| 5.5e-08."""
     recipe = _recipe(tmp_path, tiny_dirs["llama"], mask_learning="sr-ste", importance="wanda")
-    r = _launch_cli("distill", "--recipe", str(recipe), "--fsdp", "--out", str(tmp_path / "two"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    one, two = _against_one_process(recipe, tmp_path)
+    one, two = _fsdp_against_one_process(recipe, tmp_path)
     worst = _same_masks_worst_kl_gap(one, two, tmp_path, layers=14)
     for a, b in zip(one[1:], two[1:], strict=True):
         la, lb = a["mask_learning"], b["mask_learning"]
@@ -689,9 +686,7 @@ def test_fsdp_gradual_demolition_reproduces_one_process(tiny_dirs, tmp_path):
     held-out KLs — after the prune, after each fade and at every recovery checkpoint — within FSDP_KL_TOLERANCE.
     Measured: max |held-out KL difference| 6.7e-08."""
     recipe = _recipe(tmp_path, tiny_dirs["llama"], demolition="gradual")
-    r = _launch_cli("distill", "--recipe", str(recipe), "--fsdp", "--out", str(tmp_path / "two"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    one, two = _against_one_process(recipe, tmp_path)
+    one, two = _fsdp_against_one_process(recipe, tmp_path)
     worst = _same_masks_worst_kl_gap(one, two, tmp_path, layers=14)
     for a, b in zip(one[1:], two[1:], strict=True):
         da, db = a["demolition"], b["demolition"]
