@@ -253,3 +253,26 @@ def test_a_graph_the_manifest_names_but_does_not_list_fails_verification(tmp_pat
     with pytest.raises(BundleError, match=rf"failed verification: model.{key} names '{re.escape(rel)}', which the "
                                           "files table does not list"):
         Bundle.open(path)
+
+
+# --- E: an empty --model is a mistake, not the default graph ---------------------------------------------------------
+
+
+def test_validate_with_an_empty_model_is_one_line_not_model_onnx(tmp_path):
+    """`validate --model ''` fell back to model.onnx (``if model:``) and validated a graph nobody named; it is refused
+    before anything is read, in one line, exit 2 — and so is a blank one."""
+    path = make(tmp_path)
+    for empty in ("", "  "):
+        r = CliRunner().invoke(main, ["validate", str(path), "--model", empty])
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        assert r.output.count("\n") == 1 and r.output.startswith(f"error: --model is empty ({empty!r}): name a file "
+                                                                  "of the bundle"), r.output
+        assert "fp32, fp16, int8-dynamic, int8, int4-weight, fp8" in r.output
+    assert not (path / "validation.json").exists()
+
+
+def test_profile_with_an_empty_model_dir_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Path('') is this directory: it must not be profiled
+    r = CliRunner().invoke(main, ["profile", "--model", ""])
+    assert r.exit_code == 2 and r.output.startswith("error: --model is empty ('')"), r.output
+    assert not (tmp_path / "profile.json").exists()
