@@ -280,6 +280,10 @@ class StagedDistiller(StageTraining):
 
             raise AllocationError(f"--dense-layers {k}: the model has {layers} prunable layers; pass 0..{layers} "
                                   "or auto")
+        from .kd_objective import check_topk_sizes
+
+        # before the data set is sampled from the teacher: a K the vocabulary cannot hold leaves nothing behind
+        check_topk_sizes(self.cfg, self.operator, self.raw.get_output_embeddings().weight.shape[0])
         accepted = self._load_state() if resuming else self._start_state()
         self._prepare_objective()
         self.prompts = self.heldout_ids[: self.cfg.consistency_prompts, : max(1, min(16, self.cfg.seq_len // 2))]
