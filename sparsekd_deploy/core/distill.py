@@ -439,6 +439,9 @@ class StagedDistiller(StageTraining):
             else:
                 search.reject(pattern.target_sparsity(), outcome.recovery.metrics["kl"])
                 self.restore_everywhere(accepted)
+                # The rejection is part of the search (replay halves the step on it): saved now, a run stopped
+                # before the next accepted stage resumes at the next attempt instead of trying this one again.
+                self.team.on_main(self.save_state, accepted)
         if best_pattern is None:
             return self._finish("stopped", f"even {search.last_rejected[0]:.1%} {search.kind} broke the KL budget "
                                            f"{cfg.kl_budget}; the student is the dense teacher", accepted)
