@@ -246,8 +246,45 @@ class Bundle:
                 problems.append(f"{rel} has {p.stat().st_size} bytes, manifest says {meta.bytes} (truncated?)")
             elif sha256_file(p) != meta.sha256:
                 problems.append(f"{rel} checksum mismatch (corrupted or modified)")
+        for rel, link in self.unlisted().items():
+            if link is not None and (problem := _escape(self.path, rel)):
+                problems.append(f"unlisted {problem}: remove it")
         if problems:
             raise BundleError(f"bundle {self.path} failed verification: " + "; ".join(problems))
+
+    def unlisted(self) -> dict[str, str | None]:
+        """What the bundle holds beyond its files table and the mutable validation records: rel → the symlink's
+        target as written (None for a regular file). Unlisted regular files are strays a tool may leave
+        (a trtexec timing cache, a log): tolerated, never checksummed, never blessed into the table (``add_files``),
+        and shown by ``inspect`` / ``validate``. Found without following a symlink: a link is reported as itself
+        (``verify`` refuses one that leads out of the bundle) and a linked directory is not entered, so nothing
+        outside the bundle is ever listed or read."""
+        listed = set(self.meta.files)
+        found: dict[str, str | None] = {}
+        for top, dirs, names in os.walk(self.path, followlinks=False):
+            here = Path(top).relative_to(self.path)
+            for name in sorted(dirs + names):
+                p = Path(top) / name
+                rel = (here / name).as_posix()
+                # (a leftover `validation.json.tmp` is the atomic writer's: unlinked before it writes, never followed)
+                if rel in listed or _is_mutable(rel) or rel in (f"{MANIFEST}.tmp", f"{VALIDATION}.tmp"):
+                    continue
+                if p.is_symlink():
+                    found[rel] = os.readlink(p)
+                elif p.is_file():
+                    found[rel] = None
+            dirs[:] = [d for d in dirs if not _is_mutable((here / d).as_posix()) and not (Path(top) / d).is_symlink()]
+        return dict(sorted(found.items()))
+
+    def unlisted_note(self) -> str | None:
+        """One line naming what ``unlisted`` found (None when nothing), for ``inspect`` and ``validate``."""
+        found = self.unlisted()
+        if not found:
+            return None
+        names = [rel + (f" (symlink to {link})" if link is not None else "") for rel, link in found.items()]
+        shown = ", ".join(names[:5]) + (f", … ({len(names) - 5} more)" if len(names) > 5 else "")
+        return (f"{len(found)} file(s) in the bundle that its manifest does not list (no checksum covers them; "
+                f"tolerated as strays): {shown}")
 
     def file(self, rel: str) -> Path:
         """A listed file of the bundle, confined to it (an absolute, ``..`` or escaping path is refused)."""

@@ -156,3 +156,24 @@ def test_build_resume_reuses_a_finished_run(bundle, tiny_dirs):
     # --overwrite was given and the run was reused: the note must not say that --overwrite redoes it
     assert "--overwrite without --resume redoes it" in " ".join(r.output.split())
     assert (run_dir / "student" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_validate_names_unlisted_files_and_refuses_a_link_out(bundle, tmp_path):
+    """validate said nothing about files the manifest does not list: strays inside (a regular file, a link to a
+    listed file) are named in one note and the verdict stands; a link out of the bundle is one line, exit 2, before
+    anything is validated or recorded."""
+    path, _ = bundle
+    copy = tmp_path / "b"
+    shutil.copytree(path, copy, symlinks=True)
+    (copy / "timing.cache").write_bytes(b"trtexec's")
+    (copy / "alias.onnx").symlink_to("model.onnx")
+    r = run(["validate", str(copy), "--no-plots", *LOOSE])
+    assert r.exit_code == 0, r.output
+    assert ("note: 2 file(s) in the bundle that its manifest does not list (no checksum covers them; tolerated as "
+            "strays): alias.onnx (symlink to model.onnx), timing.cache") in r.stderr
+    before = (copy / "validation.json").read_bytes()
+    (copy / "references" / "more.json").symlink_to(tmp_path / "elsewhere.json")
+    r = run(["validate", str(copy), *LOOSE])
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert "unlisted 'references/more.json' leads out of the bundle" in r.output
+    assert (copy / "validation.json").read_bytes() == before

@@ -253,3 +253,78 @@ def test_a_graph_the_manifest_names_but_does_not_list_fails_verification(tmp_pat
     with pytest.raises(BundleError, match=rf"failed verification: model.{key} names '{re.escape(rel)}', which the "
                                           "files table does not list"):
         Bundle.open(path)
+
+
+# --- E: an empty --model is a mistake, not the default graph ---------------------------------------------------------
+
+
+def test_validate_with_an_empty_model_is_one_line_not_model_onnx(tmp_path):
+    """`validate --model ''` fell back to model.onnx (``if model:``) and validated a graph nobody named; it is refused
+    before anything is read, in one line, exit 2 — and so is a blank one."""
+    path = make(tmp_path)
+    for empty in ("", "  "):
+        r = CliRunner().invoke(main, ["validate", str(path), "--model", empty])
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        assert r.output.count("\n") == 1 and r.output.startswith(f"error: --model is empty ({empty!r}): name a file "
+                                                                  "of the bundle"), r.output
+        assert "fp32, fp16, int8-dynamic, int8, int4-weight, fp8" in r.output
+    assert not (path / "validation.json").exists()
+
+
+def test_profile_with_an_empty_model_dir_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Path('') is this directory: it must not be profiled
+    r = CliRunner().invoke(main, ["profile", "--model", ""])
+    assert r.exit_code == 2 and r.output.startswith("error: --model is empty ('')"), r.output
+    assert not (tmp_path / "profile.json").exists()
+
+
+# --- F: what the manifest does not list ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_an_unlisted_symlink_leading_out_fails_verification_unread(tmp_path, monkeypatch, kind):
+    """A symlink the manifest does not list, planted where a directory is loaded whole (student/), pointing out of
+    the bundle: verification passed it (only listed files were checked), so inspect and validate said nothing and a
+    loader globbing student/*.safetensors would have read the file outside. Refused in one line; the link is never
+    followed: nothing outside is hashed, and a linked directory is not entered."""
+    import sparsekd_deploy.bundle as bundle_mod
+
+    path = make(tmp_path, {"student/model.safetensors": b"w" * 8})
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.safetensors").write_bytes(b"someone else's weights")
+    link = path / "student" / ("extra.safetensors" if kind == "file" else "more")
+    link.symlink_to(outside / "secret.safetensors" if kind == "file" else outside)
+    hashed = []
+    real_sha = bundle_mod.sha256_file
+    monkeypatch.setattr(bundle_mod, "sha256_file", lambda p: hashed.append(str(p)) or real_sha(p))
+    rel = link.relative_to(path).as_posix()
+    with pytest.raises(BundleError, match=rf"failed verification: unlisted '{rel}' leads out of the bundle \(a "
+                                          rf"symlink to .*elsewhere.*\): remove it$"):
+        Bundle.open(path)
+    assert hashed and not any("elsewhere" in h for h in hashed)
+    assert Bundle.open(path, verify=False).unlisted() == {rel: os.readlink(link)}
+    r = inspect(path)
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and f"unlisted '{rel}' leads out" in r.output, r.output
+    assert "secret" not in r.output or kind == "file"  # the linked directory was not walked
+
+
+def test_unlisted_files_inside_are_tolerated_and_shown(tmp_path):
+    """Unlisted regular files are strays a tool may leave (engine add keeps trtexec's timing cache out of the table):
+    they never failed verification, and an unlisted symlink that stays inside the bundle is treated the same way. Both
+    are now named by inspect (validate prints the same note); the mutable validation records are not strays."""
+    path = make(tmp_path, {"graphs/model.v2.onnx": b"\x08\x02" * 10})
+    (path / "timing.cache").write_bytes(b"cache")
+    (path / "alias.onnx").symlink_to("graphs/model.v2.onnx")
+    (path / "validation").mkdir()
+    (path / "validation" / "kl_per_prompt.png").write_bytes(b"png")
+    b = Bundle.open(path)
+    assert b.unlisted() == {"alias.onnx": "graphs/model.v2.onnx", "timing.cache": None}
+    r = inspect(path)
+    assert r.exit_code == 0, r.output
+    assert ("2 file(s) in the bundle that its manifest does not list (no checksum covers them; tolerated as strays): "
+            "alias.onnx (symlink to graphs/model.v2.onnx), timing.cache") in r.output
+    with pytest.raises(BundleError, match="has no alias.onnx"):
+        b.file("alias.onnx")  # unlisted: never opened through the bundle
+    assert Bundle.open(make(tmp_path, name="clean")).unlisted() == {}
+    assert "unlisted" not in inspect(tmp_path / "clean").output

@@ -66,6 +66,29 @@ def _launch_cli(*args: str, nproc: int = 2, timeout: int = 400, accelerate: bool
 RECIPE_8GPU = Path(__file__).resolve().parents[1] / "recipes" / "llama-1b-2of4-8gpu.yaml"
 
 
+@needs_gloo
+@pytest.mark.parametrize("sharding", [(), ("--fsdp",)], ids=["ddp", "fsdp"])
+def test_a_finished_launched_run_exits_0_on_every_rank_after_the_main_process(tiny_dirs, tmp_path, sharding):
+    """A launched run that finished: rank 1 left as soon as its share was done, while the main process still wrote
+    (its last outputs made 3 s slow here, as a large student's are), and tore its end of the process group down
+    under it; torchrun judges the run by every rank's exit. Every rank must exit 0, and none before the main process
+    has finished (`distributed.leave_together`)."""
+    recipe = _recipe(tmp_path, tiny_dirs["llama"])
+    log = tmp_path / "exits"
+    log.mkdir()
+    hooks = str(Path(__file__).with_name("dist_exit_hooks"))
+    env = _env() | {"EXIT_HOOKS_LOG": str(log), "EXIT_HOOKS_MAIN_SLOW": "3",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [hooks, os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run(_torchrun("--no-python", CLI, "distill", "--recipe", str(recipe), "--out", str(tmp_path / "r"),
+                                 *sharding), capture_output=True, text=True, env=env, timeout=400)
+    assert r.returncode == 0 and "exitcode" not in r.stderr, r.stderr[-3000:]
+    main, other = (json.loads((log / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert main["work_done"] - other["work_done"] >= 2.5  # the hook held the main process back
+    assert other["exited"] >= main["work_done"], f"rank 1 exited {main['work_done'] - other['exited']:.1f} s before " \
+                                                 "the main process had finished"
+    assert (tmp_path / "r" / "summary.json").is_file()
+
+
 def test_8gpu_recipe_loads_and_its_header_has_the_launch_lines():
     cfg = build_config(RECIPE_8GPU, {"out": "runs/x"})
     check_global_batch(cfg.batch_size, world=8)

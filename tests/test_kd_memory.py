@@ -2,6 +2,7 @@
 cache (tail bucket as the topk operator defines it, stamp, shards, reuse) and runs that train on it without the teacher."""
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -366,3 +367,21 @@ def test_fake_tensors_left_by_a_trace_are_not_counted_and_do_not_break_the_count
     assert real.untyped_storage().data_ptr() in {st.data_ptr() for st in live_cpu_storages()}
     del fake
     assert sum(st.nbytes() for st in live_cpu_storages()) == with_fake
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(teacher_access="topk:300"), "teacher_access topk:300 keeps more outcomes than the teacher's vocabulary of "
+                                      "256 tokens; pass --teacher-access topk:K with K ≤ 256 (topk:256 keeps every "
+                                      "token), or logits"),
+    (dict(operator="topk:257"), "operator topk:257 keeps more outcomes than the teacher's vocabulary of 256 tokens"),
+])
+def test_topk_k_above_the_vocabulary_is_refused_before_the_run_starts(tiny_dirs, fast_cfg, tmp_path, kw, needle):
+    """K above the tiny Llama's 256-token vocabulary was capped silently (the cache held 256 where 300 was asked):
+    refused in one line naming the vocabulary, before the data set is sampled or a cache written."""
+    cache_dir = tmp_path / "cache"
+    extra = dict(teacher_cache=str(cache_dir)) if "teacher_access" in kw else {}
+    with pytest.raises(ConfigError, match=re.escape(needle)) as e:
+        distill(_cfg(fast_cfg, tiny_dirs["llama"], **kw, **extra))
+    assert "\n" not in str(e.value) and str(e.value).count("vocabulary") == 1  # said once, not per flag
+    assert not cache_dir.exists() and not Path(fast_cfg["out"] + ".partial").exists()
+    assert not Path(fast_cfg["out"]).exists()

@@ -5,9 +5,11 @@ import json
 import os
 
 import pytest
+import torch
 
 from sparsekd_deploy.config import build_config
 from sparsekd_deploy.core.distill import distill
+from sparsekd_deploy.core.result import NullReporter
 from sparsekd_deploy.errors import ConfigError, SparseKDError
 
 
@@ -84,6 +86,50 @@ def test_a_resumed_auto_search_continues_where_it_stopped():
     resumed = AutoSearch.for_spec("unstructured:auto", 2)
     resumed.replay(trajectory[:6])  # after 0.8 was rejected and 0.7 accepted: the step is halved, not back at 20 %
     assert resumed.step == pytest.approx(0.1) and resumed.next_stage(4)[1].target_sparsity() == pytest.approx(0.8)
+
+
+class _KillAfterFirstRejection(NullReporter):
+    """Records the stages begun; with ``kill``, stops the run (KeyboardInterrupt, as Ctrl-C or a kill would) when the
+    attempt after the first rejected one begins: after the rejection, before the next accepted stage."""
+
+    def __init__(self, kill: bool):
+        self.kill, self.begun, self.rejected = kill, [], False
+
+    def stage_begin(self, label: str, steps: int) -> None:
+        if self.kill and self.rejected:
+            raise KeyboardInterrupt
+        self.begun.append(label)
+
+    def stage_end(self, record: dict) -> None:
+        self.rejected = self.rejected or not record["accepted"]
+
+
+def test_an_auto_run_killed_after_a_rejected_stage_resumes_at_the_next_attempt(tiny_dirs, fast_cfg, tmp_path):
+    """Killed after a rejected auto stage and before the next accepted one, `--resume` repeated the rejected stage
+    (state.json was written only when a stage was accepted, so the rejection was lost): the same result, its compute
+    spent twice. It must begin at the next attempt and end with the uninterrupted run's masks and KLs."""
+    from safetensors.torch import load_file
+
+    kw = dict(pattern="unstructured:auto", kl_budget=0.05, retries=0)
+    whole = distill(_cfg(fast_cfg, tiny_dirs["llama"], out=str(tmp_path / "whole"), **kw))
+    stages = whole.trajectory[1:]
+    first_bad = next(i for i, s in enumerate(stages) if not s["accepted"])
+    killer = _KillAfterFirstRejection(kill=True)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        distill(_cfg(fast_cfg, tiny_dirs["llama"], out=str(out), **kw), reporter=killer)
+    assert killer.begun == [s["label"] for s in stages[: first_bad + 1]]
+    again = _KillAfterFirstRejection(kill=False)
+    resumed = distill(_cfg(fast_cfg, tiny_dirs["llama"], out=str(out), **kw), resume=True, reporter=again)
+    assert again.begun == [s["label"] for s in stages[first_bad + 1:]]  # the rejected attempt is not run again
+    assert [(s["target_sparsity"], s["accepted"]) for s in resumed.trajectory[1:]] == \
+        [(s["target_sparsity"], s["accepted"]) for s in stages]
+    for key in ("kl_after_prune", "kl"):
+        assert [s[key] for s in resumed.trajectory[1:]] == pytest.approx([s[key] for s in stages], abs=1e-7), key
+    last = resumed.summary["final_stage"]
+    assert last == whole.summary["final_stage"]
+    ma, mb = (load_file(str(r.out / "checkpoints" / f"stage-{last}" / "masks.safetensors")) for r in (whole, resumed))
+    assert sorted(ma) == sorted(mb) and all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
 @pytest.mark.parametrize("overrides,message", [

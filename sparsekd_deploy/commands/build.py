@@ -61,4 +61,7 @@ def build_cmd(target, out, run_dir, provider, opset, fp16, batch, seq, past, wor
             print_table(res.quantized_validation.to_dict(), reporter.console)
     if res.shortfall:
         print_error(res.shortfall)
+    from ..core.distributed import leave_together
+
+    leave_together()  # under a launcher the other ranks wait here while the main process exports and validates
     sys.exit(0 if res.passed else 1)

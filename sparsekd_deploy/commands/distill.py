@@ -138,6 +138,9 @@ def distill_cmd(out, recipe, resume, overwrite, as_json, **flags):
             f"student → [bold]{result.summary['student']}[/bold]  sparsity {result.summary['sparsity']:.1%}  "
             f"KL {result.summary['kl']:.4f}  top-1 {result.summary['top1']:.3f}"
         )
+    from ..core.distributed import leave_together
+
+    leave_together()  # under a launcher: no rank exits while the main process still writes or prints
     if not result.reached_target:
         kept = result.summary["final_stage"]
         where = (f"kept stage {kept} of {result.summary['stages']}" if kept

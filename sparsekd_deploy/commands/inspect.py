@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..console import stdout_json
@@ -83,6 +84,8 @@ def inspect_cmd(bundle, as_json, no_verify):
     files = b.meta.files
     t.add_row("files", f"{len(files)} files, {sum(x.bytes for x in files.values()) / 1e6:.1f} MB, "
                        f"{'checksums verified' if not no_verify else 'not verified'}")
+    if unlisted := b.unlisted_note():
+        t.add_row("unlisted", escape(unlisted))  # file names are text, not rich markup
     if validation:
         v = _Fields(validation, f"{b.path / VALIDATION}", "delete it and rerun `sparsekd-deploy validate`")
         verdict = "[green]PASS[/green]" if v("passed", bool) else "[red]FAIL[/red]"

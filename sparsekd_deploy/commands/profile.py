@@ -26,8 +26,11 @@ def profile_cmd(target, model_dir, batch, seq, dtype, out, as_json):
     from ..errors import ConfigError
     from ..speedup import profile
 
-    if batch < 1 or seq < 1:
-        raise ConfigError([f"--batch and --seq must be ≥ 1, got {batch} and {seq}"])
+    problems = [f"--batch and --seq must be ≥ 1, got {batch} and {seq}"] if batch < 1 or seq < 1 else []
+    if not model_dir.strip():  # Path('') is the current directory: an unset shell variable would profile that
+        problems.append(f"--model is empty ({model_dir!r}): pass the model dir (teacher or student) to profile")
+    if problems:
+        raise ConfigError(problems)
     result = profile(Path(model_dir), target, batch, seq, dtype)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     if as_json:

@@ -42,6 +42,8 @@ def validate_cmd(bundle, runtime, provider, model, teacher, as_json, no_plots, s
         stdout_json(report.to_dict())
     else:
         print_table(report.to_dict(), err_console)
+    if unlisted := b.unlisted_note():
+        err_console.print(f"note: {unlisted}", markup=False, highlight=False, soft_wrap=True)
     if report.plots_skipped_because:
         err_console.print(f"note: {report.plots_skipped_because}", markup=False, highlight=False)
     if not report.recorded:

@@ -286,6 +286,10 @@ class StagedDistiller(StageTraining):
 
             raise AllocationError(f"--dense-layers {k}: the model has {layers} prunable layers; pass 0..{layers} "
                                   "or auto")
+        from .kd_objective import check_topk_sizes
+
+        # before the data set is sampled from the teacher: a K the vocabulary cannot hold leaves nothing behind
+        check_topk_sizes(self.cfg, self.operator, self.raw.get_output_embeddings().weight.shape[0])
         accepted = self._load_state() if resuming else self._start_state()
         self._prepare_objective()
         self.prompts = self.heldout_ids[: self.cfg.consistency_prompts, : max(1, min(16, self.cfg.seq_len // 2))]
@@ -441,6 +445,9 @@ class StagedDistiller(StageTraining):
             else:
                 search.reject(pattern.target_sparsity(), outcome.recovery.metrics["kl"])
                 self.restore_everywhere(accepted)
+                # The rejection is part of the search (replay halves the step on it): saved now, a run stopped
+                # before the next accepted stage resumes at the next attempt instead of trying this one again.
+                self.team.on_main(self.save_state, accepted)
         if best_pattern is None:
             return self._finish("stopped", f"even {search.last_rejected[0]:.1%} {search.kind} broke the KL budget "
                                            f"{cfg.kl_budget}; the student is the dense teacher", accepted)

@@ -291,6 +291,23 @@ def _first_words(e: BaseException) -> str:
     return text.split(". ")[0][:160]
 
 
+def leave_together() -> None:
+    """The end of a launched command that finished: every rank waits here until the main process has written and
+    printed everything, then all leave the process group at once. A non-main rank that left on its own (as soon as
+    its share of the work was done, while the main process still wrote the run's outputs, the bundle, its
+    validation) tore its end of the group down under a peer still in it, and the launcher judges the run by every
+    rank's exit. A no-op in one process, or where no group was joined."""
+    if launched_world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    team = Team(dist.get_rank(), dist.get_world_size())
+    team.wait("every rank to finish the run")
+    dist.destroy_process_group()
+
+
 _closing = []
 
 

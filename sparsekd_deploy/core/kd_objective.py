@@ -11,7 +11,7 @@ import torch
 
 from ..models.lm_head import final_hidden, output_head
 from .losses import LossFn, bucket_kd_loss, chunked_kd_loss, kd_loss
-from .operators import Operator
+from .operators import Operator, TopK
 from .topk_cache import CacheSplit
 
 
@@ -51,6 +51,27 @@ class KDObjective:
         return kd_loss(t_logits, s_logits, self.operator, self.loss_fn)
 
 
+def check_topk_sizes(cfg, operator: Operator, vocab: int) -> None:
+    """A ``topk:K`` teacher access or operator keeps K of the vocabulary's outcomes, so K above the vocabulary is a
+    mistake (a K meant for another model): refused in one line naming the vocabulary, where it was once capped
+    silently (the cache and the stamp then held fewer than the K asked for)."""
+    from ..config import topk_access
+
+    problems = []
+    k = topk_access(cfg.teacher_access)
+    if k is not None and k > vocab:
+        problems.append(f"teacher_access topk:{k} keeps more outcomes than the teacher's vocabulary of {vocab} tokens; "
+                        f"pass --teacher-access topk:K with K ≤ {vocab} (topk:{vocab} keeps every token), or logits")
+    op_k = operator.K if isinstance(operator, TopK) else None
+    if op_k is not None and op_k > vocab and op_k != k:  # (the access's K, defaulted into the operator: said once)
+        problems.append(f"operator topk:{op_k} keeps more outcomes than the teacher's vocabulary of {vocab} tokens; "
+                        f"pass --operator topk:K with K ≤ {vocab}")
+    if problems:
+        from ..errors import ConfigError
+
+        raise ConfigError(problems)
+
+
 def prepare(cfg, student, teacher, teacher_dir, operator: Operator, loss_fn: LossFn, train_ids: torch.Tensor,
             heldout_ids: torch.Tensor, device, default_cache_dir, reporter, team=None,
             on_student=None) -> tuple[KDObjective, object]:
@@ -86,13 +107,13 @@ def prepare(cfg, student, teacher, teacher_dir, operator: Operator, loss_fn: Los
 
         def make_stamp() -> Stamp:  # hashing a large teacher's weights once, not once per rank
             return Stamp(teacher=weights_digest(teacher_dir), tokenizer=tokenizer_digest(cfg.tokenizer or teacher_dir),
-                         data=data_digest(train_ids, heldout_ids), k=min(k, vocab), seq_len=cfg.seq_len,
+                         data=data_digest(train_ids, heldout_ids), k=k, seq_len=cfg.seq_len,
                          vocab_size=vocab)
 
         directory = cfg.teacher_cache or default_cache_dir
         # the teacher pass runs per rank on its share of the rows: the batch of one process's forward passes
         cache = TopKCache.open_or_write(directory, team.on_main(make_stamp), teacher, train_ids, heldout_ids,
-                                        use_k=min(operator.K, vocab), batch_size=max(1, cfg.batch_size // team.world),
+                                        use_k=operator.K, batch_size=max(1, cfg.batch_size // team.world),
                                         device=device, chunk=chunk, reporter=reporter, team=team)
     return KDObjective(operator, loss_fn, chunk, cache.train if cache is not None else None), cache
 

@@ -53,7 +53,7 @@ class Stamp:
     teacher: str  # digests.weights_digest of the teacher dir
     tokenizer: str  # digests.tokenizer_digest ("none" for a data-free run without tokenizer files)
     data: str  # data_digest of the token ids (train, then held-out)
-    k: int  # outcomes kept per position (the teacher's K, capped at the vocabulary)
+    k: int  # outcomes kept per position (the teacher's K, at most the vocabulary: kd_objective.check_topk_sizes)
     seq_len: int
     vocab_size: int
 

@@ -40,7 +40,7 @@ def _model_for(bundle: Bundle, runtime: str, model: str | None) -> tuple[str, di
     """Which file of the bundle a runtime runs, and its options."""
     from ..bundle import BundleError
 
-    if model:
+    if model is not None:
         return _named_graph(bundle, model), {}
     if runtime == "tensorrt":
         if "engine" not in bundle.manifest:
@@ -57,6 +57,18 @@ def _model_for(bundle: Bundle, runtime: str, model: str | None) -> tuple[str, di
             raise BundleError(f"bundle {bundle.path} has no student weights; build it with --target torch")
         return "student/config.json", {"dir_of_file": True}
     return bundle.manifest["model"]["onnx"], {}
+
+
+def check_model_name(model: str | None) -> None:
+    """``--model`` given empty (``--model ''``, a shell variable that was not set) is a mistake, not a request for the
+    default graph: it once fell back to model.onnx and validated a graph the user had not named."""
+    if model is not None and not model.strip():
+        from ..errors import ConfigError
+        from ..precisions import PRECISIONS
+
+        raise ConfigError([f"--model is empty ({model!r}): name a file of the bundle (model.int8.onnx) or a precision "
+                           f"the manifest records ({', '.join(PRECISIONS)}), or leave --model out for the bundle's "
+                           "model.onnx"])
 
 
 def _named_graph(bundle: Bundle, model: str) -> str:
@@ -115,6 +127,7 @@ def validate_bundle(bundle: Bundle, runtime: str = "onnxruntime", provider: str 
     bundle's ``validation.json``; where the bundle is read-only it is returned with ``recorded`` False. ``plots``
     False (or no matplotlib installed) writes no PNGs. ``samples``: repeat-prompt samples per prompt for the jitter
     measurement (default: the references' count; chunked to fit the runtime)."""
+    check_model_name(model)
     gates = gates or Gates()
     gates.check_ranges()
     refs = References.load(bundle)
