@@ -237,11 +237,13 @@ def _fp8_amax_overrides(model, nodes: list[str], feeds: list[dict]) -> dict[str,
     import tempfile
 
     import onnx
+    from onnx import numpy_helper
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
     from onnxruntime.quantization.quant_utils import ONNX_TYPE_TO_NP_TYPE
 
     inits = {i.name: i for i in model.graph.initializer}
     chosen = [n for n in model.graph.node if n.name in set(nodes)]
+    # The calibrator reads a model file (it adds ReduceMin/ReduceMax outputs to a copy): write this one, folded.
     with tempfile.TemporaryDirectory(prefix="sparsekd-fp8-") as tmp:
         path = Path(tmp) / "model.onnx"
         onnx.save(model, str(path))
@@ -255,8 +257,6 @@ def _fp8_amax_overrides(model, nodes: list[str], feeds: list[dict]) -> dict[str,
     def scale(amax: float) -> np.ndarray:
         # An all-zero tensor has no range: any scale keeps it zero; 1 avoids a zero scale in the graph.
         return np.array(amax / FP8_MAX if amax > 0 else 1.0, dtype=np.float32)
-
-    from onnx import numpy_helper
 
     overrides = {}
     for node in chosen:
