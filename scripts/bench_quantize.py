@@ -19,7 +19,10 @@ Part 2, quality: a distillation run's 2:4 student (default the demo's) exported 
 calibrated on the run's training split), each scored on the run's held-out sequences against the teacher: full-
 vocabulary KL(teacher‖x) and top-1 agreement, next to the fp32 student's. "int8 (ORT default ops)" is
 ``quantize_static`` left to choose its nodes (every MatMul, attention and rotary included, and their outputs), what
-``--quantize int8`` did before it kept to the weight-bearing inputs. With ``--qat-run`` (a run made with
+``--quantize int8`` did before it kept to the weight-bearing inputs. "int8 (trt QDQ)" and "fp8 (trt QDQ)" are the
+graphs ``--target tensorrt`` writes (symmetric int8 activations; float8 e4m3fn with amax / 448 scales), run on ORT's
+CPU provider, which emulates their Q/DQ in float (no FP8 kernels: quality only, no speed; TensorRT runs them on an FP8
+GPU). With ``--qat-run`` (a run made with
 ``--quantize int8 --qat-steps N``) the fp32 student is that run's last pruning stage (its checkpoint, before the QAT
 stage) and two more rows show its QAT-trained student: float, and static int8.
 
@@ -50,6 +53,7 @@ from sparsekd_deploy.targets.onnxruntime import OnnxRuntimeTarget
 MODES = ("int8-dynamic", "int8", "int4-weight")
 BAR_POSITIONS = 2048  # the bar model's max_position_embeddings (its rotary caches are cut to it, as build does)
 SPEED_MODES = MODES + ("int8-trt",)  # int8-trt: the --target tensorrt int8 graph, run on ORT CPU
+TRT_QUALITY_MODES = ("int8", "fp8")  # quality part: the --target tensorrt graphs, Q/DQ emulated on ORT CPU
 
 
 def bar_model(cache: Path) -> tuple[Path, dict]:
@@ -251,6 +255,9 @@ def part2(run: Path, qat_run: Path | None = None) -> dict:
                                               calibration=feeds if mode == "int8" else None).path)
             if mode == "int8":
                 graphs["int8 (ORT default ops)"] = ort_default_static(src, Path(tmp) / "ort-default.onnx", feeds)
+        for mode in TRT_QUALITY_MODES:  # the --target tensorrt graphs, Q/DQ emulated by ORT's CPU provider
+            graphs[f"{mode} (trt QDQ)"] = Path(quantize_onnx(src, quantized_path(src, mode).with_suffix(".trt.onnx"),
+                                                             mode, target="tensorrt", calibration=feeds).path)
         if qat_run is not None:
             qsrc = Path(tmp) / "qat" / "model.onnx"
             qsrc.parent.mkdir()
@@ -267,7 +274,8 @@ def part2(run: Path, qat_run: Path | None = None) -> dict:
                          "mb": p.stat().st_size / 1e6, "audit": audited(p, pruned_qat if "QAT" in name else pruned)}
     base = res["fp32"]
     print(f"\n{run} student vs its teacher on the run's {held.shape[0]} x {held.shape[1]} held-out tokens "
-          "(static int8 calibrated on 32 training sequences)")
+          "(static int8 / fp8 calibrated on 32 training sequences; the trt QDQ rows run on ORT's CPU provider, which "
+          "emulates their Q/DQ)")
     print(f"{'graph':24s} {'full KL':>9s} {'x fp32':>7s} {'top-1':>7s} {'- fp32':>7s} {'MB':>6s}  2:4 audit")
     for name, r in res.items():
         print(f"{name:24s} {r['kl_full']:9.4f} {r['kl_full'] / base['kl_full']:7.2f} {r['top1']:7.3f} "

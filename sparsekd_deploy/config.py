@@ -96,7 +96,7 @@ class DistillConfig:
     consistency_temperatures: list[float] = field(default_factory=lambda: [1.0])
     # Export-side (build / export): a quantized copy of the graph beside model.onnx, made by onnxruntime.quantization.
     quantize: str = "none"  # none | int8-dynamic | int8 | int4-weight | fp8 (exporters/quantize.py says why per mode)
-    calibration: str = "minmax"  # static modes: minmax | entropy | percentile (fp8: ORT allows only its histogram)
+    calibration: str = "minmax"  # int8: minmax | entropy | percentile (fp8 always amax: max |x|)
     calibration_samples: int = 32  # training sequences (never held-out) that calibrate static activations
     # A last distillation stage of this many steps with the student's Linear layers fake-quantized as `quantize` will
     # quantize them (core/qat.py); 0 = none. It changes the student, so unlike the three above it is a distill setting.

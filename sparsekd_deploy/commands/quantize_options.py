@@ -13,7 +13,8 @@ QUANTIZE_OPTIONS = [
                                     "or TensorRT), int4-weight (MatMulNBits / int4 QDQ), fp8 (TensorRT only). "
                                     "[default: none]")),
     ("--calibration", "calibration", dict(type=click.Choice(CALIBRATION_METHODS),
-                                          help="Static modes: how activation ranges are calibrated. [default: minmax]")),
+                                          help="int8: how activation ranges are calibrated (fp8 always takes amax, max |x|, "
+                                               "as Model Optimizer's FP8 default does). [default: minmax]")),
     ("--calibration-samples", "calibration_samples",
      dict(type=click.IntRange(min=MIN_CALIBRATION), help="Static modes: training sequences of the run that calibrate "
                                                           "(the held-out ones never do). [default: 32]")),

@@ -136,7 +136,8 @@ def _views(model) -> dict[str, _View]:
             # float8 codes are floats: a step is relative (e4m3: 3 mantissa bits; 2^-9 the smallest subnormal).
             fp8 = "float8" in str(x.dtype)
             step = np.abs(scale) * (np.abs(codes) / 8 + 2.0**-9) if fp8 else np.abs(scale)
-            # ORT sets float8 weight scales from a histogram, so the largest weights clip to ±448 (e4m3fn's max).
+            # A float8 scale below amax / 448 (ORT's own, from a histogram's spread) clips the largest weights to
+            # ±448 (e4m3fn's max); this tool's amax scales put the largest exactly there.
             views[node.output[0]] = _View(codes * scale, codes, step,
                                           encoding=f"{x.dtype} via DequantizeLinear (zero point {_zp(zp)})",
                                           saturated=np.abs(codes) >= 448 if fp8 else None)

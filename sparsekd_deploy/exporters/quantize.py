@@ -18,14 +18,23 @@ Per mode (and why):
 - ``int4-weight``: ``MatMulNBitsQuantizer``, 4-bit symmetric block-wise weights (block 32); MatMulNBits +
   GatherBlockQuantized for ONNX Runtime, DequantizeLinear(int4) -> MatMul (QDQ) for TensorRT. A layer whose
   in-features are not a multiple of the block is left unquantized and named.
-- ``fp8``: ``quantize_static`` with FLOAT8E4M3FN QDQ (histogram calibration, the one ORT allows for floats).
-  Only TensorRT on an FP8 GPU (Ada, Hopper, Thor) runs it natively; ONNX Runtime only emulates it. ORT derives
-  float8 scales from the distribution's spread, which clips the largest weights: on the demo student the graph
-  is far off (KL 0.46 to PyTorch, README), so its validation says so; amax-calibrated FP8 is Model Optimizer's.
+- ``fp8``: ``quantize_static`` with FLOAT8E4M3FN QDQ on the same nodes as ``int8``'s MatMuls, every scale given
+  by this module as a per-tensor override (``TensorQuantOverrides``): amax / 448 (e4m3fn's largest finite value),
+  the recipe of NVIDIA Model Optimizer's FP8 default (``FP8_DEFAULT_CFG``: per-tensor weights and inputs,
+  ``"max"`` calibration). Weight amax is the initializer's max |w|; activation amax is the max |x| that ONNX
+  Runtime's own MinMax calibrator (symmetric) records over the calibration feeds. Left to itself ORT derives float8
+  scales from the spread (std) of a histogram, the only calibration it allows for floats, which clipped the largest
+  weights and activations (demo KL to the teacher 0.125 vs int8's 0.0197). ORT still runs that histogram pass (it
+  refuses float8 without it); no scale comes from it. Zero point 0 and amax scaling keep every pruned zero exactly
+  zero and no weight saturated. Per-tensor weights, not per channel: Model Optimizer's FP8 default, and what
+  TensorRT's quantization schemes page defines FP8 Q/DQ with (a scalar scale; per-channel FP8 weights are not
+  stated there, INT8 per-channel is). Only TensorRT on an FP8 GPU
+  (Ada, Hopper, Thor) runs it natively; ONNX Runtime's CPU provider only emulates the Q/DQ.
 
-NVIDIA Model Optimizer's ONNX quantizer (nvidia-modelopt[onnx] 0.47) would replace the CPU onnxruntime with
-onnxruntime-gpu and pull cupy-cuda12x, which breaks the build host's CPU install; ORT's QDQ output is the explicit
-quantization TensorRT parses, so it is used for both runtimes.
+NVIDIA Model Optimizer's ONNX quantizer (nvidia-modelopt[onnx] 0.47, the newest, checked again for fp8) would
+replace the CPU onnxruntime with onnxruntime-gpu ~= 1.24 on Linux x86-64, pin onnx ~= 1.21 (this project uses 1.23)
+and pull cupy-cuda12x, which breaks the build host's CPU install; ORT's QDQ output is the explicit quantization
+TensorRT parses, so it is used for both runtimes, with Model Optimizer's FP8 scale recipe computed here.
 """
 
 from __future__ import annotations
@@ -200,7 +209,8 @@ def quantize_onnx(src: str | Path, dst: str | Path, mode: str, *, target: str = 
         tmp.unlink(missing_ok=True)
     info.path = str(dst)
     if mode in STATIC:
-        info.calibration = {"method": method if mode == "int8" else "distribution", "requested_method": method,
+        # fp8 takes amax (max |x|) whatever was asked: the recipe its scales follow (module docstring).
+        info.calibration = {"method": method if mode == "int8" else "amax", "requested_method": method,
                             **(calibration_info or {}), "batches": len(calibration)}
     return info
 
@@ -216,13 +226,61 @@ def _dynamic(model, out: Path, version: str) -> QuantizeInfo:
                         "uint8 asymmetric, quantized per call at run time")
 
 
+FP8_MAX = 448.0  # float8 e4m3fn's largest finite value: amax maps onto it
+
+
+def _fp8_amax_overrides(model, nodes: list[str], feeds: list[dict]) -> dict[str, list[dict]]:
+    """ORT ``TensorQuantOverrides`` giving every tensor the fp8 QDQ quantizes (each selected MatMul's activation
+    input and constant weight) the scale amax / 448 with zero point 0 (Model Optimizer's FP8 default recipe).
+    Weight amax: max |w| of the initializer. Activation amax: ONNX Runtime's MinMax calibrator, symmetric (so its
+    range is (-amax, amax)), over ``feeds``."""
+    import tempfile
+
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.quant_utils import ONNX_TYPE_TO_NP_TYPE
+
+    inits = {i.name: i for i in model.graph.initializer}
+    chosen = [n for n in model.graph.node if n.name in set(nodes)]
+    # The calibrator reads a model file (it adds ReduceMin/ReduceMax outputs to a copy): write this one, folded.
+    with tempfile.TemporaryDirectory(prefix="sparsekd-fp8-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save(model, str(path))
+        calibrator = create_calibrator(path, ["MatMul"], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=CalibrationMethod.MinMax, extra_options={"symmetric": True})
+        calibrator.collect_data(_Feeds(feeds))
+        ranges = calibrator.compute_data()
+        del calibrator  # holds an ORT session on the temporary files
+    zero = np.array(0, dtype=ONNX_TYPE_TO_NP_TYPE[onnx.TensorProto.FLOAT8E4M3FN])
+
+    def scale(amax: float) -> np.ndarray:
+        # An all-zero tensor has no range: any scale keeps it zero; 1 avoids a zero scale in the graph.
+        return np.array(amax / FP8_MAX if amax > 0 else 1.0, dtype=np.float32)
+
+    overrides = {}
+    for node in chosen:
+        act, weight = node.input[0], node.input[1]
+        amax = float(np.abs(numpy_helper.to_array(inits[weight])).max())
+        overrides[weight] = [{"scale": scale(amax), "zero_point": zero}]
+        if act not in ranges:
+            raise QuantizeError(f"fp8 calibration recorded no range for {act} (input of {node.name}); the graph "
+                                "cannot be quantized with amax scales")
+        overrides[act] = [{"scale": scale(float(np.max(np.abs(ranges[act].range_value)))), "zero_point": zero}]
+    return overrides
+
+
 def _static(model, out: Path, mode: str, target: str, feeds, method: str, version: str) -> QuantizeInfo:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    ops = ("MatMul", "Gather") if mode == "int8" else ("MatMul",)
+    nodes, kept = _static_selection(model, ops)
+    extra = {}
     if mode == "fp8":
         weight = act = QuantType.QFLOAT8E4M3FN
-        calib = CalibrationMethod.Distribution  # ORT calibrates float8 ranges only from histograms
-        symmetric, acts = True, "float8 e4m3fn"
+        calib = CalibrationMethod.Distribution  # ORT refuses float8 without it; the overrides set every scale
+        symmetric, acts = True, "float8 e4m3fn, per tensor, scale amax / 448"
+        extra["TensorQuantOverrides"] = _fp8_amax_overrides(model, nodes, feeds)
     else:
         weight = QuantType.QInt8
         symmetric = target == "tensorrt"  # TensorRT takes zero point 0 only; ORT CPU's fast kernels are U8S8
@@ -230,8 +288,6 @@ def _static(model, out: Path, mode: str, target: str, feeds, method: str, versio
         calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile}[method]
         acts = "int8 symmetric (zero point 0)" if symmetric else "uint8 asymmetric"
-    ops = ("MatMul", "Gather") if mode == "int8" else ("MatMul",)
-    nodes, kept = _static_selection(model, ops)
     # Q/DQ on the inputs only: an output QDQ would round each layer's result (and the logits) once more, which
     # TensorRT's explicit quantization of a Linear layer does not do either.
     quantize_static(model, str(out), _Feeds(feeds), quant_format=QuantFormat.QDQ, per_channel=mode == "int8",
@@ -239,8 +295,9 @@ def _static(model, out: Path, mode: str, target: str, feeds, method: str, versio
                     op_types_to_quantize=list(ops), nodes_to_quantize=nodes,
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": symmetric,
                                    "MatMulConstBOnly": True, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
-                                   "OpTypesToExcludeOutputQuantization": list(ops)})
-    weights = "int8 symmetric, per output channel" if mode == "int8" else "float8 e4m3fn, per tensor"
+                                   "OpTypesToExcludeOutputQuantization": list(ops), **extra})
+    weights = ("int8 symmetric, per output channel" if mode == "int8"
+               else "float8 e4m3fn, per tensor, scale amax / 448 (zero point 0)")
     return QuantizeInfo(mode, "", f"onnxruntime.quantization.quantize_static ({version})", "QDQ", weights,
                         f"{acts}, calibrated, on the inputs of the {len(nodes)} weight-bearing nodes",
                         kept_float={ACT_MATMUL: kept, OUTPUTS: nodes})
