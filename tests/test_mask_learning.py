@@ -113,3 +113,36 @@ def test_a_diverging_mask_learning_phase_stops_the_run_at_its_last_stage(tiny_di
     res = distill(build_config(None, {**fast_cfg, "teacher": str(tiny_dirs["llama"]), "mask_learning": "sr-ste"}))
     assert not res.reached_target and res.summary["final_stage"] == 1
     assert "non-finite" in res.reason
+
+
+def test_a_learning_step_holds_no_second_copy_of_the_weights_while_it_ranks():
+    """The latents are copied in and out of the parameters (FSDP needs that); the copy must not cost what the old
+    ``.data`` swap did not: from ``before_step`` to the ranking the parameter is the latents' only copy. Bytes of live
+    CPU tensors (``TensorBytes``) over a step with plain SGD (no optimizer state) on one 256 x 256 Linear of W bytes,
+    peak minus what was live when the step began: 6.5 W (the ranking's scores and 2:4 choice are most of it); with
+    the latents held beside the parameter through the step (ee08c28) it was 7.5 W — one more copy of the weights."""
+    from sparsekd_deploy.core.memory import TensorBytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("fc", torch.nn.Linear(256, 256, bias=False))
+    pruner = Pruner(model, make_pattern("2:4"))
+    dense = learning_start(model, pruner)
+    masks = pruner.stage_masks({"fc": model.fc.weight.detach().abs()}, 1.0)
+    apply_masks(model, masks)
+    learner = MaskLearner(model, pruner, masks, 1.0, input_norms=None)
+    learner.start(dense)
+    del dense
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 256)).square().sum().backward()
+    w = model.fc.weight.numel() * 4
+    tb = TensorBytes()
+    with tb:
+        entry = tb.current  # the parameter, its gradient, the latents, the masks (and whatever else the process holds)
+        learner.before_step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tb.peak = tb.current  # from here on: the parameter, the latents, the ranking
+        learner.after_step(lr=1e-3)
+    assert (tb.peak - entry) / w == pytest.approx(6.5, abs=0.25)
+    assert torch.equal(model.fc.weight, learner.latent["fc.weight"] * learner.masks["fc.weight"])  # still SR-STE
