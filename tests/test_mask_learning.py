@@ -12,16 +12,22 @@ from sparsekd_deploy.core.pruner import Pruner, apply_masks
 from sparsekd_deploy.errors import ConfigError
 
 
-def test_a_pruned_weight_that_grows_takes_its_groups_place():
-    model = OneLinear()
-    with torch.no_grad():
-        model.fc.weight.copy_(torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]]))
+def _learning_2_4(model, **options):
+    """``model.fc`` pruned 2:4 by magnitude and a learner started from its dense weights: (learner, dense, masks)."""
     pruner = Pruner(model, make_pattern("2:4"))
     dense = learning_start(model, pruner)
     masks = pruner.stage_masks({"fc": model.fc.weight.detach().abs()}, 1.0)
     apply_masks(model, masks)
-    learner = MaskLearner(model, pruner, masks, 1.0, input_norms=None)
+    learner = MaskLearner(model, pruner, masks, 1.0, input_norms=None, **options)
     learner.start(dense)
+    return learner, dense, masks
+
+
+def test_a_pruned_weight_that_grows_takes_its_groups_place():
+    model = OneLinear()
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]]))
+    learner, dense, _ = _learning_2_4(model)
     learner.before_step()
     assert torch.equal(model.fc.weight, dense["fc.weight"])  # the step sees the dense latents
     with torch.no_grad():
@@ -50,11 +56,7 @@ def test_weights_pruned_by_an_earlier_stage_never_come_back():
 
 def test_decay_shrinks_only_pruned_latents():
     model = OneLinear()
-    pruner = Pruner(model, make_pattern("2:4"))
-    dense = learning_start(model, pruner)
-    masks = pruner.stage_masks({"fc": model.fc.weight.detach().abs()}, 1.0)
-    learner = MaskLearner(model, pruner, masks, 1.0, input_norms=None, decay=100.0)
-    learner.start(dense)
+    learner, dense, masks = _learning_2_4(model, decay=100.0)
     learner.before_step()
     learner.after_step(lr=1e-3)  # factor 1 - 0.1 on pruned latents
     keep = masks["fc.weight"]
@@ -126,13 +128,7 @@ def test_a_learning_step_holds_no_second_copy_of_the_weights_while_it_ranks():
     torch.manual_seed(0)
     model = torch.nn.Sequential()
     model.add_module("fc", torch.nn.Linear(256, 256, bias=False))
-    pruner = Pruner(model, make_pattern("2:4"))
-    dense = learning_start(model, pruner)
-    masks = pruner.stage_masks({"fc": model.fc.weight.detach().abs()}, 1.0)
-    apply_masks(model, masks)
-    learner = MaskLearner(model, pruner, masks, 1.0, input_norms=None)
-    learner.start(dense)
-    del dense
+    learner, _, _ = _learning_2_4(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     model(torch.randn(4, 256)).square().sum().backward()
     w = model.fc.weight.numel() * 4
