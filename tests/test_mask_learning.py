@@ -12,16 +12,22 @@ from sparsekd_deploy.core.pruner import Pruner, apply_masks
 from sparsekd_deploy.errors import ConfigError
 
 
-def test_a_pruned_weight_that_grows_takes_its_groups_place():
-    model = OneLinear()
-    with torch.no_grad():
-        model.fc.weight.copy_(torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]]))
+def _learning_2_4(model, **options):
+    """``model.fc`` pruned 2:4 by magnitude and a learner started from its dense weights: (learner, dense, masks)."""
     pruner = Pruner(model, make_pattern("2:4"))
     dense = learning_start(model, pruner)
     masks = pruner.stage_masks({"fc": model.fc.weight.detach().abs()}, 1.0)
     apply_masks(model, masks)
-    learner = MaskLearner(model, pruner, masks, 1.0, input_norms=None)
+    learner = MaskLearner(model, pruner, masks, 1.0, input_norms=None, **options)
     learner.start(dense)
+    return learner, dense, masks
+
+
+def test_a_pruned_weight_that_grows_takes_its_groups_place():
+    model = OneLinear()
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]]))
+    learner, dense, _ = _learning_2_4(model)
     learner.before_step()
     assert torch.equal(model.fc.weight, dense["fc.weight"])  # the step sees the dense latents
     with torch.no_grad():
@@ -50,11 +56,7 @@ def test_weights_pruned_by_an_earlier_stage_never_come_back():
 
 def test_decay_shrinks_only_pruned_latents():
     model = OneLinear()
-    pruner = Pruner(model, make_pattern("2:4"))
-    dense = learning_start(model, pruner)
-    masks = pruner.stage_masks({"fc": model.fc.weight.detach().abs()}, 1.0)
-    learner = MaskLearner(model, pruner, masks, 1.0, input_norms=None, decay=100.0)
-    learner.start(dense)
+    learner, dense, masks = _learning_2_4(model, decay=100.0)
     learner.before_step()
     learner.after_step(lr=1e-3)  # factor 1 - 0.1 on pruned latents
     keep = masks["fc.weight"]
@@ -113,3 +115,30 @@ def test_a_diverging_mask_learning_phase_stops_the_run_at_its_last_stage(tiny_di
     res = distill(build_config(None, {**fast_cfg, "teacher": str(tiny_dirs["llama"]), "mask_learning": "sr-ste"}))
     assert not res.reached_target and res.summary["final_stage"] == 1
     assert "non-finite" in res.reason
+
+
+def test_a_learning_step_holds_no_second_copy_of_the_weights_while_it_ranks():
+    """The latents are copied in and out of the parameters (FSDP needs that); the copy must not cost what the old
+    ``.data`` swap did not: from ``before_step`` to the ranking the parameter is the latents' only copy. Bytes of live
+    CPU tensors (``TensorBytes``) over a step with plain SGD (no optimizer state) on one 256 x 256 Linear of W bytes,
+    peak minus what was live when the step began: 6.5 W (the ranking's scores and 2:4 choice are most of it); with
+    the latents held beside the parameter through the step (ee08c28) it was 7.5 W — one more copy of the weights."""
+    from sparsekd_deploy.core.memory import TensorBytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("fc", torch.nn.Linear(256, 256, bias=False))
+    learner, _, _ = _learning_2_4(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 256)).square().sum().backward()
+    w = model.fc.weight.numel() * 4
+    tb = TensorBytes()
+    with tb:
+        entry = tb.current  # the parameter, its gradient, the latents, the masks (and whatever else the process holds)
+        learner.before_step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tb.peak = tb.current  # from here on: the parameter, the latents, the ranking
+        learner.after_step(lr=1e-3)
+    assert (tb.peak - entry) / w == pytest.approx(6.5, abs=0.25)
+    assert torch.equal(model.fc.weight, learner.latent["fc.weight"] * learner.masks["fc.weight"])  # still SR-STE

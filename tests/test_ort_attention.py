@@ -14,6 +14,7 @@ from sparsekd_deploy.cli import main
 from sparsekd_deploy.exporters.ort_attention import FusionError, fuse_attention
 from sparsekd_deploy.exporters.trt_precision import EnginePrecisionError, check_ort_contrib
 from sparsekd_deploy.pipeline.parity import check_parity
+from sparsekd_deploy.targets.base import TargetError
 from sparsekd_deploy.targets.onnxruntime import OnnxRuntimeTarget
 
 
@@ -178,7 +179,7 @@ def test_rotary_and_residual_norms_fused_by_orts_own_fusers_with_caches_cut_to_t
     assert dims == [[131072, half]]
 
 
-def test_orts_fusers_failing_is_one_line_and_the_graph_untouched(exported, tmp_path, monkeypatch):
+def test_orts_fusers_failing_leave_the_attention_fused_graph_and_say_why(exported, tmp_path, monkeypatch):
     from onnxruntime.transformers import optimizer
 
     def broken(*_a, **_k):
@@ -188,9 +189,95 @@ def test_orts_fusers_failing_is_one_line_and_the_graph_untouched(exported, tmp_p
     _, path = exported["llama"]
     copy = tmp_path / "model.onnx"
     copy.write_bytes(path.read_bytes())
-    with pytest.raises(FusionError, match=r"rotary / norms of model.onnx failed in onnxruntime.transformers .*'item'$"):
-        fuse_attention(copy)
-    assert copy.read_bytes() == path.read_bytes() and not (tmp_path / "model.onnx.tmp").exists()
+    info = fuse_attention(copy)
+    assert (info.fused, info.ort_fusions) == (2, None)
+    import onnxruntime
+
+    assert info.ort_skipped == f"onnxruntime.transformers {onnxruntime.__version__} failed: 'NoneType' object has no " \
+        "attribute 'item'"
+    ops = _ops(copy)
+    assert ops.count(("com.microsoft", "MultiHeadAttention")) == 2 and ("com.microsoft", "RotaryEmbedding") not in ops
+    assert not (tmp_path / "model.onnx.tmp").exists()
+
+
+def test_a_rotary_fusion_that_moves_the_logits_is_not_kept_and_the_record_says_so(exported, tmp_path, monkeypatch):
+    """ORT's fusers guess a graph's rotary layout; a wrong guess (here forced: every RotaryEmbedding told its halves
+    are interleaved) runs but moves the logits. The export step keeps the attention-fused graph and records why."""
+    from sparsekd_deploy.exporters import ort_attention
+    from sparsekd_deploy.pipeline.export_step import _fuse_for_ort
+
+    real = ort_attention.ort_fusions
+
+    def wrong_layout(model, max_positions=None):
+        counts = real(model, max_positions)
+        for node in model.graph.node:
+            if node.op_type == "RotaryEmbedding":
+                next(a for a in node.attribute if a.name == "interleaved").i = 1
+        return counts
+
+    monkeypatch.setattr(ort_attention, "ort_fusions", wrong_layout)
+    model, path = exported["llama"]
+    copy = tmp_path / "model.onnx"
+    copy.write_bytes(path.read_bytes())
+    notes = []
+    record = _fuse_for_ort([copy], notes.append, 64)
+    assert record["model.onnx"] == 2 and "ort_fusions" not in record
+    assert record["ort_fusions_skipped"]["model.onnx"].startswith("the graph onnxruntime.transformers")
+    assert "moves the logits by" in record["ort_fusions_skipped"]["model.onnx"]
+    assert any("rotary / norms left as exported" in n for n in notes)
+    assert ("com.microsoft", "RotaryEmbedding") not in _ops(copy)
+    prompts = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(4))
+    assert check_parity(model, copy, prompts, "fp32")["max_abs_logit_diff"] < 1e-4
+
+
+def test_gemmas_rotary_orts_fuser_breaks_is_left_unfused_and_the_graph_runs_batches(tmp_path):
+    """Gemma's graph makes its positions from the cache length ([1, S], no position_ids input); ORT's rotary fuser
+    takes them, and its RotaryEmbedding then refuses every batch over 1 (an onnxruntime error in parity: a failed
+    build). The attention-fused graph is kept instead, the record says why, and it matches PyTorch and decodes."""
+    import transformers as tf
+    from conftest import VOCAB
+
+    torch.manual_seed(0)
+    cfg = tf.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, max_position_embeddings=64, vocab_size=VOCAB)
+    model = tf.GemmaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "gemma")
+    from sparsekd_deploy.exporters.onnx import export_onnx
+
+    plain, dst = tmp_path / "plain.onnx", tmp_path / "model.onnx"
+    export_onnx(tmp_path / "gemma", plain)
+    info = fuse_attention(plain, dst, max_positions=64)
+    assert info.fused == 2 and info.ort_fusions is None
+    assert "RotaryEmbedding" in info.ort_skipped and "batch_size" in info.ort_skipped
+    prompts = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(4))
+    assert check_parity(model, dst, prompts, "fp32")["max_abs_logit_diff"] < 1e-4
+    ids = prompts.numpy()[:, :6]
+    np.testing.assert_array_equal(OnnxRuntimeTarget(dst).generate(ids, 12).tokens,
+                                  OnnxRuntimeTarget(plain).generate(ids, 12).tokens)
+
+
+def test_a_fused_graph_refuses_positions_past_its_rotary_caches_in_one_line(fused):
+    """RotaryEmbedding fails mid-run past its caches' rows (64 on the tiny llama); the target reads them from the
+    graph, whoever opens it without a max_positions (parity, scripts), and refuses before running."""
+    plain, dst, _ = fused
+    prompt = np.arange(3, 63, dtype=np.int64)[None]  # 60 tokens: 60 + 8 new passes position 63
+    target = OnnxRuntimeTarget(dst)
+    assert target.max_positions == 64 and OnnxRuntimeTarget(plain).max_positions is None
+    with pytest.raises(TargetError, match=r"^prompt \(60\) \+ 8 new tokens exceeds the model's 64 positions$"):
+        target.generate(prompt, 8)
+    assert target.generate(prompt, 4).tokens.shape == (1, 4)  # up to the last cached position it runs
+    with pytest.raises(TargetError, match=r"^prompt of 65 tokens exceeds"):
+        target.logits(np.ones((1, 65), np.int64))
+
+
+def test_an_onnxruntime_run_failure_is_one_target_error_line(fused):
+    plain, _, _ = fused
+    target = OnnxRuntimeTarget(plain)
+    # a cache of the wrong head size: onnxruntime's own error, as one line naming the file
+    bad = {n: np.zeros((1, 2, 3, 5), np.float32) for n in target.past_names}
+    with pytest.raises(TargetError, match=r"^onnxruntime failed running .*\.onnx: \S.*") as e:
+        target._forward(np.ones((1, 1), np.int64), bad, 3)
+    assert "\n" not in str(e.value)
 
 
 def test_qwen2_with_qkv_biases_fuses_the_same_and_keeps_parity(tiny_dirs, tmp_path):

@@ -89,26 +89,31 @@ class MaskLearner:
     @torch.no_grad()
     def before_step(self) -> None:
         """Put the latents under the optimizer: the gradient (taken at latent ⊙ mask) updates the dense latent.
-        Copied into the parameter's storage (its shard under FSDP), not swapped in: the same values either way."""
+        Copied into the parameter's storage (its shard under FSDP), not swapped in: the same values either way. Then
+        released: through the step the parameter is their only copy (``after_step`` takes them back from it), as with
+        the swap, so the optimizer step's peak holds one copy of the prunable weights, not two."""
         for name, lat in self.latent.items():
             local_tensor(self._params[name]).copy_(lat)
+        self.latent.clear()
 
     @torch.no_grad()
     def after_step(self, lr: float) -> None:
-        """Decay pruned latents, choose the masks again, and put latent ⊙ mask back into the student."""
+        """Decay pruned latents, choose the masks again, and put latent ⊙ mask back into the student. The step left
+        the latents in the parameters, their only copy (``before_step`` released its own): they are decayed and
+        ranked there, then copied out once and the parameters masked in place — so, as with the old ``.data`` swap,
+        no second copy of the weights exists while the scores are made, and one (the latents) after."""
         for name, keep in self.masks.items():
             p = self._params[name]
-            lat = self.latent[name]
-            lat.copy_(local_tensor(p))
+            lat = self.latent[name] = local_tensor(p).detach()  # the parameter's storage, not a copy
             if self.decay:
                 lat.mul_(torch.where(local_part(p, keep).to(lat.device), 1.0, 1.0 - lr * self.decay))
         new = self._choose_sharded() if self._sharded() else self._choose()
         for name, keep in new.items():
             self.flips += int((keep != self.masks[name]).sum())
         self.masks = new
-        for name, lat in self.latent.items():
-            p = self._params[name]
-            local_tensor(p).copy_(lat * local_part(p, self.masks[name]).to(device=lat.device, dtype=lat.dtype))
+        for name, lat in list(self.latent.items()):
+            self.latent[name] = lat.clone()
+            lat.mul_(local_part(self._params[name], self.masks[name]).to(device=lat.device, dtype=lat.dtype))
 
     def _sharded(self) -> bool:
         return any(is_sharded(self._params[name]) for name in self.latent)

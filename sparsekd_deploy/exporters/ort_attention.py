@@ -44,6 +44,7 @@ class FusionInfo:
     rewriter: str = ""  # the library that did it, with its version
     skipped: str | None = None  # why the graph was not rewritten at all
     ort_fusions: dict | None = None  # ORT's own fusers' counts (RotaryEmbedding, SkipSimplifiedLayerNormalization)
+    ort_skipped: str | None = None  # why ORT's fusers' graph was not kept (the attention-only graph was written)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,6 +165,89 @@ def _cut_rotary_caches(model, rows: int) -> None:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init)[:rows].copy(), init.name))
 
 
+# The key under which a fused graph names the positions its rotary caches hold: RotaryEmbedding refuses a position
+# past them with an onnxruntime error, so the onnxruntime target reads this and refuses such a prompt in one line.
+POSITIONS_KEY = "sparsekd.rotary_positions"
+
+
+def rotary_positions(model) -> int | None:
+    """Rows of the RotaryEmbedding caches of ``model`` (the positions it can run), None without one."""
+    caches = {n.input[2] for n in model.graph.node if n.op_type == "RotaryEmbedding" and n.domain == DOMAIN}
+    rows = [init.dims[0] for init in model.graph.initializer if init.name in caches and init.dims]
+    return min(rows) if rows else None
+
+
+# A fused graph is kept when its logits are the attention-only graph's within this (relative to the largest logit):
+# the kernels reorder float sums (~1e-6 measured on the tiny families), a mis-handled rotary moves them by O(1).
+PROBE_TOLERANCE = 1e-3
+
+
+def _probe(model_bytes: bytes) -> list:
+    """Logits of a 2-row, 5-token prompt and of one cached decode step after it (the paths users run): two rows, as a
+    graph whose positions lost their batch axis only fails with more than one."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4  # a failing run is reported by the caller, in one line
+    session = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    ids = np.array([[1, 5, 9, 3, 7], [4, 2, 8, 6, 1]], np.int64)
+    past, seen, results = None, 0, []
+    for step in (ids, ids[:, -1:]):
+        b, n = step.shape
+        feed = {"input_ids": step, "attention_mask": np.ones((b, seen + n), np.int64),
+                "position_ids": np.tile(np.arange(seen, seen + n, dtype=np.int64), (b, 1))}
+        feed = {k: v for k, v in feed.items() if k in inputs}
+        for name, meta in inputs.items():
+            if name.startswith("past_key_values."):
+                feed[name] = past[name] if past else np.zeros((b, meta.shape[1], 0, meta.shape[3]), kinds[meta.type])
+        named = dict(zip(outputs, session.run(None, feed), strict=True))
+        results.append(named["logits"].astype(np.float32))
+        past = {n: named[n.replace("past_key_values.", "present.")] for n in inputs if n.startswith("past_key_values.")}
+        if not past:
+            break  # no cache: the prompt pass is all there is
+        seen += n
+    return results
+
+
+def _kept_ort_fusions(model, max_positions: int | None, fusers: str) -> tuple[dict | None, str | None]:
+    """ORT's fusers on a copy of ``model``, kept (``model`` becomes the copy) only when it runs and gives the
+    attention-only graph's logits (``_probe``); else ``model`` stays as it is. Returns (counts, None) when kept,
+    (None, why) when not. Why a check at all: the fusers match by pattern and guess the rest — on Gemma's graph
+    (positions made from the cache length, [1, S]) RotaryEmbedding refuses any batch over 1."""
+    import onnx
+
+    fused = onnx.ModelProto()
+    fused.CopyFrom(model)
+
+    def first(e: Exception) -> str:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+    try:
+        counts = ort_fusions(fused, max_positions)
+    except Exception as e:  # their own failure on a graph they do not expect
+        return None, f"{fusers} failed: {first(e)}"
+    rows = rotary_positions(fused)
+    if rows:
+        fused.metadata_props.add(key=POSITIONS_KEY, value=str(rows))
+    try:
+        want = _probe(model.SerializeToString())
+    except Exception as e:
+        raise FusionError(f"onnxruntime cannot run the attention-fused graph: {first(e)}") from None
+    try:
+        got = _probe(fused.SerializeToString())
+    except Exception as e:
+        return None, f"onnxruntime cannot run the graph {fusers} made: {first(e)}"
+    for a, b in zip(want, got, strict=True):
+        diff = float(np.abs(a - b).max())
+        if not diff <= PROBE_TOLERANCE * max(1.0, float(np.abs(a).max())):
+            return None, f"the graph {fusers} made moves the logits by {diff:.3g}"
+    model.CopyFrom(fused)
+    return counts, None
+
+
 def fuse_attention_model(model) -> int:
     """Rewrite ``model`` (an ``onnx.ModelProto``) in place; returns how many attention subgraphs were fused."""
     from onnxscript import ir
@@ -187,7 +271,8 @@ def fuse_attention(src: str | Path, dst: str | Path | None = None, *, max_positi
     """Fuse ``src``'s attention into MultiHeadAttention, then its rotary and residual norms with ORT's own fusers
     (``ort_fusions``; ``max_positions`` sizes the rotary caches), and write it to ``dst`` (default: over ``src``;
     temp name, then rename: never half-written). A graph with no matching attention is left as it was (fused 0, ORT's
-    fusers not run either): not rewritten in place, copied unchanged to another ``dst``."""
+    fusers not run either): not rewritten in place, copied unchanged to another ``dst``. When ORT's fusers fail or
+    their graph does not run as the attention-fused one does, that one is written and ``ort_skipped`` says why."""
     import onnx
     import onnxruntime
     import onnxscript
@@ -224,15 +309,12 @@ def fuse_attention(src: str | Path, dst: str | Path | None = None, *, max_positi
         raise FusionError(f"fusing the attention of {src.name} failed in {rewriter}: {first}") from None
     if count == 0 and dst == src:
         return FusionInfo(0, rewriter=rewriter)  # nothing to rewrite
-    counts = None
-    if count:  # only graphs whose attention we recognised: the layout ORT's fusers are known to take (tests)
+    counts = why = None
+    if count:  # only graphs whose attention we recognised (the decoder layouts ORT's fusers were written for)
         ort_fusers = f"onnxruntime.transformers {onnxruntime.__version__}"
-        try:
-            counts = ort_fusions(model, max_positions)
-        except Exception as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise FusionError(f"fusing the rotary / norms of {src.name} failed in {ort_fusers}: {first}") from None
-        rewriter = f"{rewriter}; {ort_fusers}"
+        counts, why = _kept_ort_fusions(model, max_positions, ort_fusers)
+        if counts is not None:
+            rewriter = f"{rewriter}; {ort_fusers}"
     size = sum(init.ByteSize() for init in model.graph.initializer)
     save_onnx(model, dst, size > EXTERNAL_DATA_BYTES)
-    return FusionInfo(count, rewriter=rewriter, ort_fusions=counts)
+    return FusionInfo(count, rewriter=rewriter, ort_fusions=counts, ort_skipped=why)

@@ -95,7 +95,8 @@ def _quantize(onnx_path: Path, q: QuantizeRequest) -> tuple[Path, dict]:
 
 def _fuse_for_ort(paths: list[Path], note, max_positions: int | None = None) -> dict:
     """Fuse each graph's attention for ONNX Runtime (in place), then its rotary and residual norms; the record says
-    how many layers, per file, what ORT's fusers made of it, and why a file was not rewritten at all."""
+    how many layers, per file, what ORT's fusers made of it (or why their graph was not kept), and why a file was not
+    rewritten at all."""
     from ..exporters.ort_attention import fuse_attention
 
     note("fusing attention, rotary and norms for onnxruntime (com.microsoft ops)")
@@ -106,6 +107,9 @@ def _fuse_for_ort(paths: list[Path], note, max_positions: int | None = None) -> 
         record.update(op=res.op, rewriter=res.rewriter)
         if res.ort_fusions is not None:
             record.setdefault("ort_fusions", {})[path.name] = res.ort_fusions
+        if res.ort_skipped:
+            record.setdefault("ort_fusions_skipped", {})[path.name] = res.ort_skipped
+            note(f"  {path.name}: attention fused, rotary / norms left as exported: {res.ort_skipped}")
         if res.skipped:
             record.setdefault("skipped", {})[path.name] = res.skipped
             note(f"  {path.name} left unfused: {res.skipped}")

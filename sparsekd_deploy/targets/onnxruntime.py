@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..exporters.ort_attention import POSITIONS_KEY
 from .base import TARGETS, DecodeState, Target, TargetError, decoder_feed
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -54,7 +55,12 @@ class OnnxRuntimeTarget(Target):
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
             raise TargetError(f"onnxruntime cannot load {model_path}: {str(e).splitlines()[0]}") from None
         self.provider = provider
-        self.max_positions = max_positions
+        self.path = Path(model_path)
+        # A graph with ORT's fused rotary runs only the positions its caches hold (fused for the onnxruntime
+        # target: the model's max_position_embeddings); past them onnxruntime fails mid-run, so refuse up front.
+        rows = self.session.get_modelmeta().custom_metadata_map.get(POSITIONS_KEY)
+        limits = [int(x) for x in (max_positions, rows) if x]
+        self.max_positions = min(limits) if limits else None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.present_for = {n: n.replace("past_key_values.", "present.") for n in self.past_names}
@@ -84,7 +90,11 @@ class OnnxRuntimeTarget(Target):
         return feed
 
     def _forward(self, ids, past, past_len):
-        outs = self.session.run(None, self._feed(ids, past, past_len))
+        try:
+            outs = self.session.run(None, self._feed(ids, past, past_len))
+        except Exception as e:  # onnxruntime's own error types (a graph that cannot run these inputs): one line
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise TargetError(f"onnxruntime failed running {self.path.name}: {first}") from None
         named = dict(zip([o.name for o in self.session.get_outputs()], outs, strict=True))
         new_past = {p: named[self.present_for[p]] for p in self.past_names} if self.past_names else None
         # copy=False: an fp32 graph's logits are returned as ORT wrote them (copying 1 x 512 x 32000
