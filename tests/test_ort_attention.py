@@ -294,3 +294,18 @@ def test_qwen2_with_qkv_biases_fuses_the_same_and_keeps_parity(tiny_dirs, tmp_pa
     ids = prompts.numpy()[:, :6]
     np.testing.assert_array_equal(OnnxRuntimeTarget(dst).generate(ids, 12).tokens,
                                   OnnxRuntimeTarget(path).generate(ids, 12).tokens)
+
+
+def test_the_records_rewriter_names_every_library_that_rewrote_any_file(exported, tmp_path):
+    """The fp32 graph gets ORT's fusers, the tiny llama's int4-weight copy not even the attention rewrite: the record's
+    one `rewriter` names both libraries (it named only the last file's)."""
+    from sparsekd_deploy.exporters.quantize import quantize_onnx
+    from sparsekd_deploy.pipeline.export_step import _fuse_for_ort
+
+    _, path = exported["llama"]
+    fp32, int4 = tmp_path / "model.onnx", tmp_path / "model.int4-weight.onnx"
+    fp32.write_bytes(path.read_bytes())
+    quantize_onnx(path, int4, "int4-weight")
+    record = _fuse_for_ort([fp32, int4], lambda _msg: None, 64)
+    assert (record["model.onnx"], record["model.int4-weight.onnx"]) == (2, 0)
+    assert "onnxscript.rewriter" in record["rewriter"] and "onnxruntime.transformers" in record["rewriter"]

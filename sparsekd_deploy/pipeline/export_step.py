@@ -100,11 +100,13 @@ def _fuse_for_ort(paths: list[Path], note, max_positions: int | None = None) -> 
     from ..exporters.ort_attention import fuse_attention
 
     note("fusing attention, rotary and norms for onnxruntime (com.microsoft ops)")
-    record = {}
+    record, tools = {}, []
     for path in paths:
         res = fuse_attention(path, max_positions=max_positions)
         record[path.name] = res.fused
-        record.update(op=res.op, rewriter=res.rewriter)
+        # the libraries that rewrote any of the files (ORT's fusers may have been kept for one file, not another)
+        tools += [t for t in res.rewriter.split("; ") if t not in tools]
+        record.update(op=res.op, rewriter="; ".join(tools))
         if res.ort_fusions is not None:
             record.setdefault("ort_fusions", {})[path.name] = res.ort_fusions
         if res.ort_skipped:
