@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import IntegrityError, PatternError
-from ..models.adapters import DEFAULT_EXCLUDE, MLPBlock, mlp_blocks, prunable_layers, shrink_mlp
+from ..models.adapters import DEFAULT_EXCLUDE, MLPBlock, embedding_tied, mlp_blocks, prunable_layers, shrink_mlp
 from .patterns import Channels, Pattern
 
 Masks = dict[str, torch.Tensor]
@@ -30,9 +30,10 @@ class Pruner:
             self.layers = [layer for b in self.blocks for layer in (*b.inputs, b.output)]
         else:
             candidates = prunable_layers(model, include, exclude)
+            tied = {name: f"tied to the embedding {emb}: kept dense" for name, emb in embedding_tied(model).items()}
             self.layers = []
             for layer in candidates:
-                reason = keep_dense.get(layer.name) or pattern.skip_reason(*layer.shape_oi)
+                reason = keep_dense.get(layer.name) or tied.get(layer.name) or pattern.skip_reason(*layer.shape_oi)
                 if reason:
                     self.skipped[layer.name] = reason
                 else:

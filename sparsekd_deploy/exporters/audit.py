@@ -285,10 +285,14 @@ def require_pattern(results: list[InitializerAudit], where: str, n: int | None =
 
 def zeroed_weights(model) -> dict[str, np.ndarray]:
     """Every prunable weight of a loaded student that holds zeros, [out, in] layout: what the export must keep.
-    Read from the weights themselves, so no side file can disagree with the model being exported."""
-    from ..models.adapters import prunable_layers
+    Read from the weights themselves, so no side file can disagree with the model being exported. A head tied to the
+    embedding is left out: the pruner never prunes it (``core/pruner.py``), so its zeros (Gemma's padding row) are
+    no pattern, and its initializer is the embedding's, read by a Gather first."""
+    from ..models.adapters import embedding_tied, prunable_layers
 
-    weights = {ly.name: ly.weight_oi().detach().float().numpy() for ly in prunable_layers(model, exclude=())}
+    tied = embedding_tied(model)
+    weights = {ly.name: ly.weight_oi().detach().float().numpy() for ly in prunable_layers(model, exclude=())
+               if ly.name not in tied}
     return {name: w.copy() for name, w in weights.items() if not w.all()}
 
 

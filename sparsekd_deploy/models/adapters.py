@@ -71,6 +71,15 @@ def prunable_layers(model: nn.Module, include=("*",), exclude=DEFAULT_EXCLUDE) -
     return out
 
 
+def embedding_tied(model: nn.Module) -> dict[str, str]:
+    """Linear/Conv1D layers whose weight *is* an ``nn.Embedding``'s (a tied lm_head, Gemma's and GPT-2's by
+    default): layer name -> embedding name. The pruner leaves them dense (pruning one zeroes embedding rows the
+    input lookup reads too), so the export audit does not take their zeros (a padding row) for a pruned pattern."""
+    embeds = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    return {name: embeds[id(m.weight)] for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, Conv1D)) and id(m.weight) in embeds}
+
+
 @dataclass
 class MLPBlock:
     """One MLP: input projections (rows = channels in [out, in]) and the output projection (columns = channels)."""
