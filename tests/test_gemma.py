@@ -86,12 +86,15 @@ def test_a_pruned_weight_whose_graph_consumer_is_not_a_matmul_still_fails(gemma_
 
 def test_build_onnxruntime_gemma_end_to_end(gemma_dirs, tmp_path):
     """`build --target onnxruntime` of the tiny Gemma (FAST run, LOOSE gates): distilled to 2:4, exported with its
-    attention fused, audited on the 14 projections (not the tied head), validated."""
+    attention, rotary (positions expanded to the batch) and residual norms fused, audited on the 14 projections (not the tied head), validated."""
     teacher, _ = gemma_dirs
     cli_build(teacher, tmp_path / "b", "--target", "onnxruntime", "--run-dir", str(tmp_path / "run"))
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["model"]["architecture"] == "gemma" and manifest["pattern_share"] == pytest.approx(1.0)
-    assert manifest["model"]["attention_fusion"]["model.onnx"] == 2
+    fusion = manifest["model"]["attention_fusion"]
+    assert fusion["model.onnx"] == 2 and "ort_fusions_skipped" not in fusion
+    assert fusion["ort_fusions"]["model.onnx"] == {"RotaryEmbedding": 4, "SkipSimplifiedLayerNormalization": 4,
+                                                   "position_rows_expanded": 1}
     audit = json.loads((tmp_path / "b" / "audit.json").read_text())["model.onnx"]
     assert audit["checked"] == audit["holding"] == PROJECTIONS
     assert "lm_head" not in [r["param"] for r in audit["initializers"]]

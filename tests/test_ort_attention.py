@@ -230,10 +230,12 @@ def test_a_rotary_fusion_that_moves_the_logits_is_not_kept_and_the_record_says_s
     assert check_parity(model, copy, prompts, "fp32")["max_abs_logit_diff"] < 1e-4
 
 
-def test_gemmas_rotary_orts_fuser_breaks_is_left_unfused_and_the_graph_runs_batches(tmp_path):
+def test_gemmas_cache_length_positions_are_expanded_to_the_batch_for_orts_rotary(tmp_path):
     """Gemma's graph makes its positions from the cache length ([1, S], no position_ids input); ORT's rotary fuser
-    takes them, and its RotaryEmbedding then refuses every batch over 1 (an onnxruntime error in parity: a failed
-    build). The attention-fused graph is kept instead, the record says why, and it matches PyTorch and decodes."""
+    hands that row to RotaryEmbedding, which refuses every batch over 1 (it used to be left unfused for that). Expanded
+    to [batch, S] before the RotaryEmbedding nodes (exporters/ort_positions.py) the fused graph is kept: it matches
+    PyTorch on 2 rows and decodes as the plain graph with its KV cache."""
+    import onnx
     import transformers as tf
     from conftest import VOCAB
 
@@ -246,14 +248,20 @@ def test_gemmas_rotary_orts_fuser_breaks_is_left_unfused_and_the_graph_runs_batc
 
     plain, dst = tmp_path / "plain.onnx", tmp_path / "model.onnx"
     export_onnx(tmp_path / "gemma", plain)
+    assert "position_ids" not in [i.name for i in onnx.load(str(plain)).graph.input]
     info = fuse_attention(plain, dst, max_positions=64)
-    assert info.fused == 2 and info.ort_fusions is None
-    assert "RotaryEmbedding" in info.ort_skipped and "batch_size" in info.ort_skipped
+    assert (info.fused, info.ort_skipped) == (2, None)
+    # one [1, S] row (shared by the 4 RotaryEmbedding nodes of 2 layers' q and k) expanded once
+    assert info.ort_fusions == {"RotaryEmbedding": 4, "SkipSimplifiedLayerNormalization": 4,
+                                "position_rows_expanded": 1}
+    ops = _ops(dst)
+    assert ops.count(("com.microsoft", "RotaryEmbedding")) == 4 and ("", "Neg") not in set(ops)
     prompts = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(4))
     assert check_parity(model, dst, prompts, "fp32")["max_abs_logit_diff"] < 1e-4
     ids = prompts.numpy()[:, :6]
-    np.testing.assert_array_equal(OnnxRuntimeTarget(dst).generate(ids, 12).tokens,
-                                  OnnxRuntimeTarget(plain).generate(ids, 12).tokens)
+    fused_tokens = OnnxRuntimeTarget(dst).generate(ids, 12).tokens
+    assert fused_tokens.shape == (2, 12)
+    np.testing.assert_array_equal(fused_tokens, OnnxRuntimeTarget(plain).generate(ids, 12).tokens)
 
 
 def test_a_fused_graph_refuses_positions_past_its_rotary_caches_in_one_line(fused):

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SparseKDError
+from .ort_positions import expand_rotary_positions
 
 DOMAIN = "com.microsoft"
 
@@ -116,6 +117,8 @@ def _rule():
 
 
 ORT_FUSIONS = {"RotaryEmbedding": "rotary", "SkipSimplifiedLayerNormalization": "residual Add + RMSNorm"}
+# The count of computed [1, S] position rows expanded to [batch, S] for RotaryEmbedding (``ort_positions.py``).
+POSITIONS_EXPANDED = "position_rows_expanded"
 
 
 def ort_fusions(model, max_positions: int | None = None) -> dict[str, int]:
@@ -127,6 +130,9 @@ def ort_fusions(model, max_positions: int | None = None) -> dict[str, int]:
     quantization cannot take away, so they weigh on the int8 / fp32 ratio and on decode, where each token runs every
     one of them. Everything else (attention, gelu, embedding fusions) is off: the attention is ours, and ORT's gelu
     fuser fails on the quantized graphs.
+
+    A graph without a ``position_ids`` input (Gemma's) hands RotaryEmbedding a computed [1, S] row, which it refuses
+    for a batch over 1: ``expand_rotary_positions`` expands it to [batch, S] (counted as ``position_rows_expanded``).
 
     The rotary fuser writes cos / sin caches of 131072 positions (its default for any model, 33 MB at head size
     64); ``max_positions`` (the model's ``max_position_embeddings``) cuts them to the positions the model has."""
@@ -150,6 +156,9 @@ def ort_fusions(model, max_positions: int | None = None) -> dict[str, int]:
     finally:
         quiet.setLevel(level)
     counts = {op: sum(n.op_type == op and n.domain == DOMAIN for n in optimized.graph.node) for op in ORT_FUSIONS}
+    expanded = expand_rotary_positions(optimized)  # Gemma's [1, S] positions: RotaryEmbedding wants [batch, S]
+    if expanded:
+        counts[POSITIONS_EXPANDED] = expanded
     if max_positions:
         _cut_rotary_caches(optimized, max_positions)
     model.CopyFrom(optimized)
@@ -216,7 +225,8 @@ def _kept_ort_fusions(model, max_positions: int | None, fusers: str) -> tuple[di
     """ORT's fusers on a copy of ``model``, kept (``model`` becomes the copy) only when it runs and gives the
     attention-only graph's logits (``_probe``); else ``model`` stays as it is. Returns (counts, None) when kept,
     (None, why) when not. Why a check at all: the fusers match by pattern and guess the rest — on Gemma's graph
-    (positions made from the cache length, [1, S]) RotaryEmbedding refuses any batch over 1."""
+    (positions made from the cache length, [1, S]) their RotaryEmbedding refused any batch over 1 until
+    ``ort_positions`` expanded those positions; a layout they guess wrong would run and move the logits."""
     import onnx
 
     fused = onnx.ModelProto()
