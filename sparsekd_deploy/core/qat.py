@@ -13,7 +13,9 @@ Per mode and target (``qat_target``: build sets it to its ``--target``; a ``dist
 - weights: symmetric, zero point 0 (a pruned zero stays exactly zero, so 2:4 survives), scale from the weight's
   current absolute maximum: per output channel in [-127, 127] for ``int8`` / ``int8-dynamic``, per block of 32
   in-features in [-8, 7] for ``int4-weight`` (a layer whose in-features are not a multiple of 32 stays float, as the
-  exporter leaves it), per tensor amax / 448 in float8 e4m3fn for ``fp8``.
+  exporter leaves it), per tensor amax / 448 in float8 e4m3fn for ``fp8``; for static ``int8`` also the embedding
+  tables (their Gathers read an 8-bit copy per tensor: int8 symmetric for tensorrt, uint8 asymmetric for
+  onnxruntime, as ONNX Runtime types a Gather's table like the activations).
 - activations (a Linear's input), per tensor, from ranges calibrated once per stage on the run's training sequences
   (the max / min the exporter's MinMax calibration sees): ``int8`` for onnxruntime uint8 asymmetric (its U8S8
   kernels), ``int8`` for tensorrt int8 symmetric (zero point 0, scale amax / 127, codes saturating in [-128, 127]:
@@ -66,7 +68,11 @@ def describe(mode: str, target: str = "onnxruntime") -> dict[str, str]:
             "none": "float (weight-only)"}[scheme(mode, target)]
     rounding = ("float8 e4m3fn cast, straight-through (x + (q(x) - x).detach())" if mode == "fp8"
                 else "torch.fake_quantize_per_channel_affine / per_tensor_affine (straight-through gradient)")
-    return {"mode": mode, "target": target, "weights": weights, "activations": acts, "rounding": rounding}
+    out = {"mode": mode, "target": target, "weights": weights, "activations": acts, "rounding": rounding}
+    if mode == "int8":
+        out["embeddings"] = ("int8 symmetric, per tensor" if target == "tensorrt" else
+                             "uint8 asymmetric, per tensor") + " (the graph's Gather tables)"
+    return out
 
 
 def fake_quant_weight(w: torch.Tensor, mode: str) -> torch.Tensor:
@@ -123,6 +129,25 @@ def act_quantizer(kind: str, lo: float, hi: float) -> Callable[[torch.Tensor], t
 def _dynamic_act(x: torch.Tensor) -> torch.Tensor:
     d = x.detach()
     return _fake_quant_act(x, *uint8_params(float(d.min()), float(d.max())))
+
+
+def quantized_embeddings(model: nn.Module, mode: str) -> dict[str, nn.Embedding]:
+    """The embedding tables static ``int8`` quantizes: its graph's Gather from a constant table reads an 8-bit copy,
+    per tensor (``fake_quant_table``; the Gather's output Q/DQ reuses that scale, so adds no rounding). fp8 leaves the Gathers float; the other modes' tables are not simulated."""
+    if mode != "int8":
+        return {}
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+
+
+def fake_quant_table(w: torch.Tensor, target: str = "onnxruntime") -> torch.Tensor:
+    """An embedding table rounded per tensor as the static int8 graph stores it. ONNX Runtime types the Gather's
+    table like the activations: int8 symmetric for tensorrt (zero point 0, scale amax / 127), uint8 asymmetric for
+    onnxruntime (its min / max; a zero weight comes back as ±scale/2 at most)."""
+    d = w.detach()
+    if target == "tensorrt":
+        scale = max(float(d.abs().max()), 1e-12) / INT8[1]
+        return torch.fake_quantize_per_tensor_affine(w.float(), scale, 0, *INT8).to(w.dtype)
+    return _fake_quant_act(w, *uint8_params(float(d.min()), float(d.max())))
 
 
 def quantized_linears(model: nn.Module, mode: str) -> dict[str, nn.Linear]:
@@ -183,8 +208,13 @@ def fake_quantized(model: nn.Module, mode: str, ranges: dict[str, tuple[float, f
         else:
             act = None
         m.forward = types.MethodType(lambda self, x, _act=act: forward(self, x, _act), m)
+    tables = quantized_embeddings(model, mode)
+    for m in tables.values():
+        m.forward = types.MethodType(lambda self, ids: F.embedding(
+            ids, fake_quant_table(self.weight, target), self.padding_idx, self.max_norm, self.norm_type,
+            self.scale_grad_by_freq, self.sparse), m)
     try:
         yield layers
     finally:
-        for m in layers.values():
-            del m.forward  # back to nn.Linear.forward
+        for m in [*layers.values(), *tables.values()]:
+            del m.forward  # back to the class's forward
