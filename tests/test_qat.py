@@ -223,3 +223,33 @@ def test_fp8_fake_quant_keeps_zeros_saturates_at_amax_and_passes_the_gradient_th
     assert qat.act_quantizer("fp8", -1.0, 1.0)(x).tolist() == [-1.0, -1.0, 0.5, 1.0]
     assert qat.act_quantizer("int8-symmetric", -1.0, 0.5)(x).tolist() == pytest.approx(
         [-128 / 127, -1.0, 64 / 127, 1.0])  # zero point 0, scale amax / 127, codes saturate at -128 / 127
+
+
+def test_tensorrt_build_trains_fp8_qat_for_its_graph(tiny_dirs, tmp_path):
+    """build passes its --target to the QAT stage: fp8 (tensorrt only) is trained against, and recorded as, the
+    tensorrt graph's rounding; the bundle's fp8 graph is made from the QAT student."""
+    from sparsekd_deploy.exporters.trt_compat import this_machine
+
+    if this_machine()["tensorrt_version"] and this_machine()["compute_capability"]:
+        pytest.skip("TensorRT and a GPU are here: the engine would be built for real")
+    r = CliRunner().invoke(main, ["build", "--target", "tensorrt", "--teacher", str(tiny_dirs["llama"]),
+                                  "--out", str(tmp_path / "b"), "--batch", "1,2,4", "--seq", "1,16,32", "--past",
+                                  "0,16,32", "--quantize", "fp8", "--calibration-samples", "8", "--qat-steps", "4",
+                                  "--json", *FAST, *LOOSE], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    last = manifest["trajectory"][-1]
+    assert last["label"] == "qat fp8"
+    q = json.loads((tmp_path / "b" / "trajectory.json").read_text())["stages"][-1]["qat"]
+    assert q["target"] == "tensorrt" and q["weights"].startswith("float8 e4m3fn per tensor")
+    assert manifest["quantization"]["mode"] == "fp8"
+    audit = json.loads((tmp_path / "b" / "audit.json").read_text())
+    assert audit["model.fp8.onnx"]["holding"] == audit["model.onnx"]["checked"] > 0
+
+
+def test_build_refuses_fp8_qat_for_onnxruntime_in_one_line(tiny_dirs, tmp_path):
+    r = CliRunner().invoke(main, ["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"),
+                                  "--quantize", "fp8", "--qat-steps", "4", *FAST])
+    assert r.exit_code == 2, r.output
+    assert "simulates the tensorrt graph and qat_target is onnxruntime" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.run").exists()
