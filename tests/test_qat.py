@@ -253,3 +253,31 @@ def test_build_refuses_fp8_qat_for_onnxruntime_in_one_line(tiny_dirs, tmp_path):
     assert r.exit_code == 2, r.output
     assert "simulates the tensorrt graph and qat_target is onnxruntime" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.run").exists()
+
+
+def test_qat_target_matters_to_a_rebuild_and_a_resume_only_with_a_qat_stage(tmp_path):
+    """build records its --target as qat_target: a run with a QAT stage trained for one target is another run for
+    the other; without QAT the setting is unused and never blocks a rebuild or a resume."""
+    from sparsekd_deploy.core.rundir import STATE, RunDir, check_resume_config
+    from sparsekd_deploy.pipeline.build import _differing_flags
+
+    state = tmp_path / "state.json"
+    plain = build_config(None, {"quantize": "int8", "qat_target": "onnxruntime"})
+    state.write_text(json.dumps({"config": plain.to_dict()}))
+    assert _differing_flags(state, build_config(None, {"quantize": "int8", "qat_target": "tensorrt"})) == ""
+    trained = build_config(None, {"quantize": "int8", "qat_steps": 30, "qat_target": "onnxruntime"})
+    state.write_text(json.dumps({"config": trained.to_dict()}))
+    assert _differing_flags(state, build_config(None, {"quantize": "int8", "qat_steps": 30, "qat_target": "tensorrt"})
+                            ) == "qat_target=onnxruntime (now tensorrt)"
+
+    run = RunDir(tmp_path / "run")
+    run.partial.mkdir(parents=True)
+    for saved, now, refused in [(plain, {"quantize": "int8", "qat_target": "tensorrt"}, False),
+                                (trained, {"quantize": "int8", "qat_steps": 30, "qat_target": "tensorrt"}, True)]:
+        (run.partial / STATE).write_text(json.dumps({"config": saved.to_dict()}))
+        cfg = build_config(None, now).to_dict()
+        if refused:
+            with pytest.raises(ConfigError, match="qat_target=onnxruntime"):
+                check_resume_config(run, cfg)
+        else:
+            assert check_resume_config(run, cfg) == {}
