@@ -23,8 +23,9 @@ vocabulary KL(teacher‖x) and top-1 agreement, next to the fp32 student's. "int
 graphs ``--target tensorrt`` writes (symmetric int8 activations; float8 e4m3fn with amax / 448 scales), run on ORT's
 CPU provider, which emulates their Q/DQ in float (no FP8 kernels: quality only, no speed; TensorRT runs them on an FP8
 GPU). With ``--qat-run`` (a run made with
-``--quantize int8 --qat-steps N``) the fp32 student is that run's last pruning stage (its checkpoint, before the QAT
-stage) and two more rows show its QAT-trained student: float, and static int8.
+``--quantize int8|fp8 --qat-steps N``, for its ``qat_target``) the fp32 student is that run's last pruning stage (its
+checkpoint, before the QAT stage) and two more rows show its QAT-trained student: float, and quantized as the stage
+simulated (int8 / fp8 for onnxruntime or the trt QDQ); the QAT stage's recorded fake-quantized KLs are printed above.
 
     .venv/bin/python scripts/bench_quantize.py [--run dist/demo.run] [--qat-run RUN] [--rounds 5]
         [--cache runs/bench_quantize] [--modes int8-dynamic,int8,int4-weight,int8-trt] [--skip-speed] [--skip-quality]
@@ -264,20 +265,34 @@ def part2(run: Path, qat_run: Path | None = None) -> dict:
             export_onnx(run / "student", qsrc)
             graphs["fp32 after QAT"] = qsrc
             pruned_qat = pruned_weights(run / "student", json.loads((run / "sparsity.json").read_text()))
-            graphs["int8 + QAT"] = Path(quantize_onnx(qsrc, quantized_path(qsrc, "int8"), "int8",
-                                                      calibration=calibration_feeds(qsrc, train[:32])).path)
+            # the graph the QAT stage simulated: its mode, for its target (qat_target; older runs: onnxruntime)
+            mode, target = config.get("quantize", "int8"), config.get("qat_target", "onnxruntime")
+            qat_name = f"{mode}{' (trt QDQ)' if target == 'tensorrt' else ''} + QAT"
+            graphs[qat_name] = Path(quantize_onnx(qsrc, quantized_path(qsrc, mode), mode, target=target,
+                                                  calibration=calibration_feeds(qsrc, train[:32])).path)
         for name, p in graphs.items():
             logits = OnnxRuntimeTarget(p).logits(held.numpy())
             s_logp = log_softmax(logits.astype(np.float64))
             res[name] = {"kl_full": float(kl(t_logp, s_logp).mean()),
                          "top1": float((s_logp.argmax(-1) == t_logp.argmax(-1)).mean()),
                          "mb": p.stat().st_size / 1e6, "audit": audited(p, pruned_qat if "QAT" in name else pruned)}
+    if qat_run is not None:  # the QAT stage's own record: its fake-quantized KL at the start and at the end
+        stage = next(r for r in json.loads((run / "trajectory.json").read_text())["stages"] if "qat" in r)
+        res["qat stage"] = {"target": stage["qat"].get("target", "onnxruntime"), "mode": stage["qat"]["mode"],
+                            "kl_fake_quant_start": stage["kl_after_prune"], "kl_fake_quant_end": stage["kl"],
+                            "kl_float_before": stage["qat"]["kl_float_before"],
+                            "kl_float_after": stage["qat"].get("kl_float_after")}
+        print(f"\nQAT stage ({stage['qat']['mode']}, {res['qat stage']['target']}): fake-quantized KL at its start "
+              f"{stage['kl_after_prune']:.4f}, after {stage['steps']} steps {stage['kl']:.4f} (float student "
+              f"{stage['qat']['kl_float_before']:.4f} before)")
     base = res["fp32"]
     print(f"\n{run} student vs its teacher on the run's {held.shape[0]} x {held.shape[1]} held-out tokens "
           "(static int8 / fp8 calibrated on 32 training sequences; the trt QDQ rows run on ORT's CPU provider, which "
           "emulates their Q/DQ)")
     print(f"{'graph':24s} {'full KL':>9s} {'x fp32':>7s} {'top-1':>7s} {'- fp32':>7s} {'MB':>6s}  2:4 audit")
     for name, r in res.items():
+        if "kl_full" not in r:
+            continue
         print(f"{name:24s} {r['kl_full']:9.4f} {r['kl_full'] / base['kl_full']:7.2f} {r['top1']:7.3f} "
               f"{r['top1'] - base['top1']:+7.3f} {r['mb']:6.1f}  {r['audit']}")
     return res

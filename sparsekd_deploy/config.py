@@ -101,6 +101,10 @@ class DistillConfig:
     # A last distillation stage of this many steps with the student's Linear layers fake-quantized as `quantize` will
     # quantize them (core/qat.py); 0 = none. It changes the student, so unlike the three above it is a distill setting.
     qat_steps: int = 0
+    # The runtime whose quantized graph the QAT stage simulates (onnxruntime | tensorrt: their int8 activations
+    # differ, uint8 asymmetric vs int8 symmetric; fp8 is tensorrt's only). build sets it to its --target; a distill
+    # on its own simulates onnxruntime unless its recipe says otherwise.
+    qat_target: str = "onnxruntime"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -255,19 +259,24 @@ def _quantize_problems(cfg: DistillConfig) -> list[str]:
 
 def _qat_problems(cfg: DistillConfig) -> list[str]:
     from .core.patterns import is_auto
-    from .core.qat import QAT_MODES
+    from .core.qat import QAT_MODES, QAT_TARGETS, TARGETS
     from .precisions import MODES as MODES_WITH_NONE
 
     if cfg.qat_steps < 0:
         return [f"qat_steps must be ≥ 0 (0 = no quantization-aware stage), got {cfg.qat_steps}"]
+    if cfg.qat_target not in TARGETS:
+        return [f"qat_target must be {' or '.join(TARGETS)} (the runtime whose quantized graph QAT simulates), "
+                f"got {cfg.qat_target!r}"]
     if not cfg.qat_steps or cfg.quantize not in MODES_WITH_NONE:
         return []
     if cfg.quantize == "none":
         return [f"qat_steps {cfg.qat_steps} trains the student against a quantization's rounding and quantize is none: "
                 f"add --quantize ({', '.join(QAT_MODES)}), or drop --qat-steps"]
-    if cfg.quantize not in QAT_MODES:
-        return [f"qat_steps is not available for quantize {cfg.quantize} (torch has no float8 fake-quant op with a "
-                f"straight-through gradient); it supports {', '.join(QAT_MODES)}"]
+    if cfg.qat_target not in QAT_TARGETS[cfg.quantize]:
+        runs = " or ".join(QAT_TARGETS[cfg.quantize])
+        how = "build with --target tensorrt" if runs == "tensorrt" else f"build with --target {runs}"
+        return [f"qat_steps with quantize {cfg.quantize} simulates the {runs} graph and qat_target is "
+                f"{cfg.qat_target}: {how} (distill: qat_target: {runs} in the recipe)"]
     if is_auto(cfg.pattern):
         return [f"qat_steps needs a fixed pattern; {cfg.pattern!r} searches its sparsity (run the search, then "
                 "build its result's pattern with --qat-steps)"]

@@ -28,9 +28,10 @@ from .quantize_options import quantize_flags, quantize_options
 @click.option("--workspace", type=click.IntRange(min=1), default=4096, show_default=True, help="tensorrt: workspace limit (MiB).")
 @quantize_options
 @click.option("--qat-steps", "qat_steps", type=int, default=None,
-              help="With --quantize int8, int8-dynamic or int4-weight: a last distillation stage of N steps with the "
-                   "Linear layers fake-quantized that way (weights; int8: input activations too), under the same KL "
-                   "budget, so the exported student is trained around the rounding. [default: 0, none]")
+              help="With --quantize int8, int8-dynamic, int4-weight or fp8 (tensorrt): a last distillation stage of N "
+                   "steps with the Linear layers fake-quantized as the --target's graph quantizes them (weights; int8 "
+                   "and fp8: input activations too), under the same KL budget, so the exported student is trained "
+                   "around the rounding. [default: 0, none]")
 @gate_options
 @distill_options
 @handle_errors(resumable=True)
@@ -46,7 +47,7 @@ def build_cmd(target, out, run_dir, provider, opset, fp16, batch, seq, past, wor
 
     gates = gates_from(flags)
     cfg = config_from_flags(recipe, None, flags, require_out=False,  # build chooses the run dir
-                            extra=quantize_flags(flags) | {"qat_steps": flags.pop("qat_steps", None)})
+                            extra=quantize_flags(flags) | _qat_flags(flags, target))
     # Check profile shapes before hours of distillation (the model's position limit is checked again later).
     profile = Profile.from_cli(batch, seq, past, None) if (batch or seq or past) else None
     reporter = RichReporter()
@@ -65,3 +66,10 @@ def build_cmd(target, out, run_dir, provider, opset, fp16, batch, seq, past, wor
 
     leave_together()  # under a launcher the other ranks wait here while the main process exports and validates
     sys.exit(0 if res.passed else 1)
+
+
+def _qat_flags(flags: dict, target: str) -> dict:
+    """--qat-steps, and the runtime a QAT stage (flag or recipe) simulates: this build's target (an onnxruntime and a
+    tensorrt int8 graph round activations differently). Without QAT the setting is unused."""
+    return {"qat_steps": flags.pop("qat_steps", None),
+            "qat_target": target if target in ("onnxruntime", "tensorrt") else None}

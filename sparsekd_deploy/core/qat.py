@@ -1,50 +1,78 @@
 """Quantization-aware distillation (``--qat-steps``): a last stage in which every ``nn.Linear`` of the student computes
-with fake-quantized weights (and, for static INT8, fake-quantized input activations), so the student learns around
-the rounding the exporter's quantizer will do (``exporters/quantize.py``) while the KD loss still pulls it to the
-teacher. The rounding is torch's own (``torch.fake_quantize_per_channel_affine`` / ``_per_tensor_affine``, whose
-gradient passes straight through inside the range); the weights stay float32 parameters, so masks, the optimizer,
-checkpoints and ``save_pretrained`` see the usual student, and the exported graph is quantized for real by ONNX Runtime.
+with fake-quantized weights (and, for static INT8 / FP8, fake-quantized input activations), so the student learns
+around the rounding the exporter's quantizer will do (``exporters/quantize.py``) for the build's target while the KD
+loss still pulls it to the teacher. Integer rounding is torch's own (``torch.fake_quantize_per_channel_affine`` /
+``_per_tensor_affine``, whose gradient passes straight through inside the range); float8 rounding is a cast to
+``torch.float8_e4m3fn`` and back, made straight-through as ``x + (q(x) - x).detach()`` (torch has no float8
+fake-quant op). The weights stay float32 parameters, so masks, the optimizer, checkpoints and ``save_pretrained``
+see the usual student, and the exported graph is quantized for real by ONNX Runtime.
 
-Per mode, what is simulated (matching the exporter):
+Per mode and target (``qat_target``: build sets it to its ``--target``; a ``distill`` on its own simulates
+``onnxruntime`` unless its recipe says ``qat_target: tensorrt``), what is simulated (matching the exporter):
 
-- weights, every mode: symmetric, zero point 0 (a pruned zero stays exactly zero, so 2:4 survives), scale from the
-  weight's current absolute maximum: per output channel in [-127, 127] for ``int8`` / ``int8-dynamic``, per block of
-  32 in-features in [-8, 7] for ``int4-weight`` (a layer whose in-features are not a multiple of 32 stays float,
-  as the exporter leaves it).
-- activations (a Linear's input): ``int8`` per tensor, uint8 asymmetric with a range calibrated once per stage on the
-  run's training sequences (minmax, as ``quantize_static`` calibrates; the onnxruntime target's form: TensorRT's
-  symmetric int8 is not simulated); ``int8-dynamic`` per tensor from each call's own min/max (as ONNX Runtime
-  quantizes at run time); ``int4-weight`` none (weight-only).
-
-``fp8`` is not offered: torch has no fake-quant op for float8 with a straight-through gradient.
+- weights: symmetric, zero point 0 (a pruned zero stays exactly zero, so 2:4 survives), scale from the weight's
+  current absolute maximum: per output channel in [-127, 127] for ``int8`` / ``int8-dynamic``, per block of 32
+  in-features in [-8, 7] for ``int4-weight`` (a layer whose in-features are not a multiple of 32 stays float, as the
+  exporter leaves it), per tensor amax / 448 in float8 e4m3fn for ``fp8``; for static ``int8`` also the embedding
+  tables (their Gathers read an 8-bit copy per tensor: int8 symmetric for tensorrt, uint8 asymmetric for
+  onnxruntime, as ONNX Runtime types a Gather's table like the activations).
+- activations (a Linear's input), per tensor, from ranges calibrated once per stage on the run's training sequences
+  (the max / min the exporter's MinMax calibration sees): ``int8`` for onnxruntime uint8 asymmetric (its U8S8
+  kernels), ``int8`` for tensorrt int8 symmetric (zero point 0, scale amax / 127, codes saturating in [-128, 127]:
+  ORT's symmetric QInt8 range and QuantizeLinear's), ``fp8`` (tensorrt only) float8 e4m3fn with scale amax / 448
+  (``exporters.quantize._fp8_amax_overrides``); ``int8-dynamic`` per tensor from each call's own min/max (as ONNX
+  Runtime quantizes at run time); ``int4-weight`` none (weight-only).
 """
 
 from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-QAT_MODES = ("int8-dynamic", "int8", "int4-weight")
+QAT_MODES = ("int8-dynamic", "int8", "int4-weight", "fp8")
+TARGETS = ("onnxruntime", "tensorrt")
+# The runtimes whose quantized graph of a mode this module simulates (exporters.quantize.RUNTIMES, which core cannot
+# import): the exporter refuses the other pairs.
+QAT_TARGETS = {"int8-dynamic": ("onnxruntime",), "int8": TARGETS, "int4-weight": TARGETS, "fp8": ("tensorrt",)}
 BLOCK = 32  # exporters.quantize.BLOCK_SIZE (core sits below the exporters and cannot import it)
 INT8 = (-127, 127)  # symmetric int8 weights as ONNX Runtime writes them (-128 unused, so the range is symmetric)
+INT8_CODES = (-128, 127)  # what QuantizeLinear saturates int8 activations to (the scale maps amax onto 127)
 INT4 = (-8, 7)
 UINT8 = (0, 255)
+FP8_MAX = 448.0  # float8 e4m3fn's largest finite value (exporters.quantize.FP8_MAX)
 
 
-def describe(mode: str) -> dict[str, str]:
+def scheme(mode: str, target: str = "onnxruntime") -> str:
+    """The activation scheme the stage simulates: uint8 | int8-symmetric | fp8 | dynamic | none."""
+    if mode == "int8":
+        return "int8-symmetric" if target == "tensorrt" else "uint8"
+    return {"fp8": "fp8", "int8-dynamic": "dynamic"}.get(mode, "none")
+
+
+def describe(mode: str, target: str = "onnxruntime") -> dict[str, str]:
     """What the stage simulates, for its trajectory record."""
-    weights = ("int4 symmetric, blocks of 32 in-features" if mode == "int4-weight"
-               else "int8 symmetric, per output channel")
-    acts = {"int8": "uint8 asymmetric per tensor, minmax-calibrated on the training split at the stage's start",
-            "int8-dynamic": "uint8 asymmetric per tensor, from each call's own range",
-            "int4-weight": "float (weight-only)"}[mode]
-    return {"mode": mode, "weights": weights, "activations": acts,
-            "rounding": "torch.fake_quantize_per_channel_affine / per_tensor_affine (straight-through gradient)"}
+    weights = {"int4-weight": "int4 symmetric, blocks of 32 in-features",
+               "fp8": "float8 e4m3fn per tensor, scale amax / 448 (zero point 0)"}.get(
+        mode, "int8 symmetric, per output channel")
+    acts = {"uint8": "uint8 asymmetric per tensor, minmax-calibrated on the training split at the stage's start",
+            "int8-symmetric": "int8 symmetric per tensor (zero point 0, scale amax / 127), minmax-calibrated on the "
+                              "training split at the stage's start",
+            "fp8": "float8 e4m3fn per tensor, scale amax / 448, amax calibrated on the training split at the stage's "
+                   "start",
+            "dynamic": "uint8 asymmetric per tensor, from each call's own range",
+            "none": "float (weight-only)"}[scheme(mode, target)]
+    rounding = ("float8 e4m3fn cast, straight-through (x + (q(x) - x).detach())" if mode == "fp8"
+                else "torch.fake_quantize_per_channel_affine / per_tensor_affine (straight-through gradient)")
+    out = {"mode": mode, "target": target, "weights": weights, "activations": acts, "rounding": rounding}
+    if mode == "int8":
+        out["embeddings"] = ("int8 symmetric, per tensor" if target == "tensorrt" else
+                             "uint8 asymmetric, per tensor") + " (the graph's Gather tables)"
+    return out
 
 
 def fake_quant_weight(w: torch.Tensor, mode: str) -> torch.Tensor:
@@ -52,7 +80,18 @@ def fake_quant_weight(w: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "int4-weight":
         blocks = w.reshape(-1, BLOCK)  # row-major: each row is one block of 32 consecutive in-features
         return _per_row(blocks, *INT4).reshape(w.shape)
+    if mode == "fp8":
+        return fake_fp8(w, float(w.detach().abs().max()))
     return _per_row(w, *INT8)
+
+
+def fake_fp8(x: torch.Tensor, amax: float) -> torch.Tensor:
+    """``x`` through float8 e4m3fn at scale amax / 448 and back, as QuantizeLinear (saturating) -> DequantizeLinear
+    compute it; the gradient passes straight through (the rounding is detached)."""
+    s = amax / FP8_MAX if amax > 0 else 1.0  # an all-zero tensor stays zero at any scale; 1 as the exporter
+    xf = x.float()
+    q = (xf / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32) * s
+    return (xf + (q - xf).detach()).to(x.dtype)
 
 
 def _per_row(w: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -68,13 +107,47 @@ def uint8_params(lo: float, hi: float) -> tuple[float, int]:
     return scale, int(round(-lo / scale))
 
 
-def _fake_quant_act(x: torch.Tensor, scale: float, zero: int) -> torch.Tensor:
-    return torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, *UINT8).to(x.dtype)
+def _fake_quant_act(x: torch.Tensor, scale: float, zero: int, qmin: int = UINT8[0], qmax: int = UINT8[1]
+                    ) -> torch.Tensor:
+    return torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, qmin, qmax).to(x.dtype)
+
+
+def act_quantizer(kind: str, lo: float, hi: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The fake quantization of a Linear's input whose calibrated range is [lo, hi], per scheme."""
+    amax = max(abs(lo), abs(hi))
+    if kind == "uint8":
+        scale, zero = uint8_params(lo, hi)
+        return lambda x: _fake_quant_act(x, scale, zero)
+    if kind == "int8-symmetric":
+        scale = max(amax, 1e-8) / INT8[1]  # ORT: (2 amax) / (127 - (-127))
+        return lambda x: _fake_quant_act(x, scale, 0, *INT8_CODES)
+    if kind == "fp8":
+        return lambda x: fake_fp8(x, amax)
+    raise ValueError(f"no calibrated activation quantizer for {kind!r}")
 
 
 def _dynamic_act(x: torch.Tensor) -> torch.Tensor:
     d = x.detach()
     return _fake_quant_act(x, *uint8_params(float(d.min()), float(d.max())))
+
+
+def quantized_embeddings(model: nn.Module, mode: str) -> dict[str, nn.Embedding]:
+    """The embedding tables static ``int8`` quantizes: its graph's Gather from a constant table reads an 8-bit copy,
+    per tensor (``fake_quant_table``; the Gather's output Q/DQ reuses that scale, so adds no rounding). fp8 leaves the Gathers float; the other modes' tables are not simulated."""
+    if mode != "int8":
+        return {}
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+
+
+def fake_quant_table(w: torch.Tensor, target: str = "onnxruntime") -> torch.Tensor:
+    """An embedding table rounded per tensor as the static int8 graph stores it. ONNX Runtime types the Gather's
+    table like the activations: int8 symmetric for tensorrt (zero point 0, scale amax / 127), uint8 asymmetric for
+    onnxruntime (its min / max; a zero weight comes back as ±scale/2 at most)."""
+    d = w.detach()
+    if target == "tensorrt":
+        scale = max(float(d.abs().max()), 1e-12) / INT8[1]
+        return torch.fake_quantize_per_tensor_affine(w.float(), scale, 0, *INT8).to(w.dtype)
+    return _fake_quant_act(w, *uint8_params(float(d.min()), float(d.max())))
 
 
 def quantized_linears(model: nn.Module, mode: str) -> dict[str, nn.Linear]:
@@ -85,9 +158,9 @@ def quantized_linears(model: nn.Module, mode: str) -> dict[str, nn.Linear]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, layers: dict[str, nn.Linear], batches: list[torch.Tensor], device
-              ) -> dict[str, tuple[float, int]]:
-    """(scale, zero point) of each layer's input over ``batches`` of token ids: its min and max, as minmax calibration
-    of the exported graph sees them (float model, no fake quantization)."""
+              ) -> dict[str, tuple[float, float]]:
+    """(min, max) of each layer's input over ``batches`` of token ids, as minmax calibration of the exported graph
+    sees them (float model, no fake quantization); each scheme makes its scale from them (``act_quantizer``)."""
     seen: dict[str, list[float]] = {}
 
     def hook(name):
@@ -108,17 +181,19 @@ def calibrate(model: nn.Module, layers: dict[str, nn.Linear], batches: list[torc
         model.train(training)
         for h in handles:
             h.remove()
-    return {n: uint8_params(*seen[n]) for n in layers if n in seen}
+    return {n: (seen[n][0], seen[n][1]) for n in layers if n in seen}
 
 
 @contextlib.contextmanager
-def fake_quantized(model: nn.Module, mode: str, ranges: dict[str, tuple[float, int]] | None = None
-                   ) -> Iterator[dict[str, nn.Linear]]:
+def fake_quantized(model: nn.Module, mode: str, ranges: dict[str, tuple[float, float]] | None = None,
+                   target: str = "onnxruntime") -> Iterator[dict[str, nn.Linear]]:
     """Within the block, each of ``quantized_linears`` computes ``F.linear(fq(x), fq(W), b)``; ``ranges``: the
-    calibrated activation parameters (static int8). The layers get their own ``forward`` for the block and lose it
-    after, so parameters (names, objects) never change. A loss that reads ``lm_head.weight`` itself (the chunked KD
-    path) trains that layer unquantized; held-out measurements always go through ``forward``."""
+    calibrated (min, max) of each layer's input (static int8 / fp8), rounded as ``target``'s graph rounds them. The
+    layers get their own ``forward`` for the block and lose it after, so parameters (names, objects) never change. A
+    loss that reads ``lm_head.weight`` itself (the chunked KD path) trains that layer unquantized; held-out
+    measurements always go through ``forward``."""
     layers = quantized_linears(model, mode)
+    kind = scheme(mode, target)
 
     def forward(module: nn.Linear, x: torch.Tensor, act) -> torch.Tensor:
         if act is not None:
@@ -126,16 +201,20 @@ def fake_quantized(model: nn.Module, mode: str, ranges: dict[str, tuple[float, i
         return F.linear(x, fake_quant_weight(module.weight, mode), module.bias)
 
     for name, m in layers.items():
-        if mode == "int8-dynamic":
+        if kind == "dynamic":
             act = _dynamic_act
-        elif mode == "int8" and ranges and name in ranges:
-            scale, zero = ranges[name]
-            act = (lambda s, z: lambda x: _fake_quant_act(x, s, z))(scale, zero)
+        elif kind in ("uint8", "int8-symmetric", "fp8") and ranges and name in ranges:
+            act = act_quantizer(kind, *ranges[name])
         else:
             act = None
         m.forward = types.MethodType(lambda self, x, _act=act: forward(self, x, _act), m)
+    tables = quantized_embeddings(model, mode)
+    for m in tables.values():
+        m.forward = types.MethodType(lambda self, ids: F.embedding(
+            ids, fake_quant_table(self.weight, target), self.padding_idx, self.max_norm, self.norm_type,
+            self.scale_grad_by_freq, self.sparse), m)
     try:
         yield layers
     finally:
-        for m in layers.values():
-            del m.forward  # back to nn.Linear.forward
+        for m in [*layers.values(), *tables.values()]:
+            del m.forward  # back to the class's forward

@@ -192,7 +192,9 @@ def check_resume_config(run: RunDir, config: dict) -> dict:
         return {}  # nothing to resume: RunDir.prepare says so
     saved, adopt = as_started(run.read_state().get("config", {}), config)
     config = {**config, **adopt}
-    differ = [k for k in config if k != "out" and k in saved and saved[k] != config[k]]
+    # qat_target (build's --target) shapes only a QAT stage: without one, a resumed build may change its target.
+    ignored = ("out",) if config.get("qat_steps") else ("out", "qat_target")
+    differ = [k for k in config if k not in ignored and k in saved and saved[k] != config[k]]
     if differ:
         was = ", ".join(f"{k}={saved[k]}" for k in differ)
         now = ", ".join(f"{k}={config[k]}" for k in differ)

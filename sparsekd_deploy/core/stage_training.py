@@ -317,7 +317,7 @@ class StageTraining:
         stage = Stage(accepted + 1, 1.0, f"qat {cfg.quantize}", cfg.qat_steps)
         layers = qat.quantized_linears(self.raw, cfg.quantize)
         ranges = None
-        if cfg.quantize == "int8":  # the exporter calibrates on the same leading training sequences
+        if cfg.quantize in ("int8", "fp8"):  # the exporter calibrates on the same leading training sequences
             ids = self.train_ids[: cfg.calibration_samples]
             # The main process's ranges on every rank: a rank that rounded with its own would train another model.
             # Under FSDP every rank runs the calibration forwards (on the same rows; each unit gathers its weights).
@@ -328,8 +328,10 @@ class StageTraining:
         # the whole rows'. The main process's whole CPU copy, which the accepted stage's consistency and stability
         # are measured on, is fake-quantized alike.
         whole = self.whole if self.sharded and self.team.is_main else None
-        with qat.fake_quantized(self.raw, cfg.quantize, ranges), \
-                (qat.fake_quantized(whole, cfg.quantize, ranges) if whole is not None else contextlib.nullcontext()):
+        target = cfg.qat_target  # the graph the build exports: its int8 activations differ per runtime
+        with qat.fake_quantized(self.raw, cfg.quantize, ranges, target), \
+                (qat.fake_quantized(whole, cfg.quantize, ranges, target) if whole is not None
+                 else contextlib.nullcontext()):
             self.optimizer.state.clear()
             after = self.measure()
             # Rule 1 of recovery.py (the step size follows the damage), the damage being what the rounding added.
@@ -339,7 +341,7 @@ class StageTraining:
             self.reporter.stage_begin(stage.label, stage.steps)
             self._recover(stage, outcome)
             record = self._record(stage, outcome)
-            record["qat"] = {**qat.describe(cfg.quantize), "layers": len(layers), "kl_float_before": before["kl"],
+            record["qat"] = {**qat.describe(cfg.quantize, target), "layers": len(layers), "kl_float_before": before["kl"],
                              "top1_float_before": before["top1"]}
             if outcome.accepted:
                 accepted = self._accept(stage, record)

@@ -93,6 +93,8 @@ def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions | None = None,
     from ..exporters.quantize import check_mode
 
     check_mode(cfg.quantize, opts.target)  # a mode the target cannot run is refused before the distillation
+    if opts.target in ("onnxruntime", "tensorrt"):  # a QAT stage simulates the graph this build exports
+        cfg.qat_target = opts.target
     from ..exporters.onnx import check_opset
 
     check_opset(opts.opset)
@@ -190,7 +192,7 @@ def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptio
     return res
 
 
-EXPORT_ONLY = ("quantize", "calibration", "calibration_samples")
+EXPORT_ONLY = ("quantize", "calibration", "calibration_samples", "qat_target")
 
 
 def _differing_flags(state_file: Path, cfg: DistillConfig) -> str:
