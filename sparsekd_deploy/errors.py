@@ -6,6 +6,15 @@ Each message says what was wrong, what is allowed, and how to fix it.
 from __future__ import annotations
 
 
+def first_line(e: BaseException | str, limit: int | None = None) -> str:
+    """The first non-empty line of an exception's (or a string's) message, the type's name when there is none; cut to
+    ``limit`` characters with an ellipsis (transformers can put 150 model names on one line). For one-line errors
+    that quote a library's failure."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    line = lines[0] if lines else type(e).__name__
+    return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
+
+
 class SparseKDError(ValueError):
     """Base class: a problem the user can fix. Never shown with a traceback."""
 

@@ -133,21 +133,23 @@ def _dynamic_act(x: torch.Tensor) -> torch.Tensor:
 
 def quantized_embeddings(model: nn.Module, mode: str) -> dict[str, nn.Embedding]:
     """The embedding tables static ``int8`` quantizes: its graph's Gather from a constant table reads an 8-bit copy,
-    per tensor (``fake_quant_table``; the Gather's output Q/DQ reuses that scale, so adds no rounding). fp8 leaves the Gathers float; the other modes' tables are not simulated."""
+    per tensor (``fake_quant_rows``; the Gather's output Q/DQ reuses that scale, so adds no rounding). fp8 leaves the
+    Gathers float; the other modes' tables are not simulated."""
     if mode != "int8":
         return {}
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
 
 
-def fake_quant_table(w: torch.Tensor, target: str = "onnxruntime") -> torch.Tensor:
-    """An embedding table rounded per tensor as the static int8 graph stores it. ONNX Runtime types the Gather's
-    table like the activations: int8 symmetric for tensorrt (zero point 0, scale amax / 127), uint8 asymmetric for
-    onnxruntime (its min / max; a zero weight comes back as ±scale/2 at most)."""
-    d = w.detach()
+def fake_quant_rows(table: torch.Tensor, rows: torch.Tensor, target: str = "onnxruntime") -> torch.Tensor:
+    """``rows`` gathered from ``table``, rounded as the static int8 graph stores the whole table, per tensor. ONNX
+    Runtime types the Gather's table like the activations: int8 symmetric for tensorrt (zero point 0, scale
+    amax / 127), uint8 asymmetric for onnxruntime (its min / max; a zero weight comes back as ±scale/2 at most). The
+    rounding is elementwise once the table's scale is known, so only the gathered rows are rounded, not the table."""
+    d = table.detach()
     if target == "tensorrt":
         scale = max(float(d.abs().max()), 1e-12) / INT8[1]
-        return torch.fake_quantize_per_tensor_affine(w.float(), scale, 0, *INT8).to(w.dtype)
-    return _fake_quant_act(w, *uint8_params(float(d.min()), float(d.max())))
+        return torch.fake_quantize_per_tensor_affine(rows.float(), scale, 0, *INT8).to(rows.dtype)
+    return _fake_quant_act(rows, *uint8_params(float(d.min()), float(d.max())))
 
 
 def quantized_linears(model: nn.Module, mode: str) -> dict[str, nn.Linear]:
@@ -210,9 +212,9 @@ def fake_quantized(model: nn.Module, mode: str, ranges: dict[str, tuple[float, f
         m.forward = types.MethodType(lambda self, x, _act=act: forward(self, x, _act), m)
     tables = quantized_embeddings(model, mode)
     for m in tables.values():
-        m.forward = types.MethodType(lambda self, ids: F.embedding(
-            ids, fake_quant_table(self.weight, target), self.padding_idx, self.max_norm, self.norm_type,
-            self.scale_grad_by_freq, self.sparse), m)
+        m.forward = types.MethodType(lambda self, ids: fake_quant_rows(self.weight, F.embedding(
+            ids, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse),
+            target), m)
     try:
         yield layers
     finally:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SparseKDError
+from ..errors import SparseKDError, first_line
 from .ort_positions import expand_rotary_positions
 
 DOMAIN = "com.microsoft"
@@ -150,7 +150,8 @@ def ort_fusions(model, max_positions: int | None = None) -> dict[str, int]:
     for name in ("rotary_embeddings", "layer_norm", "skip_layer_norm", "shape_inference"):
         setattr(options, f"enable_{name}", True)
     quiet = logging.getLogger("onnxruntime.transformers")
-    level, quiet.level = quiet.level, logging.ERROR  # "symbolic shape inference failed" on graphs it cannot type
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "symbolic shape inference failed" on graphs it cannot type
     try:
         optimized = optimize_by_fusion(model, "bert", optimization_options=options).model
     finally:
@@ -231,25 +232,21 @@ def _kept_ort_fusions(model, max_positions: int | None, fusers: str) -> tuple[di
 
     fused = onnx.ModelProto()
     fused.CopyFrom(model)
-
-    def first(e: Exception) -> str:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-
     try:
         counts = ort_fusions(fused, max_positions)
     except Exception as e:  # their own failure on a graph they do not expect
-        return None, f"{fusers} failed: {first(e)}"
+        return None, f"{fusers} failed: {first_line(e)}"
     rows = rotary_positions(fused)
     if rows:
         fused.metadata_props.add(key=POSITIONS_KEY, value=str(rows))
     try:
         want = _probe(model.SerializeToString())
     except Exception as e:
-        raise FusionError(f"onnxruntime cannot run the attention-fused graph: {first(e)}") from None
+        raise FusionError(f"onnxruntime cannot run the attention-fused graph: {first_line(e)}") from None
     try:
         got = _probe(fused.SerializeToString())
     except Exception as e:
-        return None, f"onnxruntime cannot run the graph {fusers} made: {first(e)}"
+        return None, f"onnxruntime cannot run the graph {fusers} made: {first_line(e)}"
     for a, b in zip(want, got, strict=True):
         diff = float(np.abs(a - b).max())
         if not diff <= PROBE_TOLERANCE * max(1.0, float(np.abs(a).max())):
@@ -294,8 +291,7 @@ def fuse_attention(src: str | Path, dst: str | Path | None = None, *, max_positi
     rewriter = f"onnxscript.rewriter {onnxscript.__version__}"
 
     def unreadable(e: Exception) -> FusionError:  # onnx raises DecodeError / OSError / its own types
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return FusionError(f"cannot read {src} as an ONNX graph: {first}")
+        return FusionError(f"cannot read {src} as an ONNX graph: {first_line(e)}")
 
     try:
         model = onnx.load(str(src), load_external_data=False)
@@ -315,8 +311,7 @@ def fuse_attention(src: str | Path, dst: str | Path | None = None, *, max_positi
     try:
         count = fuse_attention_model(model)
     except Exception as e:  # the rewriter's own failure on a graph it does not expect: one line, the graph untouched
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise FusionError(f"fusing the attention of {src.name} failed in {rewriter}: {first}") from None
+        raise FusionError(f"fusing the attention of {src.name} failed in {rewriter}: {first_line(e)}") from None
     if count == 0 and dst == src:
         return FusionInfo(0, rewriter=rewriter)  # nothing to rewrite
     counts = why = None

@@ -242,7 +242,8 @@ def _fp8_amax_overrides(model, nodes: list[str], feeds: list[dict]) -> dict[str,
     from onnxruntime.quantization.quant_utils import ONNX_TYPE_TO_NP_TYPE
 
     inits = {i.name: i for i in model.graph.initializer}
-    chosen = [n for n in model.graph.node if n.name in set(nodes)]
+    wanted = set(nodes)
+    chosen = [n for n in model.graph.node if n.name in wanted]
     # The calibrator reads a model file (it adds ReduceMin/ReduceMax outputs to a copy): write this one, folded.
     with tempfile.TemporaryDirectory(prefix="sparsekd-fp8-") as tmp:
         path = Path(tmp) / "model.onnx"

@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from ..errors import ModelLoadError, TeacherNotFoundError
+from ..errors import ModelLoadError, TeacherNotFoundError, first_line
 
 DEMO = "demo"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -92,11 +92,8 @@ def _from_hub_cache(repo_id: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message, cut short (transformers can put 150 model names on it)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    line = lines[0] if lines else type(e).__name__
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+def _first_line(e: BaseException | str) -> str:
+    return first_line(e, 200)  # cut short: transformers can put 150 model names on one line
 
 
 def _names(keys, limit: int = 5) -> str:

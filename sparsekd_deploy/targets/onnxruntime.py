@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import first_line
 from ..exporters.ort_attention import POSITIONS_KEY
 from .base import TARGETS, DecodeState, Target, TargetError, decoder_feed
 
@@ -53,7 +54,7 @@ class OnnxRuntimeTarget(Target):
         except TargetError:
             raise
         except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
-            raise TargetError(f"onnxruntime cannot load {model_path}: {str(e).splitlines()[0]}") from None
+            raise TargetError(f"onnxruntime cannot load {model_path}: {first_line(e)}") from None
         self.provider = provider
         self.path = Path(model_path)
         # A graph with ORT's fused rotary runs only the positions its caches hold (fused for the onnxruntime
@@ -93,8 +94,7 @@ class OnnxRuntimeTarget(Target):
         try:
             outs = self.session.run(None, self._feed(ids, past, past_len))
         except Exception as e:  # onnxruntime's own error types (a graph that cannot run these inputs): one line
-            first = (str(e).splitlines() or [type(e).__name__])[0]
-            raise TargetError(f"onnxruntime failed running {self.path.name}: {first}") from None
+            raise TargetError(f"onnxruntime failed running {self.path.name}: {first_line(e)}") from None
         named = dict(zip([o.name for o in self.session.get_outputs()], outs, strict=True))
         new_past = {p: named[self.present_for[p]] for p in self.past_names} if self.past_names else None
         # copy=False: an fp32 graph's logits are returned as ORT wrote them (copying 1 x 512 x 32000
