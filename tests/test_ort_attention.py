@@ -317,3 +317,18 @@ def test_the_records_rewriter_names_every_library_that_rewrote_any_file(exported
     record = _fuse_for_ort([fp32, int4], lambda _msg: None, 64)
     assert (record["model.onnx"], record["model.int4-weight.onnx"]) == (2, 0)
     assert "onnxscript.rewriter" in record["rewriter"] and "onnxruntime.transformers" in record["rewriter"]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", ""])
+def test_a_damaged_rotary_positions_metadata_is_one_target_error_line(fused, tmp_path, value):
+    from sparsekd_deploy.exporters.ort_attention import POSITIONS_KEY
+
+    _, dst, _ = fused
+    model = onnx.load(str(dst))
+    for prop in model.metadata_props:
+        if prop.key == POSITIONS_KEY:
+            prop.value = value
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    with pytest.raises(TargetError, match=rf"bad.onnx: its metadata {POSITIONS_KEY}='{value}' is not a positive"):
+        OnnxRuntimeTarget(bad)

@@ -60,6 +60,9 @@ class OnnxRuntimeTarget(Target):
         # A graph with ORT's fused rotary runs only the positions its caches hold (fused for the onnxruntime
         # target: the model's max_position_embeddings); past them onnxruntime fails mid-run, so refuse up front.
         rows = self.session.get_modelmeta().custom_metadata_map.get(POSITIONS_KEY)
+        if rows is not None and not (rows.isdigit() and int(rows) > 0):  # a hand-edited or damaged graph
+            raise TargetError(f"{model_path}: its metadata {POSITIONS_KEY}={rows!r} is not a positive position count "
+                              "(the fused rotary's cache rows); re-export the bundle's graph")
         limits = [int(x) for x in (max_positions, rows) if x]
         self.max_positions = min(limits) if limits else None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
