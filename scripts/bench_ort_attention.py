@@ -3,7 +3,9 @@ prompt, 16 heads of 64, fp32): the bound attention puts on the int8 / fp32 prefi
 
 One layer's attention as a one-node graph, each variant on the same Q / K / V, medians of timed runs, side by side:
 
-- ``MultiHeadAttention`` + additive bias [B, 1, S, T] — what ``exporters/ort_attention.py`` emits;
+- ``MultiHeadAttention`` + additive bias [B, 1, S, T] — what ``exporters/ort_attention.py``'s rewrite makes;
+- the same node with its queries in blocks (``exporters/ort_query_blocks.py``, the product's own pass, its defaults):
+  what the onnxruntime target's graphs run for prompts of 256 tokens and more;
 - ``MultiHeadAttention`` + 2-D key-padding mask + ``unidirectional=1`` (the causal mask made inside the kernel);
 - ``MultiHeadAttention`` + ``unidirectional=1`` alone;
 - ``GroupQueryAttention`` (causal by definition; K / V as [B, S, H*Dh]);
@@ -37,6 +39,16 @@ def _graph(op: str, inputs: list[tuple[str, int, list]], node_inputs: list[str],
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()
 
 
+def _query_blocks(graph: bytes) -> bytes:
+    import onnx
+
+    from sparsekd_deploy.exporters.ort_query_blocks import block_queries
+
+    model = onnx.load_from_string(graph)
+    block_queries(model)
+    return model.SerializeToString()
+
+
 def variants(s: int, n: int, d: int):
     """(name, graph, extra feeds, causal) for each variant; Q [1, S, N*D], K / V [1, N, S, D] as in our graphs."""
     from onnx import TensorProto as T
@@ -44,9 +56,10 @@ def variants(s: int, n: int, d: int):
     qkv = [("q", T.FLOAT, [1, s, n * d]), ("k", T.FLOAT, [1, n, s, d]), ("v", T.FLOAT, [1, n, s, d])]
     attrs = dict(num_heads=n, scale=float(d) ** -0.5)
     bias = np.triu(np.full((s, s), np.finfo(np.float32).min, np.float32), 1)[None, None]
-    yield ("MHA + additive bias (ours)",
-           _graph("MultiHeadAttention", qkv + [("bias", T.FLOAT, [1, 1, s, s])], ["q", "k", "v", "", "", "bias"],
-                  ["out"], **attrs), {"bias": bias}, True)
+    plain = _graph("MultiHeadAttention", qkv + [("bias", T.FLOAT, [1, 1, s, s])], ["q", "k", "v", "", "", "bias"],
+                   ["out"], **attrs)
+    yield "MHA + additive bias", plain, {"bias": bias}, True
+    yield "MHA + bias, query blocks (ours)", _query_blocks(plain), {"bias": bias}, True
     yield ("MHA + padding mask + unidirectional",
            _graph("MultiHeadAttention", qkv + [("pad", T.INT32, [1, s])], ["q", "k", "v", "", "pad"], ["out"],
                   unidirectional=1, **attrs), {"pad": np.ones((1, s), np.int32)}, True)
@@ -88,7 +101,7 @@ def main() -> None:
     opts.intra_op_num_threads = args.threads
     print(f"one layer's attention, 1 x {s} tokens, {n} heads of {d}, fp32, {args.threads} threads, "
           f"medians of {args.runs} runs")
-    print(f"{'variant':40s} {'ms / layer':>10s} {'x' + str(args.layers) + ' layers':>11s} {'x ours':>7s}  max |diff|")
+    print(f"{'variant':40s} {'ms / layer':>10s} {'x' + str(args.layers) + ' layers':>11s} {'x first':>7s}  max |diff|")
     reference, first_ms = None, None
     for name, graph, extra, causal in variants(s, n, d):
         session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])

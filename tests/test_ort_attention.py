@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from sparsekd_deploy.cli import main
+from sparsekd_deploy.exporters.onnx import all_nodes
 from sparsekd_deploy.exporters.ort_attention import FusionError, fuse_attention
 from sparsekd_deploy.exporters.trt_precision import EnginePrecisionError, check_ort_contrib
 from sparsekd_deploy.pipeline.parity import check_parity
@@ -19,7 +20,13 @@ from sparsekd_deploy.targets.onnxruntime import OnnxRuntimeTarget
 
 
 def _ops(path):
-    return [(n.domain, n.op_type) for n in onnx.load(str(path), load_external_data=False).graph.node]
+    """(domain, op) of every node, those inside If / Loop bodies too."""
+    return [(n.domain, n.op_type) for n in all_nodes(onnx.load(str(path), load_external_data=False).graph)]
+
+
+# MultiHeadAttention nodes per fused layer: the query-block Loop's and the plain branch's of its If
+# (exporters/ort_query_blocks.py).
+MHA_PER_LAYER = 2
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +41,8 @@ def test_every_layer_fused_and_the_decomposed_attention_gone(fused):
     plain, dst, info = fused
     assert info.fused == 2 and info.op == "com.microsoft.MultiHeadAttention"
     ops = _ops(dst)
-    assert ops.count(("com.microsoft", "MultiHeadAttention")) == 2
+    assert ops.count(("com.microsoft", "MultiHeadAttention")) == 2 * MHA_PER_LAYER
+    assert info.query_blocks == {"layers": 2, "block": 128, "from_queries": 256}
     assert not {("", "Softmax"), ("", "IsNaN")} & set(ops)
     assert {("", "Softmax"), ("", "IsNaN")} <= set(_ops(plain))  # what it replaced
 
@@ -42,7 +50,8 @@ def test_every_layer_fused_and_the_decomposed_attention_gone(fused):
 def test_the_fused_graph_keeps_nothing_that_nothing_reads(fused):
     _, dst, _ = fused
     graph = onnx.load(str(dst), load_external_data=False).graph
-    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    # If / Loop bodies read the outer graph's values by name
+    read = {name for node in all_nodes(graph) for name in node.input} | {o.name for o in graph.output}
     assert not [init.name for init in graph.initializer if init.name not in read]
     # the replaced subgraphs' constants (scales, -inf, the NaN guard's 0) went with them
     assert not [node.name for node in graph.node if not any(o in read for o in node.output)]
@@ -123,9 +132,10 @@ def test_export_fuses_only_the_onnxruntime_targets_graphs(target, pruned_dirs, t
     quantized = res["quantization"]["path"]
     mha = [_ops(p).count(("com.microsoft", "MultiHeadAttention")) for p in (out, quantized)]
     if target == "onnxruntime":
-        assert mha == [2, 2]
+        assert mha == [2 * MHA_PER_LAYER] * 2
         fusion = res["export"]["attention_fusion"]
         assert (fusion["model.onnx"], fusion["model.int8-dynamic.onnx"]) == (2, 2)
+        assert [fusion["query_blocks"][f]["layers"] for f in ("model.onnx", "model.int8-dynamic.onnx")] == [2, 2]
         assert res["parity"]["fp32"]["max_abs_logit_diff"] < 1e-3  # checked on the fused graph
     else:
         assert mha == [0, 0] and "attention_fusion" not in res["export"]
@@ -196,7 +206,8 @@ def test_orts_fusers_failing_leave_the_attention_fused_graph_and_say_why(exporte
     assert info.ort_skipped == f"onnxruntime.transformers {onnxruntime.__version__} failed: 'NoneType' object has no " \
         "attribute 'item'"
     ops = _ops(copy)
-    assert ops.count(("com.microsoft", "MultiHeadAttention")) == 2 and ("com.microsoft", "RotaryEmbedding") not in ops
+    assert ops.count(("com.microsoft", "MultiHeadAttention")) == 2 * MHA_PER_LAYER
+    assert ("com.microsoft", "RotaryEmbedding") not in ops
     assert not (tmp_path / "model.onnx.tmp").exists()
 
 

@@ -162,3 +162,17 @@ def onnx_files(path: Path) -> list[Path]:
     """The model file and its external-data file, if any."""
     data = path.with_name(path.name + ".data")
     return [path] + ([data] if data.exists() else [])
+
+
+def all_nodes(graph):
+    """Every node of ``graph`` and of the subgraphs its If / Loop / Scan nodes hold (depth first)."""
+    from onnx import AttributeProto
+
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                yield from all_nodes(attr.g)
+            elif attr.type == AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from all_nodes(g)

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import SparseKDError, first_line
 from .ort_positions import expand_rotary_positions
+from .ort_query_blocks import MIN_QUERIES, QUERY_BLOCK, block_queries
 
 DOMAIN = "com.microsoft"
 
@@ -46,6 +47,7 @@ class FusionInfo:
     skipped: str | None = None  # why the graph was not rewritten at all
     ort_fusions: dict | None = None  # ORT's own fusers' counts (RotaryEmbedding, SkipSimplifiedLayerNormalization)
     ort_skipped: str | None = None  # why ORT's fusers' graph was not kept (the attention-only graph was written)
+    query_blocks: dict | None = None  # layers whose prompt attention runs in query blocks (``ort_query_blocks.py``)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -274,17 +276,19 @@ def fuse_attention_model(model) -> int:
     return count
 
 
-def fuse_attention(src: str | Path, dst: str | Path | None = None, *, max_positions: int | None = None) -> FusionInfo:
+def fuse_attention(src: str | Path, dst: str | Path | None = None, *, max_positions: int | None = None,
+                   query_blocks: tuple[int, int] | None = (QUERY_BLOCK, MIN_QUERIES)) -> FusionInfo:
     """Fuse ``src``'s attention into MultiHeadAttention, then its rotary and residual norms with ORT's own fusers
     (``ort_fusions``; ``max_positions`` sizes the rotary caches), and write it to ``dst`` (default: over ``src``;
     temp name, then rename: never half-written). A graph with no matching attention is left as it was (fused 0, ORT's
     fusers not run either): not rewritten in place, copied unchanged to another ``dst``. When ORT's fusers fail or
-    their graph does not run as the attention-fused one does, that one is written and ``ort_skipped`` says why."""
+    their graph does not run as the attention-fused one does, that one is written and ``ort_skipped`` says why.
+    ``query_blocks`` = (block, from how many queries) for ``ort_query_blocks.block_queries``; None: not blocked."""
     import onnx
     import onnxruntime
     import onnxscript
 
-    from .onnx import EXTERNAL_DATA_BYTES, save_onnx
+    from .onnx import EXTERNAL_DATA_BYTES, all_nodes, save_onnx
 
     src = Path(src)
     dst = Path(dst) if dst is not None else src
@@ -297,7 +301,7 @@ def fuse_attention(src: str | Path, dst: str | Path | None = None, *, max_positi
         model = onnx.load(str(src), load_external_data=False)
     except Exception as e:
         raise unreadable(e) from None
-    if any(n.domain == DOMAIN and n.op_type == "MultiHeadAttention" for n in model.graph.node):
+    if any(n.domain == DOMAIN and n.op_type == "MultiHeadAttention" for n in all_nodes(model.graph)):
         raise FusionError(f"{src.name} already holds MultiHeadAttention nodes (fused before); fuse the exported graph")
     if any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer):
         if dst == src:
@@ -314,12 +318,19 @@ def fuse_attention(src: str | Path, dst: str | Path | None = None, *, max_positi
         raise FusionError(f"fusing the attention of {src.name} failed in {rewriter}: {first_line(e)}") from None
     if count == 0 and dst == src:
         return FusionInfo(0, rewriter=rewriter)  # nothing to rewrite
-    counts = why = None
+    counts = why = blocks = None
     if count:  # only graphs whose attention we recognised (the decoder layouts ORT's fusers were written for)
         ort_fusers = f"onnxruntime.transformers {onnxruntime.__version__}"
         counts, why = _kept_ort_fusions(model, max_positions, ort_fusers)
         if counts is not None:
             rewriter = f"{rewriter}; {ort_fusers}"
+        # Last, and with no probe: it rewrites only our own nodes, into the same kernel on slices of the same
+        # tensors (tests/test_ort_query_blocks.py holds prompts, cached decoding and left padding to the unblocked
+        # graph's logits; sums regrouped move them ~1e-7).
+        if query_blocks is not None:
+            block, least = query_blocks
+            blocks = {"layers": block_queries(model, block, least), "block": block, "from_queries": least}
     size = sum(init.ByteSize() for init in model.graph.initializer)
     save_onnx(model, dst, size > EXTERNAL_DATA_BYTES)
-    return FusionInfo(count, rewriter=rewriter, ort_fusions=counts, ort_skipped=why)
+    return FusionInfo(count, rewriter=rewriter, ort_fusions=counts, ort_skipped=why,
+                      query_blocks=blocks)

@@ -109,6 +109,8 @@ def _fuse_for_ort(paths: list[Path], note, max_positions: int | None = None) -> 
         record.update(op=res.op, rewriter="; ".join(tools))
         if res.ort_fusions is not None:
             record.setdefault("ort_fusions", {})[path.name] = res.ort_fusions
+        if res.query_blocks is not None:
+            record.setdefault("query_blocks", {})[path.name] = res.query_blocks
         if res.ort_skipped:
             record.setdefault("ort_fusions_skipped", {})[path.name] = res.ort_skipped
             note(f"  {path.name}: attention fused, rotary / norms left as exported: {res.ort_skipped}")
