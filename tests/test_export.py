@@ -146,3 +146,58 @@ def test_export_restores_the_callers_warning_filters_and_logger_levels(pruned_di
     export_onnx(pruned_dirs["llama"], tmp_path / "m.onnx")
     assert warnings.filters == filters
     assert logging.getLogger("transformers.modeling_utils").level == logging.INFO
+
+
+def _gqa_phi(root):
+    """A Phi (phi-2 layout) with fewer key / value heads than query heads: optimum's export sizes its dummy cache by
+    the query heads and fails inside the model (no released Phi-1/1.5/2 is shaped so; the case stands for any
+    architecture optimum knows but fails on)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=64, vocab_size=256)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "phi", safe_serialization=True)
+    return root / "phi"
+
+
+def test_optimum_failing_on_a_model_falls_back_to_torch_onnx_and_says_why(tmp_path):
+    """It raised optimum's RuntimeError as a traceback; now torch.onnx exports it (logits only), the record says why,
+    and --json's stdout stays one JSON document (torch.onnx's progress lines went there)."""
+    from click.testing import CliRunner
+
+    from sparsekd_deploy.cli import main
+    from sparsekd_deploy.models.loading import load_model
+
+    model_dir = _gqa_phi(tmp_path)
+    r = CliRunner().invoke(main, ["export", str(model_dir), "--out", str(tmp_path / "m.onnx"), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)["export"]
+    assert (info["exporter"], info["with_past"]) == ("torch.onnx", False)
+    assert info["fallback"] == ("optimum could not export it (RuntimeError: Sizes of tensors must match except in "
+                                "dimension 2. Expected size 4 but got size 2 for tensor number 1 in the list.)")
+    res = check_parity(load_model(model_dir), tmp_path / "m.onnx", torch.randint(0, 256, (2, 10)))
+    assert res["max_abs_logit_diff"] <= 1e-4
+
+
+def test_both_exporters_failing_is_one_line_naming_both(pruned_dirs, tmp_path, monkeypatch):
+    from sparsekd_deploy.exporters import onnx as onnx_export
+
+    def optimum_fails(*_a):
+        raise RuntimeError("optimum broke\nsecond line")
+
+    def torch_fails(*_a):
+        raise TypeError("torch broke")
+
+    monkeypatch.setattr(onnx_export, "_optimum", optimum_fails)
+    monkeypatch.setattr(onnx_export, "_torch_onnx_export", torch_fails)
+    with pytest.raises(onnx_export.ExportError) as e:
+        export_onnx(pruned_dirs["llama"], tmp_path / "m.onnx")
+    assert str(e.value) == (f"cannot export {pruned_dirs['llama']} to ONNX: optimum could not export it (RuntimeError: "
+                            "optimum broke); torch.onnx failed too (TypeError: torch broke)")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_plain_export_records_no_fallback(exported, pruned_dirs, tmp_path):
+    info = export_onnx(pruned_dirs["llama"], tmp_path / "m.onnx")
+    assert (info.exporter, info.with_past, info.fallback) == ("optimum", True, None)

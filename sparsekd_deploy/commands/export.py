@@ -75,6 +75,8 @@ def export_cmd(model_dir, fmt, out, pattern, opset, fp16, no_kv_cache, target, o
         return
     info = res.info
     err_console.print(f"exported with {info['exporter']} (opset {info['opset']}, KV cache {info['with_past']}) → {out}")
+    if info.get("fallback"):
+        err_console.print(f"no KV cache: {info['fallback']}", markup=False, highlight=False)
     for name, v in res.audits.items():
         share = "" if v["student_pattern_share"] is None else f" ({v['student_pattern_share']:.0%} of groups hold {pattern})"
         err_console.print(f"{name}: {v['holding']}/{v['checked']} pruned weights keep every zero{share}")

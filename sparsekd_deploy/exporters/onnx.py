@@ -15,7 +15,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import SparseKDError
+from ..errors import SparseKDError, first_line
 
 # Models over 2 GB must keep weights outside the protobuf (its hard limit).
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -49,6 +49,7 @@ class ExportInfo:
     with_past: bool
     external_data: bool
     precision: str = "fp32"
+    fallback: str | None = None  # why optimum's export (with KV cache) was not used, when torch.onnx's was
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,17 +82,25 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, opset: int | None = N
     out.parent.mkdir(parents=True, exist_ok=True)
     with _quiet(), tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp = Path(tmp)
-        used = None
+        used = fallback = None
         if exporter in ("auto", "optimum"):
             try:
                 used = _optimum(model_dir, tmp, opset, with_past)
-            except (KeyError, ValueError, NotImplementedError) as e:
+            except Exception as e:  # an architecture it has no config for, or its own failure on this one
                 if exporter == "optimum":
-                    raise ExportError(f"optimum could not export {model_dir}: {e}") from None
+                    raise ExportError(f"optimum could not export {model_dir}: {first_line(e)}") from None
+                fallback = f"optimum could not export it ({type(e).__name__}: {first_line(e)})"
         if used is None:
-            used = _torch_onnx(model_dir, tmp / "model.onnx", opset or 18)
+            try:
+                used = _torch_onnx(model_dir, tmp / "model.onnx", opset or 18)
+            except Exception as e:
+                before = f"{fallback}; " if fallback else ""
+                raise ExportError(f"cannot export {model_dir} to ONNX: {before}torch.onnx failed too "
+                                  f"({type(e).__name__}: {first_line(e)})") from None
             with_past = False
-        return _finalize(tmp / "model.onnx", out, used, with_past)
+        info = _finalize(tmp / "model.onnx", out, used, with_past)
+        info.fallback = fallback
+        return info
 
 
 def _optimum(model_dir: Path, tmp: Path, opset, with_past) -> str:
@@ -122,14 +131,21 @@ def _torch_onnx(model_dir: Path, path: Path, opset: int) -> str:
             return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     ids = torch.ones(1, 8, dtype=torch.long)
+    with warnings.catch_warnings():
+        # attributed to this call, so _quiet's per-module filter misses them (training mode, dynamic_axes advice)
+        warnings.simplefilter("ignore")
+        _torch_onnx_export(torch, LogitsOnly(model).eval(), ids, path, opset)
+    return "torch.onnx"
+
+
+def _torch_onnx_export(torch, module, ids, path: Path, opset: int) -> None:
     torch.onnx.export(
-        LogitsOnly(model), (ids, torch.ones_like(ids)), str(path), opset_version=opset, dynamo=True,
+        module, (ids, torch.ones_like(ids)), str(path), opset_version=opset, dynamo=True, verbose=False,
         input_names=["input_ids", "attention_mask"], output_names=["logits"],
         dynamic_axes={"input_ids": {0: "batch_size", 1: "sequence_length"},
                       "attention_mask": {0: "batch_size", 1: "sequence_length"},
                       "logits": {0: "batch_size", 1: "sequence_length"}},
     )
-    return "torch.onnx"
 
 
 def _finalize(src: Path, out: Path, exporter: str, with_past: bool) -> ExportInfo:

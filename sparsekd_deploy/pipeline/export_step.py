@@ -142,6 +142,10 @@ def export_and_audit(student_dir: Path, onnx_path: Path, pattern: Pattern | None
     note("exporting ONNX with KV cache" if with_past else "exporting ONNX")
     info = export_onnx(student_dir, onnx_path, opset=opset, with_past=with_past).to_dict()
     info.pop("path")
+    if info["fallback"]:
+        note(f"  {info['fallback']}: exported by torch.onnx, logits only (no KV cache)")
+    else:
+        info.pop("fallback")  # the manifest carries it only when it happened
     graphs = {"fp32": onnx_path}
     if fp16:
         note("converting to FP16")
