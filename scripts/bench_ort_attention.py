@@ -17,6 +17,7 @@ One layer's attention as a one-node graph, each variant on the same Q / K / V, m
 Every causal variant's output is compared with the first's.
 
     .venv/bin/python scripts/bench_ort_attention.py [--seq 512] [--heads 16] [--head-size 64] [--threads 2]
+        [--provider cuda]   # on a GPU with onnxruntime-gpu: does the query-block Loop cost there? (device_check.sh)
 """
 
 from __future__ import annotations
@@ -89,7 +90,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--layers", type=int, default=8, help="to scale one layer's time to the model's")
+    ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
+    provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[args.provider]
+    if provider not in ort.get_available_providers():
+        print(f"{provider} is not in this onnxruntime ({ort.get_device()}): nothing measured")
+        return
     s, n, d = args.seq, args.heads, args.head_size
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, s, n * d), dtype=np.float32)
@@ -99,12 +105,16 @@ def main() -> None:
            "q_bnsh": q.reshape(1, s, n, d).transpose(0, 2, 1, 3).copy()}
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
-    print(f"one layer's attention, 1 x {s} tokens, {n} heads of {d}, fp32, {args.threads} threads, "
+    print(f"one layer's attention, 1 x {s} tokens, {n} heads of {d}, fp32, {provider}, {args.threads} threads, "
           f"medians of {args.runs} runs")
     print(f"{'variant':40s} {'ms / layer':>10s} {'x' + str(args.layers) + ' layers':>11s} {'x first':>7s}  max |diff|")
     reference, first_ms = None, None
     for name, graph, extra, causal in variants(s, n, d):
-        session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(graph, opts, providers=[provider])
+        except Exception as e:  # a variant this provider has no kernel for
+            print(f"{name:40s} not run: {str(e).splitlines()[0][:80]}")
+            continue
         wanted = {i.name for i in session.get_inputs()}
         feeds = {key: val for key, val in {"q": q, "k": k, "v": v, **bsh, **extra}.items() if key in wanted}
         first = session.get_outputs()[0].name

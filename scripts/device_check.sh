@@ -31,6 +31,8 @@ tests_rc=$?
 timeout 80 "$PY" scripts/bench_gpu.py --backend cutlass --json "$OUT/bench_gpu_cutlass.json" > "$OUT/bench_gpu_cutlass.log" 2>&1
 timeout 240 "$PY" scripts/bench_mfu.py --json "$OUT/bench_mfu.json" > "$OUT/bench_mfu.log" 2>&1
 mfu_rc=$?
+# The onnxruntime target's query-block attention (If / Loop) on ORT's CUDA provider, where present (unmeasured so far).
+timeout 60 "$PY" scripts/bench_ort_attention.py --provider cuda --runs 10 > "$OUT/bench_ort_attention_cuda.log" 2>&1
 "$PY" - "$OUT" "$tests_rc" "$bench_rc" "$mfu_rc" <<'PYEOF'
 import json, pathlib, re, sys
 out, tests_rc, bench_rc, mfu_rc = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -46,6 +48,8 @@ summary = {
     "bench_cutlass": json.loads((out / "bench_gpu_cutlass.json").read_text()) if (out / "bench_gpu_cutlass.json").exists() else None,
     "mfu_exit_code": mfu_rc,
     "mfu": json.loads((out / "bench_mfu.json").read_text()) if (out / "bench_mfu.json").exists() else None,
+    "ort_attention_cuda": (out / "bench_ort_attention_cuda.log").read_text(errors="replace").strip().splitlines()
+    if (out / "bench_ort_attention_cuda.log").exists() else None,
 }
 try:
     import tensorrt
