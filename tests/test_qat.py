@@ -17,6 +17,7 @@ from sparsekd_deploy.core.distill import distill
 from sparsekd_deploy.core.patterns import NM
 from sparsekd_deploy.core.pruner import Pruner, apply_masks
 from sparsekd_deploy.errors import ConfigError
+from sparsekd_deploy.validate.gate import Gates
 
 
 def _pruned_llama():
@@ -92,7 +93,7 @@ def test_qat_stage_golden_and_recorded(mode, target, tiny_dirs, fast_cfg):
 @pytest.mark.parametrize("overrides, message", [
     ({"qat_steps": 5}, "qat_steps 5 trains the student against a quantization's rounding and quantize is none"),
     ({"qat_steps": -1, "quantize": "int8"}, "qat_steps must be ≥ 0"),
-    ({"qat_steps": 5, "quantize": "fp8"},
+    ({"qat_steps": 5, "quantize": "fp8", "qat_target": "onnxruntime"},
      "qat_steps with quantize fp8 simulates the tensorrt graph and qat_target is onnxruntime: build with --target "
      "tensorrt"),
     ({"qat_steps": 5, "quantize": "int8-dynamic", "qat_target": "tensorrt"},
@@ -104,6 +105,19 @@ def test_config_refuses_bad_qat_settings(overrides, message):
     with pytest.raises(ConfigError) as e:
         build_config(None, overrides)
     assert any(message in p for p in e.value.problems), e.value.problems
+
+
+def test_distill_on_its_own_refuses_fp8_qat_for_its_default_onnxruntime(tmp_path):
+    """A config that names no qat_target leaves it open (a library build sets it to its target): a distill on its
+    own simulates onnxruntime, which has no fp8 graph, and says so before any work; nothing is written."""
+    cfg = build_config(None, {"teacher": "unused", "out": str(tmp_path / "run"), "qat_steps": 5, "quantize": "fp8"})
+    assert cfg.qat_target is None
+    with pytest.raises(ConfigError) as e:
+        distill(cfg)
+    assert e.value.problems == ["qat_steps with quantize fp8 simulates the tensorrt graph and qat_target is "
+                                "onnxruntime: build with --target tensorrt (distill: qat_target: tensorrt in the "
+                                "recipe)"]
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args, message", [
@@ -155,6 +169,52 @@ def test_build_with_qat_exports_the_qat_student_and_records_the_stage(tiny_dirs,
 def test_config_takes_fp8_and_tensorrt_int8_qat_for_the_tensorrt_target():
     assert build_config(None, {"qat_steps": 5, "quantize": "fp8", "qat_target": "tensorrt"}).qat_target == "tensorrt"
     assert build_config(None, {"qat_steps": 5, "quantize": "int8", "qat_target": "tensorrt"}).quantize == "int8"
+
+
+LIBRARY_GATES = Gates(max_kl=5, min_top1=0, min_greedy_match=0, max_ppl_ratio=100, min_consistency_ratio=0)
+
+
+def test_library_build_trains_fp8_qat_for_its_tensorrt_target(tiny_dirs, fast_cfg, tmp_path):
+    """``pipeline.build`` with quantize fp8 and a QAT stage, the config left at its default qat_target: the
+    config refused it (fp8 is tensorrt's and the default is onnxruntime) before build could set its target."""
+    from sparsekd_deploy.exporters.trt_compat import this_machine
+    from sparsekd_deploy.pipeline import BuildOptions, build
+
+    if this_machine()["tensorrt_version"] and this_machine()["compute_capability"]:
+        pytest.skip("TensorRT and a GPU are here: the engine would be built for real")
+    cfg = build_config(None, {**fast_cfg, "teacher": str(tiny_dirs["llama"]), "quantize": "fp8",
+                              "calibration_samples": 8, "qat_steps": 4})
+    res = build(cfg, tmp_path / "b", BuildOptions(target="tensorrt"), gates=LIBRARY_GATES)
+    q = json.loads((res.bundle / "trajectory.json").read_text())["stages"][-1]["qat"]
+    assert q["mode"] == "fp8" and q["target"] == "tensorrt" and q["weights"].startswith("float8 e4m3fn per tensor")
+    assert json.loads((res.bundle / "manifest.json").read_text())["quantization"]["mode"] == "fp8"
+
+
+def test_library_build_trains_int8_qat_for_tensorrt_with_symmetric_activations(tiny_dirs, fast_cfg, tmp_path,
+                                                                                monkeypatch):
+    """int8 QAT through ``pipeline.build`` for tensorrt simulates tensorrt's int8 graph (symmetric activations), not
+    the config's default onnxruntime one (uint8 asymmetric); the run's own record says which. The build is stopped
+    once its distillation ends (the export of a QAT student is the fp8 test's)."""
+    import sparsekd_deploy.core.distill as distill_mod
+    from sparsekd_deploy.pipeline import BuildOptions, build
+
+    class Stop(Exception):
+        pass
+
+    real_distill = distill_mod.distill
+
+    def distill_then_stop(*args, **kwargs):
+        raise Stop(real_distill(*args, **kwargs))
+
+    monkeypatch.setattr(distill_mod, "distill", distill_then_stop)
+    cfg = build_config(None, {**fast_cfg, "teacher": str(tiny_dirs["llama"]), "quantize": "int8",
+                              "calibration_samples": 8, "qat_steps": 2})
+    assert cfg.qat_target is None  # open: the build settles it
+    with pytest.raises(Stop) as stopped:
+        build(cfg, tmp_path / "b", BuildOptions(target="tensorrt"))
+    q = stopped.value.args[0].trajectory[-1]["qat"]
+    assert q["mode"] == "int8" and q["target"] == "tensorrt"
+    assert q["activations"].startswith("int8 symmetric per tensor (zero point 0")
 
 
 # The fake-quantized student vs the graph the exporter writes for it, run on ORT's CPU provider (which emulates the
