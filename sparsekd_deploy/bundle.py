@@ -15,7 +15,7 @@ import errno
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from . import __version__
@@ -195,6 +195,9 @@ class BundleWriter:
 class Bundle:
     path: Path
     manifest: dict  # the manifest as written (every section); its required shape is checked by ``Manifest.parse``
+    # ``unlisted()`` as ``verify`` found it: ``unlisted_note`` (inspect, validate) reuses it instead of walking the
+    # bundle a second time; ``add_files`` (which changes what is listed) drops it.
+    _verified_unlisted: dict[str, str | None] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> Bundle:
@@ -246,11 +249,13 @@ class Bundle:
                 problems.append(f"{rel} has {p.stat().st_size} bytes, manifest says {meta.bytes} (truncated?)")
             elif sha256_file(p) != meta.sha256:
                 problems.append(f"{rel} checksum mismatch (corrupted or modified)")
-        for rel, link in self.unlisted().items():
+        found = self.unlisted()
+        for rel, link in found.items():
             if link is not None and (problem := _escape(self.path, rel)):
                 problems.append(f"unlisted {problem}: remove it")
         if problems:
             raise BundleError(f"bundle {self.path} failed verification: " + "; ".join(problems))
+        self._verified_unlisted = found
 
     def unlisted(self) -> dict[str, str | None]:
         """What the bundle holds beyond its files table and the mutable validation records: rel → the symlink's
@@ -277,8 +282,9 @@ class Bundle:
         return dict(sorted(found.items()))
 
     def unlisted_note(self) -> str | None:
-        """One line naming what ``unlisted`` found (None when nothing), for ``inspect`` and ``validate``."""
-        found = self.unlisted()
+        """One line naming what ``unlisted`` found (None when nothing), for ``inspect`` and ``validate``: what
+        ``verify`` found when it ran (one walk of the bundle per command), else a walk now."""
+        found = self._verified_unlisted if self._verified_unlisted is not None else self.unlisted()
         if not found:
             return None
         names = [rel + (f" (symlink to {link})" if link is not None else "") for rel, link in found.items()]
@@ -323,6 +329,7 @@ class Bundle:
         """Move new files into the bundle and rewrite the manifest with their checksums (atomically).
         Only these files are added: strays a tool left in the directory (a trtexec timing cache, a log) are not
         blessed into the checksum table."""
+        self._verified_unlisted = None  # what is listed changes: a later note walks again
         dests = {rel: confined(self.path, rel, "file") for rel in files}
         gone = {rel: confined(self.path, rel, "file") for rel in drop}
         table = dict(self.manifest.get("files", {}))

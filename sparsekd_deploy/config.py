@@ -18,6 +18,8 @@ import yaml
 from .errors import ConfigError
 from .models.adapters import DEFAULT_EXCLUDE
 
+DISTILL_QAT_TARGET = "onnxruntime"  # what a distill on its own simulates when its recipe names no qat_target
+
 
 @dataclass
 class DistillConfig:
@@ -103,8 +105,9 @@ class DistillConfig:
     qat_steps: int = 0
     # The runtime whose quantized graph the QAT stage simulates (onnxruntime | tensorrt: their int8 activations
     # differ, uint8 asymmetric vs int8 symmetric; fp8 is tensorrt's only). build sets it to its --target; a distill
-    # on its own simulates onnxruntime unless its recipe says otherwise.
-    qat_target: str = "onnxruntime"
+    # on its own simulates onnxruntime (DISTILL_QAT_TARGET) unless its recipe says otherwise. None until one of them
+    # settles it (settle_qat_target): a config made for the library's build does not know its target yet.
+    qat_target: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -259,12 +262,12 @@ def _quantize_problems(cfg: DistillConfig) -> list[str]:
 
 def _qat_problems(cfg: DistillConfig) -> list[str]:
     from .core.patterns import is_auto
-    from .core.qat import QAT_MODES, QAT_TARGETS, TARGETS
+    from .core.qat import QAT_MODES, TARGETS
     from .precisions import MODES as MODES_WITH_NONE
 
     if cfg.qat_steps < 0:
         return [f"qat_steps must be ≥ 0 (0 = no quantization-aware stage), got {cfg.qat_steps}"]
-    if cfg.qat_target not in TARGETS:
+    if cfg.qat_target is not None and cfg.qat_target not in TARGETS:
         return [f"qat_target must be {' or '.join(TARGETS)} (the runtime whose quantized graph QAT simulates), "
                 f"got {cfg.qat_target!r}"]
     if not cfg.qat_steps or cfg.quantize not in MODES_WITH_NONE:
@@ -272,15 +275,41 @@ def _qat_problems(cfg: DistillConfig) -> list[str]:
     if cfg.quantize == "none":
         return [f"qat_steps {cfg.qat_steps} trains the student against a quantization's rounding and quantize is none: "
                 f"add --quantize ({', '.join(QAT_MODES)}), or drop --qat-steps"]
-    if cfg.qat_target not in QAT_TARGETS[cfg.quantize]:
-        runs = " or ".join(QAT_TARGETS[cfg.quantize])
-        how = "build with --target tensorrt" if runs == "tensorrt" else f"build with --target {runs}"
-        return [f"qat_steps with quantize {cfg.quantize} simulates the {runs} graph and qat_target is "
-                f"{cfg.qat_target}: {how} (distill: qat_target: {runs} in the recipe)"]
+    if problem := _qat_target_problem(cfg):  # a target left open is checked once it is settled (settle_qat_target)
+        return [problem]
     if is_auto(cfg.pattern):
         return [f"qat_steps needs a fixed pattern; {cfg.pattern!r} searches its sparsity (run the search, then "
                 "build its result's pattern with --qat-steps)"]
     return []
+
+
+def _qat_target_problem(cfg: DistillConfig) -> str | None:
+    """Why a QAT stage cannot simulate ``cfg.qat_target``'s graph of its mode (None when it can, when there is no
+    stage, or while the target is open): fp8 is tensorrt's only, int8-dynamic onnxruntime's."""
+    from .core.qat import QAT_TARGETS
+
+    if cfg.qat_target is None or not cfg.qat_steps or cfg.quantize not in QAT_TARGETS:
+        return None
+    if cfg.qat_target in QAT_TARGETS[cfg.quantize]:
+        return None
+    runs = " or ".join(QAT_TARGETS[cfg.quantize])
+    return (f"qat_steps with quantize {cfg.quantize} simulates the {runs} graph and qat_target is {cfg.qat_target}: "
+            f"build with --target {runs} (distill: qat_target: {runs} in the recipe)")
+
+
+def settle_qat_target(cfg: DistillConfig, target: str | None = None) -> None:
+    """Decide ``cfg.qat_target`` (in place) where the config left it open, and refuse (ConfigError) a QAT stage its
+    runtime has no graph for. ``target``: a build's own runtime, which its QAT stage simulates whatever the config
+    says; without one (a distill on its own) an open target is DISTILL_QAT_TARGET. ``build_config`` cannot decide:
+    a library config is made before the build that says which target it is for."""
+    from .core.qat import TARGETS
+
+    if target in TARGETS:
+        cfg.qat_target = target
+    elif cfg.qat_target is None:
+        cfg.qat_target = DISTILL_QAT_TARGET
+    if problem := _qat_target_problem(cfg):
+        raise ConfigError([problem])
 
 
 def _auto_problems(cfg: DistillConfig) -> list[str]:

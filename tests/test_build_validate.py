@@ -158,17 +158,23 @@ def test_build_resume_reuses_a_finished_run(bundle, tiny_dirs):
     assert (run_dir / "student" / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_validate_names_unlisted_files_and_refuses_a_link_out(bundle, tmp_path):
+def test_validate_names_unlisted_files_and_refuses_a_link_out(bundle, tmp_path, monkeypatch):
     """validate said nothing about files the manifest does not list: strays inside (a regular file, a link to a
     listed file) are named in one note and the verdict stands; a link out of the bundle is one line, exit 2, before
-    anything is validated or recorded."""
+    anything is validated or recorded. The bundle is walked once (verification's scan, reused by the note)."""
+    import os
+
     path, _ = bundle
     copy = tmp_path / "b"
     shutil.copytree(path, copy, symlinks=True)
     (copy / "timing.cache").write_bytes(b"trtexec's")
     (copy / "alias.onnx").symlink_to("model.onnx")
+    walks = []
+    real_walk = os.walk
+    monkeypatch.setattr(os, "walk", lambda top, *a, **k: walks.append(str(top)) or real_walk(top, *a, **k))
     r = run(["validate", str(copy), "--no-plots", *LOOSE])
     assert r.exit_code == 0, r.output
+    assert walks.count(str(copy)) == 1, walks
     assert ("note: 2 file(s) in the bundle that its manifest does not list (no checksum covers them; tolerated as "
             "strays): alias.onnx (symlink to model.onnx), timing.cache") in r.stderr
     before = (copy / "validation.json").read_bytes()

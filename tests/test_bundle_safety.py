@@ -328,3 +328,42 @@ def test_unlisted_files_inside_are_tolerated_and_shown(tmp_path):
         b.file("alias.onnx")  # unlisted: never opened through the bundle
     assert Bundle.open(make(tmp_path, name="clean")).unlisted() == {}
     assert "unlisted" not in inspect(tmp_path / "clean").output
+
+
+def test_inspect_walks_the_bundle_once(tmp_path, monkeypatch):
+    """Verification's scan for unlisted links and inspect's note on unlisted files were two walks of the whole bundle
+    (a bundle of shards walked twice per command): the note reuses what verification found. With --no-verify the
+    note walks, once; the same strays are named either way, and a link out is still refused in one line."""
+    path = make(tmp_path, {"graphs/model.v2.onnx": b"\x08\x02" * 10})
+    (path / "timing.cache").write_bytes(b"cache")
+    walks = []
+    real_walk = os.walk
+    monkeypatch.setattr(os, "walk", lambda top, *a, **k: walks.append(str(top)) or real_walk(top, *a, **k))
+    for flags in ([], ["--no-verify"]):
+        walks.clear()
+        r = inspect(path, *flags)
+        assert r.exit_code == 0, r.output
+        assert "1 file(s) in the bundle that its manifest does not list" in r.output and "timing.cache" in r.output
+        assert walks == [str(path)], (flags, walks)
+    (path / "graphs" / "out.onnx").symlink_to(tmp_path)
+    walks.clear()
+    r = inspect(path)
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "unlisted 'graphs/out.onnx' leads out" in r.output
+    assert walks == [str(path)]
+
+
+def test_adding_files_drops_the_verified_strays(tmp_path):
+    """A stray that add_files lists is no longer unlisted: the note verification left behind is not reused."""
+    path = make(tmp_path)
+    (path / "engine.plan").write_bytes(b"plan")
+    b = Bundle.open(path)
+    assert "engine.plan" in b.unlisted_note()
+    staged = tmp_path / "staged.log"
+    staged.write_bytes(b"log")
+    b.add_files({"build.log": staged}, {})
+    assert "engine.plan" in b.unlisted_note()  # still a stray
+    plan = tmp_path / "engine2.plan"
+    plan.write_bytes(b"plan2")
+    (path / "engine.plan").unlink()
+    b.add_files({"engine.plan": plan}, {})
+    assert b.unlisted_note() is None

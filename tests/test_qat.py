@@ -17,6 +17,7 @@ from sparsekd_deploy.core.distill import distill
 from sparsekd_deploy.core.patterns import NM
 from sparsekd_deploy.core.pruner import Pruner, apply_masks
 from sparsekd_deploy.errors import ConfigError
+from sparsekd_deploy.validate.gate import Gates
 
 
 def _pruned_llama():
@@ -92,7 +93,7 @@ def test_qat_stage_golden_and_recorded(mode, target, tiny_dirs, fast_cfg):
 @pytest.mark.parametrize("overrides, message", [
     ({"qat_steps": 5}, "qat_steps 5 trains the student against a quantization's rounding and quantize is none"),
     ({"qat_steps": -1, "quantize": "int8"}, "qat_steps must be ≥ 0"),
-    ({"qat_steps": 5, "quantize": "fp8"},
+    ({"qat_steps": 5, "quantize": "fp8", "qat_target": "onnxruntime"},
      "qat_steps with quantize fp8 simulates the tensorrt graph and qat_target is onnxruntime: build with --target "
      "tensorrt"),
     ({"qat_steps": 5, "quantize": "int8-dynamic", "qat_target": "tensorrt"},
@@ -104,6 +105,19 @@ def test_config_refuses_bad_qat_settings(overrides, message):
     with pytest.raises(ConfigError) as e:
         build_config(None, overrides)
     assert any(message in p for p in e.value.problems), e.value.problems
+
+
+def test_distill_on_its_own_refuses_fp8_qat_for_its_default_onnxruntime(tmp_path):
+    """A config that names no qat_target leaves it open (a library build sets it to its target): a distill on its
+    own simulates onnxruntime, which has no fp8 graph, and says so before any work; nothing is written."""
+    cfg = build_config(None, {"teacher": "unused", "out": str(tmp_path / "run"), "qat_steps": 5, "quantize": "fp8"})
+    assert cfg.qat_target is None
+    with pytest.raises(ConfigError) as e:
+        distill(cfg)
+    assert e.value.problems == ["qat_steps with quantize fp8 simulates the tensorrt graph and qat_target is "
+                                "onnxruntime: build with --target tensorrt (distill: qat_target: tensorrt in the "
+                                "recipe)"]
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args, message", [
@@ -157,28 +171,85 @@ def test_config_takes_fp8_and_tensorrt_int8_qat_for_the_tensorrt_target():
     assert build_config(None, {"qat_steps": 5, "quantize": "int8", "qat_target": "tensorrt"}).quantize == "int8"
 
 
+LIBRARY_GATES = Gates(max_kl=5, min_top1=0, min_greedy_match=0, max_ppl_ratio=100, min_consistency_ratio=0)
+
+
+def test_library_build_trains_fp8_qat_for_its_tensorrt_target(tiny_dirs, fast_cfg, tmp_path):
+    """``pipeline.build`` with quantize fp8 and a QAT stage, the config left at its default qat_target: the
+    config refused it (fp8 is tensorrt's and the default is onnxruntime) before build could set its target."""
+    from sparsekd_deploy.exporters.trt_compat import this_machine
+    from sparsekd_deploy.pipeline import BuildOptions, build
+
+    if this_machine()["tensorrt_version"] and this_machine()["compute_capability"]:
+        pytest.skip("TensorRT and a GPU are here: the engine would be built for real")
+    cfg = build_config(None, {**fast_cfg, "teacher": str(tiny_dirs["llama"]), "quantize": "fp8",
+                              "calibration_samples": 8, "qat_steps": 4})
+    res = build(cfg, tmp_path / "b", BuildOptions(target="tensorrt"), gates=LIBRARY_GATES)
+    q = json.loads((res.bundle / "trajectory.json").read_text())["stages"][-1]["qat"]
+    assert q["mode"] == "fp8" and q["target"] == "tensorrt" and q["weights"].startswith("float8 e4m3fn per tensor")
+    assert json.loads((res.bundle / "manifest.json").read_text())["quantization"]["mode"] == "fp8"
+
+
+def test_library_build_trains_int8_qat_for_tensorrt_with_symmetric_activations(tiny_dirs, fast_cfg, tmp_path,
+                                                                                monkeypatch):
+    """int8 QAT through ``pipeline.build`` for tensorrt simulates tensorrt's int8 graph (symmetric activations), not
+    the config's default onnxruntime one (uint8 asymmetric); the run's own record says which. The build is stopped
+    once its distillation ends (the export of a QAT student is the fp8 test's)."""
+    import sparsekd_deploy.core.distill as distill_mod
+    from sparsekd_deploy.pipeline import BuildOptions, build
+
+    class Stop(Exception):
+        pass
+
+    real_distill = distill_mod.distill
+
+    def distill_then_stop(*args, **kwargs):
+        raise Stop(real_distill(*args, **kwargs))
+
+    monkeypatch.setattr(distill_mod, "distill", distill_then_stop)
+    cfg = build_config(None, {**fast_cfg, "teacher": str(tiny_dirs["llama"]), "quantize": "int8",
+                              "calibration_samples": 8, "qat_steps": 2})
+    assert cfg.qat_target is None  # open: the build settles it
+    with pytest.raises(Stop) as stopped:
+        build(cfg, tmp_path / "b", BuildOptions(target="tensorrt"))
+    q = stopped.value.args[0].trajectory[-1]["qat"]
+    assert q["mode"] == "int8" and q["target"] == "tensorrt"
+    assert q["activations"].startswith("int8 symmetric per tensor (zero point 0")
+
+
 # The fake-quantized student vs the graph the exporter writes for it, run on ORT's CPU provider (which emulates the
 # Q/DQ in float): tiny Llama pruned 2:4 (conftest ``exported``), static modes calibrated on the same 8 seeded
 # sequences in torch (qat.calibrate) and in ORT (MinMax / amax), KL(graph || x) per position on 4 other prompts.
 # Measured when written (torch 2.13, onnxruntime 1.32): the float student is as far as test_quantize's GOLDEN_KL
-# (int8 trt 1.01e-4, fp8 5.73e-4, int8 ort 1.29e-4); the fake-quantized one is the graph up to float round-off
-# (KL <= 2e-15, logits within 5e-7). Before, tensorrt int8 was simulated with uint8 activations (KL 1.45e-4, farther
-# than the float student) and fp8 was refused.
-FLOAT_KL = {("int8", "tensorrt"): 1.01e-4, ("fp8", "tensorrt"): 5.73e-4, ("int8", "onnxruntime"): 1.29e-4}
+# (int8 trt 1.01e-4, fp8 5.73e-4, int8 ort 1.29e-4, int8-dynamic 6.22e-5, int4 trt 2.19e-3); the fake-quantized one
+# is the graph up to float round-off (KL <= 6e-15, logits within 6e-7). Before, tensorrt int8 was simulated with
+# uint8 activations (KL 1.45e-4, farther than the float student), fp8 was refused, int8-dynamic left its embedding
+# table float (quantize_dynamic quantizes that Gather: KL 9.0e-5, farther than the float student) and int4 rounded
+# blocks to amax / 7 (ORT's grid is the largest-magnitude value / -8: KL 5.7e-3 for tensorrt).
+FLOAT_KL = {("int8", "tensorrt"): 1.01e-4, ("fp8", "tensorrt"): 5.73e-4, ("int8", "onnxruntime"): 1.29e-4,
+            ("int8-dynamic", "onnxruntime"): 6.22e-5, ("int4-weight", "tensorrt"): 2.19e-3}
 
 
 def _graph_vs_student(exported, tmp_path, mode, target, simulate):
+    import onnxruntime as ort
+
+    from sparsekd_deploy.exporters.decoder_feeds import session_caches, step_feed
     from sparsekd_deploy.exporters.quantize import quantize_onnx
     from sparsekd_deploy.numerics import kl, log_softmax
     from sparsekd_deploy.pipeline.export_step import calibration_feeds
-    from sparsekd_deploy.targets.onnxruntime import OnnxRuntimeTarget
 
     model, path = exported["llama"]
     model.eval()
     calib = np.random.default_rng(0).integers(0, VOCAB, (8, 16))
     prompts = np.random.default_rng(1).integers(0, VOCAB, (4, 12))
     info = quantize_onnx(path, tmp_path / "q.onnx", mode, target=target, calibration=calibration_feeds(path, calib))
-    graph = OnnxRuntimeTarget(info.path).logits(prompts).astype(np.float64)
+    so = ort.SessionOptions()
+    # A weight-only int4 QDQ graph means DequantizeLinear -> MatMul in float (what TensorRT runs); ORT's CPU provider
+    # would fuse the pair into MatMulNBits rounding its input to int8 (its default accuracy level 4): not the graph.
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    session = ort.InferenceSession(info.path, so, providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in session.get_inputs()}
+    graph = session.run(["logits"], step_feed(prompts, 0, inputs, session_caches(inputs)))[0].astype(np.float64)
     with torch.no_grad():
         flt = model(input_ids=torch.tensor(prompts)).logits.double().numpy()
         layers = qat.quantized_linears(model, mode)
@@ -191,12 +262,49 @@ def _graph_vs_student(exported, tmp_path, mode, target, simulate):
     return dist(flt), dist(fq)
 
 
-@pytest.mark.parametrize("mode, target", list(FLOAT_KL), ids=["int8-trt", "fp8-trt", "int8-ort"])
+@pytest.mark.parametrize("mode, target", list(FLOAT_KL),
+                         ids=["int8-trt", "fp8-trt", "int8-ort", "int8-dynamic-ort", "int4-trt"])
 def test_fake_quantized_student_computes_what_the_exported_graph_computes(mode, target, exported, tmp_path):
     (float_kl, _), (fq_kl, fq_max) = _graph_vs_student(exported, tmp_path, mode, target, target)
     assert float_kl == pytest.approx(FLOAT_KL[mode, target], rel=0.5)  # the rounding the graph does is real
-    assert fq_kl <= 1e-9 and fq_max <= 1e-5  # ... and the QAT forward does the same rounding (golden: ~1e-15, 5e-7)
+    assert fq_kl <= 1e-12 and fq_max <= 1e-5  # ... and the QAT forward does the same rounding (golden: ~5e-15, 6e-7)
     assert fq_kl < 1e-4 * float_kl
+
+
+def test_int4_for_onnxruntime_simulates_its_weights_and_embedding_not_its_int8_kernel(exported, tmp_path):
+    """The onnxruntime int4 graph: MatMulNBits (accuracy level 4) and GatherBlockQuantized. Its weights and its
+    embedding table are the fake-quantized student's exactly (checked through the tensorrt graph above and the table
+    here); MatMulNBits also rounds its input to int8 inside ORT's CPU kernel, which the stage does not simulate, so
+    the graph stays 1.07e-5 away (golden) where the float student is 2.65e-3 (before: 6.0e-3, farther than float)."""
+    (float_kl, _), (fq_kl, _) = _graph_vs_student(exported, tmp_path, "int4-weight", "onnxruntime", "onnxruntime")
+    assert float_kl == pytest.approx(2.65e-3, rel=0.5)
+    assert fq_kl == pytest.approx(1.07e-5, rel=0.5) and fq_kl < 0.01 * float_kl
+
+
+def test_int4_embedding_rows_are_the_graphs_gather_block_quantized_table(exported, tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from sparsekd_deploy.exporters.quantize import quantize_onnx
+
+    model, path = exported["llama"]
+    info = quantize_onnx(path, tmp_path / "q.onnx", "int4-weight", target="onnxruntime")
+    g = onnx.load(info.path)
+    gather = next(n for n in g.graph.node if n.op_type == "GatherBlockQuantized")
+    inits = {i.name: i for i in g.graph.initializer}
+    node = helper.make_node(gather.op_type, [gather.input[0], "ids", *gather.input[2:]], ["rows"],
+                            domain=gather.domain, **{a.name: helper.get_attribute_value(a) for a in gather.attribute})
+    one = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [None])],
+                            [helper.make_tensor_value_info("rows", onnx.TensorProto.FLOAT, None)],
+                            initializer=[inits[n] for n in gather.input if n in inits])
+    table = ort.InferenceSession(helper.make_model(one, opset_imports=g.opset_import, ir_version=g.ir_version)
+                                 .SerializeToString()).run(None, {"ids": np.arange(VOCAB)})[0]
+    w = model.model.embed_tokens.weight.detach()
+    assert set(qat.quantized_embeddings(model, "int4-weight", "onnxruntime")) == {"model.embed_tokens"}
+    assert qat.quantized_embeddings(model, "int4-weight", "tensorrt") == {}
+    np.testing.assert_array_equal(qat.fake_quant_rows(w, w, "onnxruntime", "int4-weight").numpy(), table)
+    assert np.abs(table - w.numpy()).max() > 1e-3  # the table is rounded
 
 
 def test_onnxruntime_scheme_does_not_simulate_the_tensorrt_int8_graph(exported, tmp_path):

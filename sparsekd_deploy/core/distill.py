@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DistillConfig
+from ..config import DistillConfig, settle_qat_target
 from ..locks import dir_lock
 from ..models.loading import load_model, load_tokenizer, resolve_teacher
 from . import consistency
@@ -582,6 +582,7 @@ def report_parameters(model: torch.nn.Module) -> int:
 
 def distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = False, reporter=None) -> Result:
     """Library entry point (the CLI is a thin layer over this)."""
+    settle_qat_target(cfg)  # an open qat_target is onnxruntime's; one with no graph for the mode is refused now
     if resume:
         # A resumed run must continue with the flags it began with (and what its version did where it had no flag).
         adopted = check_resume_config(RunDir(cfg.out), cfg.to_dict())

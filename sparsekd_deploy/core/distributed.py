@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, SparseKDError
+from ..errors import ConfigError, SparseKDError, first_line
 
 # Collectives wait this long for the main process's main-only work (sampling the data set from the teacher, the
 # load-path analysis, writing the top-K cache: hours on a large teacher) before giving up. A rank that dies is noticed
@@ -283,12 +283,12 @@ def _peer_failure(e: RuntimeError) -> bool:
 
 def _first_words(e: BaseException) -> str:
     """gloo's '[.../pair.cc:537] Read error [127.0.0.1]:28827: Connection reset by peer. This is typically …' →
-    'Read error [127.0.0.1]:28827: Connection reset by peer'."""
+    'Read error [127.0.0.1]:28827: Connection reset by peer'. ``errors.first_line`` plus what only gloo needs: its
+    source-file prefix and the advice after the first sentence are dropped (they would fill the one-line error)."""
     import re
 
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", text)
-    return text.split(". ")[0][:160]
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", first_line(e))
+    return first_line(line.split(". ")[0] or type(e).__name__, 160)
 
 
 def leave_together() -> None:

@@ -12,16 +12,20 @@ Per mode and target (``qat_target``: build sets it to its ``--target``; a ``dist
 
 - weights: symmetric, zero point 0 (a pruned zero stays exactly zero, so 2:4 survives), scale from the weight's
   current absolute maximum: per output channel in [-127, 127] for ``int8`` / ``int8-dynamic``, per block of 32
-  in-features in [-8, 7] for ``int4-weight`` (a layer whose in-features are not a multiple of 32 stays float, as the
-  exporter leaves it), per tensor amax / 448 in float8 e4m3fn for ``fp8``; for static ``int8`` also the embedding
-  tables (their Gathers read an 8-bit copy per tensor: int8 symmetric for tensorrt, uint8 asymmetric for
-  onnxruntime, as ONNX Runtime types a Gather's table like the activations).
+  in-features for ``int4-weight`` on ONNX Runtime's grid (scale: the block's largest-magnitude value over -8, codes
+  [-8, 7]; a layer whose in-features are not a multiple of 32 stays float, as the exporter leaves it), per tensor
+  amax / 448 in float8 e4m3fn for ``fp8``. Also the embedding tables where the graph's Gather reads a quantized
+  copy: ``int8`` and ``int8-dynamic`` (``quantize_dynamic`` quantizes a Gather from a constant table too) an 8-bit
+  copy per tensor — int8 symmetric for tensorrt, uint8 asymmetric for onnxruntime, as ONNX Runtime types a Gather's
+  table like the activations —, ``int4-weight`` for onnxruntime an int4 copy in blocks of 32 along the hidden axis
+  (GatherBlockQuantized); fp8 and int4 for tensorrt keep float Gathers.
 - activations (a Linear's input), per tensor, from ranges calibrated once per stage on the run's training sequences
   (the max / min the exporter's MinMax calibration sees): ``int8`` for onnxruntime uint8 asymmetric (its U8S8
   kernels), ``int8`` for tensorrt int8 symmetric (zero point 0, scale amax / 127, codes saturating in [-128, 127]:
   ORT's symmetric QInt8 range and QuantizeLinear's), ``fp8`` (tensorrt only) float8 e4m3fn with scale amax / 448
   (``exporters.quantize._fp8_amax_overrides``); ``int8-dynamic`` per tensor from each call's own min/max (as ONNX
-  Runtime quantizes at run time); ``int4-weight`` none (weight-only).
+  Runtime quantizes at run time); ``int4-weight`` none (weight-only; ORT's CPU kernel MatMulNBits at accuracy
+  level 4 rounds its input to int8 internally, in a way not simulated: README, quantization-aware distillation).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ def scheme(mode: str, target: str = "onnxruntime") -> str:
 
 def describe(mode: str, target: str = "onnxruntime") -> dict[str, str]:
     """What the stage simulates, for its trajectory record."""
-    weights = {"int4-weight": "int4 symmetric, blocks of 32 in-features",
+    weights = {"int4-weight": "int4 symmetric, blocks of 32 in-features, scale: the block's largest-magnitude value / -8",
                "fp8": "float8 e4m3fn per tensor, scale amax / 448 (zero point 0)"}.get(
         mode, "int8 symmetric, per output channel")
     acts = {"uint8": "uint8 asymmetric per tensor, minmax-calibrated on the training split at the stage's start",
@@ -69,9 +73,11 @@ def describe(mode: str, target: str = "onnxruntime") -> dict[str, str]:
     rounding = ("float8 e4m3fn cast, straight-through (x + (q(x) - x).detach())" if mode == "fp8"
                 else "torch.fake_quantize_per_channel_affine / per_tensor_affine (straight-through gradient)")
     out = {"mode": mode, "target": target, "weights": weights, "activations": acts, "rounding": rounding}
-    if mode == "int8":
+    if mode in ("int8", "int8-dynamic"):
         out["embeddings"] = ("int8 symmetric, per tensor" if target == "tensorrt" else
                              "uint8 asymmetric, per tensor") + " (the graph's Gather tables)"
+    elif mode == "int4-weight" and target == "onnxruntime":
+        out["embeddings"] = "int4 symmetric, blocks of 32 along the hidden axis (the graph's GatherBlockQuantized)"
     return out
 
 
@@ -79,7 +85,7 @@ def fake_quant_weight(w: torch.Tensor, mode: str) -> torch.Tensor:
     """``w`` [out, in] rounded to the mode's symmetric grid and back (the scale is not trained)."""
     if mode == "int4-weight":
         blocks = w.reshape(-1, BLOCK)  # row-major: each row is one block of 32 consecutive in-features
-        return _per_row(blocks, *INT4).reshape(w.shape)
+        return _int4_blocks(blocks).reshape(w.shape)
     if mode == "fp8":
         return fake_fp8(w, float(w.detach().abs().max()))
     return _per_row(w, *INT8)
@@ -92,6 +98,22 @@ def fake_fp8(x: torch.Tensor, amax: float) -> torch.Tensor:
     xf = x.float()
     q = (xf / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32) * s
     return (xf + (q - xf).detach()).to(x.dtype)
+
+
+def _int4_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """Each row (a block) on ONNX Runtime's symmetric int4 grid (MLAS ``MlasQuantizeBlockwise``, under
+    ``MatMulNBitsQuantizer`` for both targets): the scale is the block's largest-magnitude value ``m`` over -8, so
+    ``m`` itself is code -8 (exact) and the other sign saturates at code 7, 7/8 of ``|m|``. As a positive-scale fake
+    quant: ``s * fq(s * x)`` with ``s = -sign(m)``, scale ``|m| / 8``, codes [-8, 7]. The gradient passes straight
+    through to every weight, the saturated ones too (they lie inside the block's range: only the grid is lopsided)."""
+    d = blocks.detach()
+    lo, hi = d.amin(dim=1), d.amax(dim=1)
+    m = torch.where(lo.abs() > hi.abs(), lo, hi)  # MLAS: |min| > |max| ? min : max
+    sign = torch.where(m > 0, -1.0, 1.0)[:, None]
+    scale = (m.abs().float() / -INT4[0]).clamp_min(1e-12)
+    zero = torch.zeros(blocks.shape[0], dtype=torch.int32, device=blocks.device)
+    q = torch.fake_quantize_per_channel_affine(d.float() * sign, scale, zero, 0, *INT4) * sign
+    return blocks + (q.to(blocks.dtype) - blocks).detach()
 
 
 def _per_row(w: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -131,20 +153,29 @@ def _dynamic_act(x: torch.Tensor) -> torch.Tensor:
     return _fake_quant_act(x, *uint8_params(float(d.min()), float(d.max())))
 
 
-def quantized_embeddings(model: nn.Module, mode: str) -> dict[str, nn.Embedding]:
-    """The embedding tables static ``int8`` quantizes: its graph's Gather from a constant table reads an 8-bit copy,
-    per tensor (``fake_quant_rows``; the Gather's output Q/DQ reuses that scale, so adds no rounding). fp8 leaves the
-    Gathers float; the other modes' tables are not simulated."""
-    if mode != "int8":
-        return {}
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+def quantized_embeddings(model: nn.Module, mode: str, target: str = "onnxruntime") -> dict[str, nn.Embedding]:
+    """The embedding tables the exported graph reads quantized (``fake_quant_rows`` rounds them as it does): int8
+    (static, and int8-dynamic: ``quantize_dynamic`` quantizes a Gather from a constant table too) an 8-bit copy per
+    tensor, whose Gather's output adds no rounding (the static graph's Q/DQ reuses the table's scale); int4-weight
+    for onnxruntime an int4 copy in blocks of 32 along the hidden axis (GatherBlockQuantized), where the width fills
+    whole blocks. fp8 and int4-weight for tensorrt leave the Gathers float (ORT writes no such QDQ Gather)."""
+    if mode in ("int8", "int8-dynamic"):
+        return {name: m for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    if mode == "int4-weight" and target == "onnxruntime":
+        return {name: m for name, m in model.named_modules()
+                if isinstance(m, nn.Embedding) and m.embedding_dim % BLOCK == 0}
+    return {}
 
 
-def fake_quant_rows(table: torch.Tensor, rows: torch.Tensor, target: str = "onnxruntime") -> torch.Tensor:
-    """``rows`` gathered from ``table``, rounded as the static int8 graph stores the whole table, per tensor. ONNX
-    Runtime types the Gather's table like the activations: int8 symmetric for tensorrt (zero point 0, scale
-    amax / 127), uint8 asymmetric for onnxruntime (its min / max; a zero weight comes back as ±scale/2 at most). The
-    rounding is elementwise once the table's scale is known, so only the gathered rows are rounded, not the table."""
+def fake_quant_rows(table: torch.Tensor, rows: torch.Tensor, target: str = "onnxruntime", mode: str = "int8"
+                    ) -> torch.Tensor:
+    """``rows`` gathered from ``table``, rounded as the ``mode`` graph stores the whole table. int8 (static or
+    dynamic): per tensor; ONNX Runtime types the Gather's table like the activations: int8 symmetric for tensorrt
+    (zero point 0, scale amax / 127), uint8 asymmetric for onnxruntime (its min / max; a zero weight comes back as
+    ±scale/2 at most). int4-weight: each row's blocks of 32 as the weights' (``_int4_blocks``). The rounding is
+    elementwise once the table's scales are known, so only the gathered rows are rounded, not the table."""
+    if mode == "int4-weight":
+        return _int4_blocks(rows.reshape(-1, BLOCK)).reshape(rows.shape)
     d = table.detach()
     if target == "tensorrt":
         scale = max(float(d.abs().max()), 1e-12) / INT8[1]
@@ -210,11 +241,11 @@ def fake_quantized(model: nn.Module, mode: str, ranges: dict[str, tuple[float, f
         else:
             act = None
         m.forward = types.MethodType(lambda self, x, _act=act: forward(self, x, _act), m)
-    tables = quantized_embeddings(model, mode)
+    tables = quantized_embeddings(model, mode, target)
     for m in tables.values():
         m.forward = types.MethodType(lambda self, ids: fake_quant_rows(self.weight, F.embedding(
             ids, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse),
-            target), m)
+            target, mode), m)
     try:
         yield layers
     finally:

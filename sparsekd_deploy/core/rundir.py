@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import ConfigError, DataError, OutputExistsError
+from ..errors import ConfigError, DataError, OutputExistsError, first_line
 from ..fsutil import swap_into_place, write_json_atomic
 
 STATE = "state.json"
@@ -47,10 +47,6 @@ def writing(path: Path):
         raise OSError(n, os.strerror(n), str(path)) from None
 
 
-def _first_line(why: BaseException | str) -> str:
-    return (str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__)[:200]
-
-
 def _read_safetensors(path: Path, damaged) -> dict[str, torch.Tensor]:
     """``path``'s tensors; a missing, cut or garbage file raises ``damaged(first line of why)`` instead of
     safetensors' traceback."""
@@ -59,13 +55,13 @@ def _read_safetensors(path: Path, damaged) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (OSError, SafetensorError) as e:
-        raise damaged(_first_line(e)) from None
+        raise damaged(first_line(e, 200)) from None
 
 
 def damaged_run(run_dir: Path, what: str, why: BaseException | str) -> OutputExistsError:
     """The one error for a run dir that cannot be resumed as it is (a truncated or missing checkpoint, data file or
     state field): it names the file and how to start over, instead of a traceback from safetensors or a KeyError."""
-    return OutputExistsError(f"run {run_dir} cannot be resumed: {what} is missing or damaged ({_first_line(why)}); "
+    return OutputExistsError(f"run {run_dir} cannot be resumed: {what} is missing or damaged ({first_line(why, 200)}); "
                              "pass --overwrite to start the run over")
 
 

@@ -199,28 +199,23 @@ def _probe(model_bytes: bytes) -> list:
     graph whose positions lost their batch axis only fails with more than one."""
     import onnxruntime as ort
 
+    from .decoder_feeds import CACHE_PREFIX, session_caches, step_feed
+
     so = ort.SessionOptions()
     so.log_severity_level = 4  # a failing run is reported by the caller, in one line
     session = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
     inputs = {i.name: i for i in session.get_inputs()}
+    caches = session_caches(inputs)
     outputs = [o.name for o in session.get_outputs()]
-    kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
     ids = np.array([[1, 5, 9, 3, 7], [4, 2, 8, 6, 1]], np.int64)
     past, seen, results = None, 0, []
     for step in (ids, ids[:, -1:]):
-        b, n = step.shape
-        feed = {"input_ids": step, "attention_mask": np.ones((b, seen + n), np.int64),
-                "position_ids": np.tile(np.arange(seen, seen + n, dtype=np.int64), (b, 1))}
-        feed = {k: v for k, v in feed.items() if k in inputs}
-        for name, meta in inputs.items():
-            if name.startswith("past_key_values."):
-                feed[name] = past[name] if past else np.zeros((b, meta.shape[1], 0, meta.shape[3]), kinds[meta.type])
-        named = dict(zip(outputs, session.run(None, feed), strict=True))
+        named = dict(zip(outputs, session.run(None, step_feed(step, seen, inputs, caches, past)), strict=True))
         results.append(named["logits"].astype(np.float32))
-        past = {n: named[n.replace("past_key_values.", "present.")] for n in inputs if n.startswith("past_key_values.")}
-        if not past:
+        if not caches:
             break  # no cache: the prompt pass is all there is
-        seen += n
+        past = {n: named[n.replace(CACHE_PREFIX, "present.")] for n in caches}
+        seen += step.shape[1]
     return results
 
 

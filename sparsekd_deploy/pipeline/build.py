@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..bundle import Bundle, BundleError, BundleWriter
-from ..config import DistillConfig, as_started
+from ..config import DistillConfig, as_started, settle_qat_target
 from ..core.patterns import NM, make_pattern
 from ..locks import dir_lock
 from .export_step import ExportResult, QuantizeRequest, export_and_audit
@@ -85,6 +85,7 @@ def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions | None = None,
     opts = opts or BuildOptions()
     reporter = reporter or NullReporter()
     out = Path(out)
+    settle_qat_target(cfg, opts.target)  # a QAT stage simulates the graph this build exports, as the CLI's build does
     from ..core.distributed import Team, check_global_batch
 
     check_global_batch(cfg.batch_size)
@@ -93,8 +94,6 @@ def build(cfg: DistillConfig, out: str | Path, opts: BuildOptions | None = None,
     from ..exporters.quantize import check_mode
 
     check_mode(cfg.quantize, opts.target)  # a mode the target cannot run is refused before the distillation
-    if opts.target in ("onnxruntime", "tensorrt"):  # a QAT stage simulates the graph this build exports
-        cfg.qat_target = opts.target
     from ..exporters.onnx import check_opset
 
     check_opset(opts.opset)

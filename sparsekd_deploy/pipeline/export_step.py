@@ -57,22 +57,12 @@ def calibration_feeds(onnx_path: Path, ids, batch: int = 8) -> list[dict]:
     import numpy as np
     import onnx
 
-    from ..targets.base import decoder_feed
+    from ..exporters.decoder_feeds import graph_caches, step_feed
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    inputs = {i.name: i.type.tensor_type for i in graph.input}
+    inputs, caches = {i.name for i in graph.input}, graph_caches(graph)
     ids = np.asarray(ids, dtype=np.int64)
-    feeds = []
-    for start in range(0, len(ids), batch):
-        rows = ids[start:start + batch]
-        feed = {k: v for k, v in decoder_feed(rows, 0).items() if k in inputs}
-        for name, t in inputs.items():
-            if name.startswith("past_key_values."):
-                heads, dim = t.shape.dim[1].dim_value, t.shape.dim[3].dim_value
-                dtype = np.float16 if t.elem_type == onnx.TensorProto.FLOAT16 else np.float32
-                feed[name] = np.zeros((len(rows), heads, 0, dim), dtype=dtype)
-        feeds.append(feed)
-    return feeds
+    return [step_feed(ids[start:start + batch], 0, inputs, caches) for start in range(0, len(ids), batch)]
 
 
 def _quantize(onnx_path: Path, q: QuantizeRequest) -> tuple[Path, dict]:

@@ -41,13 +41,6 @@ class DecodeState:
     ids: np.ndarray  # every token seen so far
 
 
-def decoder_feed(ids: np.ndarray, past_len: int) -> dict[str, np.ndarray]:
-    """The non-cache inputs of a decoder step: ids, an all-ones attention mask over past + new, positions."""
-    B, L = ids.shape
-    return {"input_ids": ids, "attention_mask": np.ones((B, past_len + L), dtype=np.int64),
-            "position_ids": np.broadcast_to(np.arange(past_len, past_len + L, dtype=np.int64), (B, L)).copy()}
-
-
 @dataclass
 class Generation:
     tokens: np.ndarray  # [B, new_tokens] int64

@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import first_line
+from ..exporters.decoder_feeds import session_caches, step_feed
 from ..exporters.ort_attention import POSITIONS_KEY
-from .base import TARGETS, DecodeState, Target, TargetError, decoder_feed
+from .base import TARGETS, DecodeState, Target, TargetError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-             "tensor(int32)": np.int32}
 
 
 def provider_config(provider: str, fp16: bool = False, cache_dir: str | None = None) -> list:
@@ -66,7 +65,8 @@ class OnnxRuntimeTarget(Target):
         limits = [int(x) for x in (max_positions, rows) if x]
         self.max_positions = min(limits) if limits else None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.caches = session_caches(self.inputs)
+        self.past_names = list(self.caches)
         self.present_for = {n: n.replace("past_key_values.", "present.") for n in self.past_names}
         logits_out = next(o for o in self.session.get_outputs() if o.name == "logits")
         self.vocab_size = logits_out.shape[-1] if isinstance(logits_out.shape[-1], int) else None
@@ -81,21 +81,9 @@ class OnnxRuntimeTarget(Target):
         return {"runtime": "onnxruntime", "version": ort.__version__, "provider": self.provider,
                 "providers": self.session.get_providers(), "kv_cache": self.has_kv_cache}
 
-    def _feed(self, ids: np.ndarray, past: dict | None, past_len: int) -> dict:
-        B = ids.shape[0]
-        feed = {k: v for k, v in decoder_feed(ids, past_len).items() if k in self.inputs}
-        for name in self.past_names:
-            if past is None:
-                meta = self.inputs[name]
-                heads, dim = meta.shape[1], meta.shape[3]
-                feed[name] = np.zeros((B, heads, 0, dim), dtype=ORT_TYPES[meta.type])
-            else:
-                feed[name] = past[name]
-        return feed
-
     def _forward(self, ids, past, past_len):
         try:
-            outs = self.session.run(None, self._feed(ids, past, past_len))
+            outs = self.session.run(None, step_feed(ids, past_len, self.inputs, self.caches, past))
         except Exception as e:  # onnxruntime's own error types (a graph that cannot run these inputs): one line
             raise TargetError(f"onnxruntime failed running {self.path.name}: {first_line(e)}") from None
         named = dict(zip([o.name for o in self.session.get_outputs()], outs, strict=True))

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..exporters.decoder_feeds import decoder_feed
 from ..exporters.tensorrt import RUN_HINT, import_tensorrt, list_logger
 from ..exporters.trt_compat import check_compat, check_plan_file, this_machine
 from ..exporters.trt_logs import parse_deserialize_error
-from .base import TARGETS, ShapeLimits, Target, TargetError, decoder_feed
+from .base import TARGETS, ShapeLimits, Target, TargetError
 
 
 def tensor_address(tensor, fallback) -> int:
