@@ -377,3 +377,7 @@ def test_an_external_data_graph_fused_to_another_file_keeps_its_blocks_and_is_wr
     for name in (i.name for i in want.get_inputs() if i.name.startswith("past_key_values.")):
         feed[name] = np.zeros((2, 2, 0, 8), np.float32)
     np.testing.assert_allclose(got.run(["logits"], feed)[0], want.run(["logits"], feed)[0], rtol=0, atol=1e-6)
+    # Back under the threshold: one file, and the earlier save's data file does not stay behind as the graph's.
+    monkeypatch.setattr(onnx_module, "EXTERNAL_DATA_BYTES", 1_800_000_000)
+    fuse_attention(src, out, max_positions=64, query_blocks=(4, 8))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fused.onnx"]
