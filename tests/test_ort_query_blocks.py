@@ -65,7 +65,9 @@ def test_blocked_graph_gives_the_unblocked_logits(graphs, rows, past, new, left_
     got = dict(zip(names, blocked.run(None, feed), strict=True))
     assert np.isfinite(got["logits"]).all()
     # Real positions exactly as unblocked (up to regrouped sums). A padded query, which sees no key, averages the
-    # values of the keys its block can see instead of all of them: its own output only, read by no real position.
+    # values of the keys its block can see instead of all of them: its own output only, read by no real position's
+    # attention (in this fp32 graph; an int8-dynamic graph's per-tensor activation scales do read it: the module's
+    # docstring).
     np.testing.assert_allclose(got["logits"][real], want["logits"][real], rtol=0, atol=1e-5)
     for name in names:
         if name.startswith("present.") and left_pad <= past:  # a padded query's K / V come from its own state
