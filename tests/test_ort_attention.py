@@ -343,3 +343,41 @@ def test_a_damaged_rotary_positions_metadata_is_one_target_error_line(fused, tmp
     onnx.save(model, str(bad))
     with pytest.raises(TargetError, match=rf"bad.onnx: its metadata {POSITIONS_KEY}='{value}' is not a positive"):
         OnnxRuntimeTarget(bad)
+
+
+def test_an_external_data_graph_fused_to_another_file_keeps_its_blocks_and_is_written_whole(exported, tmp_path,
+                                                                                             monkeypatch):
+    """The > 1.8 GB path with the threshold lowered to 0 bytes: an external-data source fused to another file comes
+    out blocked, in external data, giving the in-memory fused graph's logits; fusing again over that file rewrites
+    its data file whole (onnx appends to a data file already there: it doubled at every save)."""
+    import onnxruntime as ort
+
+    import sparsekd_deploy.exporters.onnx as onnx_module
+
+    _, path = exported["llama"]
+    src = tmp_path / "src" / "big.onnx"
+    src.parent.mkdir()
+    onnx.save(onnx.load(str(path)), str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="big.onnx.data", size_threshold=0)
+    small = tmp_path / "small.onnx"
+    fuse_attention(path, small, max_positions=64, query_blocks=(4, 8))  # under the threshold: one file
+    monkeypatch.setattr(onnx_module, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "out" / "fused.onnx"
+    out.parent.mkdir()
+    sizes = []
+    for _ in range(2):
+        info = fuse_attention(src, out, max_positions=64, query_blocks=(4, 8))
+        assert info.fused == 2 and info.query_blocks["layers"] == 2
+        sizes.append((out.parent / "fused.onnx.data").stat().st_size)
+    assert sizes[1] == sizes[0]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fused.onnx", "fused.onnx.data"]  # nothing left behind
+    ids = np.random.default_rng(0).integers(3, 250, (2, 13))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(13), (2, 1))}
+    want, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (small, out))
+    for name in (i.name for i in want.get_inputs() if i.name.startswith("past_key_values.")):
+        feed[name] = np.zeros((2, 2, 0, 8), np.float32)
+    np.testing.assert_allclose(got.run(["logits"], feed)[0], want.run(["logits"], feed)[0], rtol=0, atol=1e-6)
+    # Back under the threshold: one file, and the earlier save's data file does not stay behind as the graph's.
+    monkeypatch.setattr(onnx_module, "EXTERNAL_DATA_BYTES", 1_800_000_000)
+    fuse_attention(src, out, max_positions=64, query_blocks=(4, 8))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fused.onnx"]

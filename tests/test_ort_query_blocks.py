@@ -34,9 +34,11 @@ def _session(path):
 
 
 def _feed(session, rows, past, new, left_pad, seed):
+    """Random ids and cache; ``left_pad``: row 0's left padding, or one per row."""
     rng = np.random.default_rng(seed)
     mask = np.ones((rows, past + new), np.int64)
-    mask[0, :left_pad] = 0
+    for row, pad in enumerate(left_pad if isinstance(left_pad, tuple) else (left_pad,)):
+        mask[row, :pad] = 0
     feed = {"input_ids": rng.integers(3, 250, (rows, new)), "attention_mask": mask,
             "position_ids": np.clip(np.cumsum(mask, 1) - 1, 0, None)[:, past:]}
     for i in session.get_inputs():
@@ -63,7 +65,9 @@ def test_blocked_graph_gives_the_unblocked_logits(graphs, rows, past, new, left_
     got = dict(zip(names, blocked.run(None, feed), strict=True))
     assert np.isfinite(got["logits"]).all()
     # Real positions exactly as unblocked (up to regrouped sums). A padded query, which sees no key, averages the
-    # values of the keys its block can see instead of all of them: its own output only, read by no real position.
+    # values of the keys its block can see instead of all of them: its own output only, read by no real position's
+    # attention (in this fp32 graph; an int8-dynamic graph's per-tensor activation scales do read it: the module's
+    # docstring).
     np.testing.assert_allclose(got["logits"][real], want["logits"][real], rtol=0, atol=1e-5)
     for name in names:
         if name.startswith("present.") and left_pad <= past:  # a padded query's K / V come from its own state
@@ -109,25 +113,77 @@ def test_blocking_twice_or_with_no_block_is_refused_or_a_no_op(graphs):
         block_queries(_one_node_graph(4, 1, 4), 0, 8)
 
 
-def test_the_products_own_blocks_on_a_prompt_longer_than_the_minimum(tmp_path):
-    """Defaults (blocks of 128 from 256 queries on) on a 2-layer llama with 320 positions: a 300-token prompt (three
-    blocks, the last of 44) and cached decoding after it keep the unblocked graph's logits and tokens."""
+@pytest.fixture(scope="module")
+def long_graphs(tmp_path_factory):
+    """A 2-layer llama with 320 positions fused without query blocks and with the product's own (blocks of 128
+    from 256 queries on)."""
     import transformers as tf
 
     from sparsekd_deploy.exporters.onnx import export_onnx
 
+    root = tmp_path_factory.mktemp("long")
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=320, vocab_size=256)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m", safe_serialization=True)
-    export_onnx(tmp_path / "m", tmp_path / "exported.onnx")
-    plain, blocked = tmp_path / "plain.onnx", tmp_path / "blocked.onnx"
-    fuse_attention(tmp_path / "exported.onnx", plain, max_positions=320, query_blocks=None)
-    assert fuse_attention(tmp_path / "exported.onnx", blocked, max_positions=320).query_blocks == {
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "m", safe_serialization=True)
+    export_onnx(root / "m", root / "exported.onnx")
+    plain, blocked = root / "plain.onnx", root / "blocked.onnx"
+    fuse_attention(root / "exported.onnx", plain, max_positions=320, query_blocks=None)
+    assert fuse_attention(root / "exported.onnx", blocked, max_positions=320).query_blocks == {
         "layers": 2, "block": 128, "from_queries": 256}
+    return plain, blocked
+
+
+def test_the_products_own_blocks_on_a_prompt_longer_than_the_minimum(long_graphs):
+    """A 300-token prompt (three blocks, the last of 44) and cached decoding after it keep the unblocked graph's
+    logits and tokens."""
+    plain, blocked = long_graphs
     a, b = _session(plain), _session(blocked)
     feed, _ = _feed(a, 2, 0, 300, 0, seed=3)
     np.testing.assert_allclose(b.run(["logits"], feed)[0], a.run(["logits"], feed)[0], rtol=0, atol=1e-5)
     ids = feed["input_ids"][:, :290]
     np.testing.assert_array_equal(OnnxRuntimeTarget(blocked).generate(ids, 8).tokens,
                                   OnnxRuntimeTarget(plain).generate(ids, 8).tokens)
+
+
+@pytest.mark.parametrize("rows,past,new,left_pad", [
+    (2, 0, 255, 0),  # one query under the minimum: the plain branch
+    (2, 0, 256, 0),  # exactly the minimum: two full blocks
+    (2, 0, 257, 0),  # a last block of one query
+    (2, 63, 257, 0),  # a cache before it, 320 positions in all
+    (3, 0, 300, (0, 7, 130)),  # each row padded differently, one past the first block's end
+    (3, 10, 260, (0, 3, 140)),  # the same with a cache: padding inside it and past it
+    (3, 0, 256, (0, 200, 255)),  # a row with one real token
+])
+def test_the_products_own_blocks_at_the_minimum_and_with_rows_padded_differently(long_graphs, rows, past, new,
+                                                                                  left_pad):
+    plain, blocked = (_session(p) for p in long_graphs)
+    feed, real = _feed(plain, rows, past, new, left_pad, seed=new + past)
+    want, got = (s.run(["logits"], feed)[0] for s in (plain, blocked))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got[real], want[real], rtol=0, atol=1e-5)
+
+
+def test_a_prompt_and_cache_past_the_positions_is_still_refused_in_one_line(long_graphs):
+    from sparsekd_deploy.targets.base import TargetError
+
+    ids = np.arange(3, 303, dtype=np.int64)[None] % 250
+    with pytest.raises(TargetError, match=r"prompt \(300\) \+ 30 new tokens exceeds the model's 320 positions"):
+        OnnxRuntimeTarget(long_graphs[1]).generate(ids, 30)
+
+
+@pytest.mark.parametrize("new,loops", [(255, 0), (256, 2), (1, 0)])
+def test_the_loop_runs_from_the_minimum_on_and_not_below(long_graphs, tmp_path, new, loops):
+    """Which branch ran, from ORT's own profile: each layer's Loop from 256 queries on, none below."""
+    import json
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(tmp_path / "profile")
+    session = ort.InferenceSession(str(long_graphs[1]), so, providers=["CPUExecutionProvider"])
+    feed, _ = _feed(session, 1, 300 - new if new == 1 else 0, new, 0, seed=1)
+    session.run(["logits"], feed)
+    trace = json.loads(open(session.end_profiling()).read())
+    ran = [e for e in trace if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == "Loop"
+           and e["name"].endswith("_kernel_time")]
+    assert len(ran) == loops

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
+import os
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -160,18 +160,25 @@ def _finalize(src: Path, out: Path, exporter: str, with_past: bool) -> ExportInf
 
 
 def save_onnx(model, out: Path, external: bool) -> None:
-    """Write next to ``out`` under a temp name, then rename: a crash never leaves a half-written model."""
+    """Write into a fresh temp folder beside ``out``, then rename into place: a crash never leaves a half-written
+    model. The external-data file too: onnx appends to a data file already at its location (a save over an earlier
+    one doubled it), so it is written whole in the temp folder and renamed over the old one just before the graph
+    (those two renames are the only window where graph and data do not match). A graph saved in one file removes a
+    data file an earlier external save left beside it (``onnx_files`` would count it as the graph's)."""
     import onnx
 
-    tmp = out.with_name(out.name + ".tmp")
-    data_name = out.name + ".data"
-    if external:
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        shutil.move(str(tmp.parent / data_name), str(out.parent / data_name))
-    else:
-        onnx.save_model(model, str(tmp))
-    tmp.replace(out)
+    data = out.with_name(out.name + ".data")
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        staged = Path(tmp) / out.name
+        if external:
+            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=1024)
+            os.replace(staged.with_name(data.name), data)
+        else:
+            onnx.save_model(model, str(staged))
+        os.replace(staged, out)
+    if not external:
+        data.unlink(missing_ok=True)
 
 
 def onnx_files(path: Path) -> list[Path]:

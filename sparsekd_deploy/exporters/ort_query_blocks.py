@@ -4,10 +4,15 @@ A causal mask hides half of the [queries x keys] scores, and ORT's CPU MultiHead
 whenever it is given a mask or a bias (only its unmasked, non-causal path is a flash kernel). Cut the prompt's queries
 into blocks of ``QUERY_BLOCK`` and let block i attend only to the keys up to its own last query (the cache's keys
 included): the same kernel on the same numbers, minus the hidden upper-right blocks, on score tiles that stay in
-cache. It relies on the bias being causal — no query sees a key past its own position — which holds for the
-only graphs it is given: causal-LM exports whose attention ``ort_attention`` rewrote. Measured on the issue-13 Llama's shape (16 heads of 64, fp32, 2 threads; ``scripts/bench_ort_attention.py``):
-one layer's 512-token prompt 10.4 -> 6.6 ms, 2048 tokens 172 -> 65 ms, outputs equal. Every row still sees
-exactly the keys it saw: the block's rows of the additive bias (causal + padding) are sliced with it.
+cache. It relies on the bias being causal — no query sees a key past its own position — which holds for the only
+graphs it is given: causal-LM exports whose attention ``ort_attention`` rewrote. Measured on the issue-13 Llama's
+shape (16 heads of 64, fp32, 2 threads; ``scripts/bench_ort_attention.py``): one layer's 512-token prompt
+10.4 -> 6.6 ms, 2048 tokens 172 -> 65 ms, outputs equal. Every row with a key to attend to still sees exactly the
+keys it saw: the block's rows of the additive bias (causal + padding) are sliced with it. A left-padded query sees
+no key and averages the values of those its block holds instead of all of them: its own output only, which no real
+position's attention reads — but an int8-dynamic graph's activation scales are per tensor, so there it moves the real
+rows as much as changing the padded tokens' ids does (0.098 vs 0.097 max |Δlogit|, a 320-position tiny llama, 3 rows
+padded 0 / 7 / 130 before a 300-token prompt); fp32, static int8 and int4-weight graphs are unaffected.
 
 Per MultiHeadAttention node the rewrite is ``If(queries >= MIN_QUERIES)``: then a ``Loop`` over the blocks (each
 block's output appended to a sequence, concatenated along the sequence axis), else the original node. Decode steps
@@ -15,7 +20,8 @@ and short prompts take the plain node: the Loop costs ~0.3 ms per call, more tha
 queries. The kernel takes only a bias with one row per query (ORT refuses a row broadcast over the queries), so the
 bias's rows can always be sliced with the queries.
 
-Only ever applied to the onnxruntime target's graphs (``ort_attention.fuse_attention``), after quantization.
+Only ever applied to the onnxruntime target's graphs (``ort_attention.fuse_attention``), after quantization. The
+sequence and the If's outputs are typed float32: FP16 copies are never fused (their attention is not rewritten).
 """
 
 from __future__ import annotations
