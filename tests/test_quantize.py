@@ -323,3 +323,24 @@ def test_tensorrt_target_gets_symmetric_int8_activations(tiny_dirs, tmp_path):
     audit = json.loads((tmp_path / "b/audit.json").read_text())["model.int8.onnx"]
     assert audit["holding"] == audit["checked"] > 0
     assert json.loads(r.stdout[r.stdout.index("{"):])["quantized_validation"]["model"] == "model.int8.onnx"
+
+
+def test_int4_quantization_leaves_the_root_logger_as_it_was(exported, tmp_path):
+    """ORT's int4 quantizer module calls logging.basicConfig(level=INFO) on import; ORT's fusers then printed ~100
+    INFO lines per graph on stderr (an `export --quantize int4-weight --target onnxruntime`). In a fresh process,
+    as the import happens once per process."""
+    import subprocess
+    import sys
+
+    _, src = exported["llama"]
+    code = ("import logging, sys\n"
+            "from sparsekd_deploy.exporters.quantize import quantize_onnx\n"
+            "quantize_onnx(sys.argv[1], sys.argv[2], 'int4-weight')\n"
+            "root = logging.getLogger()\n"
+            "print(logging.getLevelName(root.level), len(root.handlers))\n"
+            "logging.getLogger('fusion_base').info('an ORT fuser line')\n")
+    r = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "m.int4.onnx")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["WARNING", "0"]
+    assert "an ORT fuser line" not in r.stderr

@@ -304,9 +304,25 @@ def _static(model, out: Path, mode: str, target: str, feeds, method: str, versio
                         kept_float={ACT_MATMUL: kept, OUTPUTS: nodes})
 
 
+def _nbits_quantizer():
+    """ORT's MatMulNBitsQuantizer class. Its module calls ``logging.basicConfig(level=INFO)`` when first imported, which
+    made the root logger print every library's INFO lines for the rest of the process (ORT's fusers: ~100 lines per
+    graph on stderr after an int4 quantization): the root logger's level and handlers are put back."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    finally:
+        root.setLevel(level)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+    return MatMulNBitsQuantizer
+
+
 def _int4(model, out: Path, target: str, version: str) -> QuantizeInfo:
     from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    MatMulNBitsQuantizer = _nbits_quantizer()  # noqa: N806 - a class
 
     skipped, exclude = [], []
     for name, dims in _weight_matmuls(model):
