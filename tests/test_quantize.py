@@ -344,3 +344,22 @@ def test_int4_quantization_leaves_the_root_logger_as_it_was(exported, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["WARNING", "0"]
     assert "an ORT fuser line" not in r.stderr
+
+
+def test_an_int8_dynamic_graph_failing_determinism_says_why(tiny_dirs, tmp_path):
+    """int8-dynamic's ranges are per call over the batch: its tokens depend on batch-mates and the `deterministic`
+    gate fails (README). The verdict stays FAIL; the table now says why and what is batch-invariant."""
+    from sparsekd_deploy.validate.validator import PER_CALL_RANGES
+
+    b = tmp_path / "b"
+    r = CliRunner().invoke(main, ["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(b), "--quantize",
+                                  "int8-dynamic", "--json", *FAST, *LOOSE], catch_exceptions=False)
+    assert (b / "model.int8-dynamic.onnx").is_file(), r.output
+    r = CliRunner().invoke(main, ["validate", str(b), "--model", "int8-dynamic", "--json"])
+    rows = {row["gate"]: row for row in json.loads(r.stdout)["gates"]}
+    assert rows["deterministic"]["passed"] is False and rows["deterministic"]["note"] == PER_CALL_RANGES
+    assert r.exit_code == 1
+    r = CliRunner().invoke(main, ["validate", str(b), "--model", "int8-dynamic"])
+    assert "deterministic: " + PER_CALL_RANGES in " ".join(r.output.split())
+    r = CliRunner().invoke(main, ["validate", str(b), "--json"])  # the fp32 graph: no such note
+    assert "note" not in {k for row in json.loads(r.stdout)["gates"] if row["gate"] == "deterministic" for k in row}

@@ -20,6 +20,9 @@ def print_table(report: dict, console: Console) -> None:
         table.add_row(row["gate"], value, f"{row['op']} {row['threshold']}",
                       "[green]pass[/green]" if row["passed"] else "[red]FAIL[/red]")
     console.print(table)
+    for row in report["gates"]:
+        if row.get("note"):  # why a gate reads as it does (e.g. int8-dynamic's batch-dependent ranges)
+            console.print(f"{row['gate']}: {row['note']}", markup=False, highlight=False)
     c = report["metrics"]["consistency"]
     m = next(k for k in c["student"] if k.startswith("pairwise"))
     console.print(f"consistency at τ={c['temperature']}: entropy student {c['student']['mean_entropy']:.3f} / teacher "
