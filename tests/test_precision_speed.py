@@ -105,3 +105,17 @@ def test_results_table_rows_per_precision(q_bundle, tmp_path):
     assert results_table.precision_rows(Bundle.open(b))[1][6] == "not measured"
     _edit_record(b, "model.int8.onnx", drop_decode=False)
     assert results_table.precision_rows(Bundle.open(b))[1][2:] == ("not validated",) * 4 + ("not measured",)
+
+
+def test_inspect_shows_what_the_onnxruntime_graphs_hold(q_bundle, tmp_path):
+    text = _inspect_text(q_bundle)
+    for name in ("model.onnx", "model.int8.onnx"):
+        assert (f"{name}: attention in 2 layers, RotaryEmbedding 4, SkipSimplifiedLayerNormalization 4, prompts of "
+                f"256+ tokens in query blocks of 128") in text
+    b = shutil.copytree(q_bundle, tmp_path / "b")  # a hand-edited record: read what is readable, never a traceback
+    manifest = json.loads((b / "manifest.json").read_text())
+    manifest["model"]["attention_fusion"].update(ort_fusions=["not", "a", "dict"], query_blocks=None)
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    r = CliRunner().invoke(main, ["inspect", str(b), "--no-verify"])
+    assert r.exit_code == 0, r.output
+    assert "model.onnx: attention in 2 layers;" in " ".join(re.sub(r"[│┃|]", " ", r.output).split())

@@ -64,6 +64,8 @@ def inspect_cmd(bundle, as_json, no_verify):
     t.add_row("distillation", f"held-out KL {f('distillation.kl', NUM):.4f}, top-1 {f('distillation.top1', NUM):.3f}")
     t.add_row("export", f"{f('model.exporter')} opset {f('model.opset')}, KV cache {f('model.with_past')}"
                         + (", FP16 copy" if f("model.onnx_fp16", default=None) else ""))
+    if fusion := _fusion_line(f("model.attention_fusion", dict, default=None)):
+        t.add_row("ORT fusions", escape(fusion))
     _precision_rows(t, b, f, validation)
     for prec in f("parity", dict, default={}):
         t.add_row(f"parity {prec}", f"max |Δlogit| {f(f'parity.{prec}.max_abs_logit_diff', NUM):.2e}, "
@@ -101,6 +103,32 @@ def inspect_cmd(bundle, as_json, no_verify):
     else:
         t.add_row("last validation", "never validated")
     con.print(t)
+
+
+def _fusion_line(record: dict | None) -> str | None:
+    """What the onnxruntime target's graphs hold (``model.attention_fusion``), one clause per graph file."""
+    if not record:
+        return None
+    def section(key: str, name: str):  # a hand-edited record may hold anything: only dicts are read
+        value = record.get(key)
+        return value.get(name) if isinstance(value, dict) else None
+
+    parts = []
+    for name, layers in record.items():
+        if not (name.endswith(".onnx") and isinstance(layers, int)):
+            continue  # op / rewriter / the per-file sections below
+        clause = f"{name}: attention in {layers} layers"
+        ort = section("ort_fusions", name)
+        if isinstance(ort, dict):
+            clause += "".join(f", {op} {n}" for op, n in ort.items() if isinstance(n, int) and n)
+        blocks = section("query_blocks", name)
+        if isinstance(blocks, dict) and blocks.get("layers"):
+            clause += f", prompts of {blocks.get('from_queries')}+ tokens in query blocks of {blocks.get('block')}"
+        skipped = section("skipped", name) or section("ort_fusions_skipped", name)
+        if skipped:
+            clause += f" ({skipped})"
+        parts.append(clause)
+    return "; ".join(parts) or None
 
 
 def _precision_rows(t: Table, b, f: _Fields, validation: dict | None) -> None:
