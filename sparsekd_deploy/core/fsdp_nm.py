@@ -30,6 +30,21 @@ def row_local_layers(pruner, params: dict[str, torch.Tensor]) -> set[str]:
             if rows_cut(params[layer.param_name], pattern.m if layer.transposed else 1)}
 
 
+def weakest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` groups ``values.argsort(stable=True)[:k]`` picks (``NM.keep_mask``'s layer-wide
+    choice): those below the k-th smallest value, then of those equal to it the first by index. A selection, not a
+    sort of the whole layer's groups (which every rank would otherwise repeat each step)."""
+    if k <= 0 or k >= values.numel() or torch.isnan(values).any():  # (NaN: the sort's own order, not a comparison's)
+        chosen = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+        chosen[values.argsort(stable=True)[:k]] = True
+        return chosen
+    kth = values.kthvalue(k).values
+    chosen = values < kth
+    ties = (values == kth).nonzero().squeeze(1)
+    chosen[ties[: k - int(chosen.sum())]] = True
+    return chosen
+
+
 class RowScorer:
     """Scores and masks of one layer's rows on this rank: the earlier stages' mask and the input norms cut once, at
     the phase's start, to the rows of this rank's shard (a Conv1D's rows are input features, so its norms are cut
@@ -68,8 +83,7 @@ class RowScorer:
         if rem:
             whole = self._whole(pattern.next_scores(groups, order, full).view(s.shape[0], -1))
             traffic["score_bytes"] += whole.numel() * whole.element_size()
-            chosen = torch.zeros(whole.numel(), dtype=torch.long, device=s.device)
-            chosen[whole.flatten().argsort(stable=True)[:rem]] = 1  # the single process's argsort, same values
+            chosen = weakest(whole.flatten(), rem).to(torch.long)  # the single process's choice, same values
             prune_rank += self._mine(chosen.view(whole.shape)).flatten()
         return self.layer.to_native(pattern.keep_groups(order, prune_rank).reshape(s.shape))
 
