@@ -14,6 +14,8 @@ What the rest of the run needs from a sharded student, and how it gets it:
   and ``use_gathered`` keeps the ranks in step while the main process uses each whole tensor;
 - a mask applied to a shard (``local_part``): each rank multiplies its own rows, cut as the parameter's own
   placement cuts them (uneven splits included);
+- a tensor with one row per row (or per m rows) of a parameter, cut as its rows are (``local_rows``) or gathered
+  from them (``gathered_rows``): SR-STE's per-group scores of an n:m layer (fsdp_nm.py);
 - a whole copy for files (``full_state``): gathered to the main process's CPU, loaded back with
   ``load_full_state`` (broadcast from the main process: checkpoint files need not exist on other machines).
 """

@@ -83,8 +83,8 @@ class RowScorer:
         if rem:
             whole = self._whole(pattern.next_scores(groups, order, full).view(s.shape[0], -1))
             traffic["score_bytes"] += whole.numel() * whole.element_size()
-            chosen = weakest(whole.flatten(), rem).to(torch.long)  # the single process's choice, same values
-            prune_rank += self._mine(chosen.view(whole.shape)).flatten()
+            chosen = weakest(whole.flatten(), rem)  # the single process's choice, from the same values
+            prune_rank += self._mine(chosen.view(whole.shape)).flatten()  # (bool: 1 byte a group while whole)
         return self.layer.to_native(pattern.keep_groups(order, prune_rank).reshape(s.shape))
 
     def _whole(self, mine: torch.Tensor) -> torch.Tensor:
