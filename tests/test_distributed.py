@@ -718,3 +718,30 @@ def test_fsdp_gradual_demolition_reproduces_one_process(tiny_dirs, tmp_path):
         worst = max(worst, abs(da["kl_after"] - db["kl_after"]))
     print(f"fsdp gradual demolition vs one process: max |held-out KL difference| {worst:.3g}")
     assert worst <= FSDP_KL_TOLERANCE
+
+
+@needs_gloo
+def test_fsdp_sr_ste_chooses_n_m_masks_on_each_ranks_rows(tmp_path):
+    """SR-STE's learner on a sharded student (2 gloo ranks) against the single-process learner on a whole copy, 3
+    steps of the same seeded updates from the same start (masks of an earlier 2:4 stage frozen): the same final masks
+    in every layer and the same flips, in a full 2:4 stage (no gather at all) and in partial ones (one per-group
+    score tensor gathered per layer and step; Llama with uneven 36 + 35 row shards; GPT-2's Conv1D, whose rows are
+    input features; weights on a grid, where tied group scores straddle the layer-wide cut so that only the tie
+    order decides: a reversed one fails here), never a whole latent — except for the Conv1D layers whose 18-row
+    shards cut 2:4 groups (gpt2-36: c_attn, attn c_proj and c_fc of 2 blocks) and for unstructured:0.5, whose top-k
+    spans the layer (every layer's latent, every step: the count can fail)."""
+    r = subprocess.run(_torchrun(str(Path(__file__).with_name("dist_sr_ste_worker.py")), str(tmp_path)),
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    steps = 3
+    expected = {"llama-full": (14, 0, 0), "llama-partial": (14, 0, 14), "llama-71-partial": (12, 0, 12),
+                "gpt2-partial": (8, 0, 8), "gpt2-36-partial": (8, 6, 2), "llama-ties": (14, 0, 14),
+                "gpt2-ties": (8, 0, 8), "llama-unstructured": (14, 14, 0)}
+    for rank in ranks:
+        assert sorted(rank) == sorted(expected)
+        for name, (layers, latents, scores) in expected.items():
+            got = rank[name]
+            assert got["masks_equal"] and got["layers"] == layers, (name, got)
+            assert got["flips"][0] == got["flips"][1] > 0, (name, got)
+            assert (got["latents"], got["scores"]) == (latents * steps, scores * steps), (name, got)

@@ -136,6 +136,17 @@ class Team:
             dist.all_reduce(t)
         return (t / self.world)[0]
 
+    def total(self, count: int) -> int:
+        """The sum over ranks of an integer count (each rank counted its own rows)."""
+        if not self.distributed:
+            return count
+        import torch.distributed as dist
+
+        t = torch.tensor([count], dtype=torch.long, device=self.device)
+        with self.collective("the ranks summed a count"):
+            dist.all_reduce(t)
+        return int(t[0])
+
     # -- the main process decides --------------------------------------------------------------------------
     def on_main(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
         """Run ``fn`` on the main process only and give its result (pickled) to every rank; an exception there is

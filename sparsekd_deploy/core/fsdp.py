@@ -14,6 +14,8 @@ What the rest of the run needs from a sharded student, and how it gets it:
   and ``use_gathered`` keeps the ranks in step while the main process uses each whole tensor;
 - a mask applied to a shard (``local_part``): each rank multiplies its own rows, cut as the parameter's own
   placement cuts them (uneven splits included);
+- a tensor with one row per row (or per m rows) of a parameter, cut as its rows are (``local_rows``) or gathered
+  from them (``gathered_rows``): SR-STE's per-group scores of an n:m layer (fsdp_nm.py);
 - a whole copy for files (``full_state``): gathered to the main process's CPU, loaded back with
   ``load_full_state`` (broadcast from the main process: checkpoint files need not exist on other machines).
 """
@@ -134,6 +136,45 @@ def gathered_like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
 
     return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape,
                               stride=param.stride()).full_tensor()
+
+
+def rows_cut(param: torch.Tensor, multiple: int = 1) -> bool:
+    """Is ``param`` unsharded, or cut along dim 0 only (FSDP2's ``Shard(0)``) at row boundaries that are all
+    multiples of ``multiple``? Then a tensor of ``param.shape[0] // multiple`` rows is cut the same way, one row per
+    ``multiple`` of the parameter's (``local_rows``, ``gathered_rows``)."""
+    if not is_sharded(param):
+        return True
+    from torch.distributed.tensor import Shard
+
+    if tuple(param.placements) != (Shard(0),):
+        return False
+    # the split Shard(0) makes (torch.chunk: equal chunks of ceil(rows / world), the last ones short or empty)
+    sizes = [len(c) for c in torch.arange(param.shape[0]).chunk(param.device_mesh.size())]
+    return all(n % multiple == 0 for n in sizes)
+
+
+def local_rows(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of ``whole``, a tensor of any shape whose dim 0 is cut as ``param``'s is (``rows_cut``); no
+    communication. A parameter that is not sharded takes all of it."""
+    if not is_sharded(param):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    local = param.to_local()
+    return distribute_tensor(whole.to(local.device), param.device_mesh, param.placements, src_data_rank=None).to_local()
+
+
+def gathered_rows(param: torch.Tensor, local: torch.Tensor, rows: int) -> torch.Tensor:
+    """The whole ``rows``-row tensor whose rows on this rank are ``local``, cut as ``param``'s dim 0 is cut
+    (``rows_cut``); a collective like ``gathered``. A parameter that is not sharded: ``local`` itself."""
+    if not is_sharded(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    shape = (rows, *local.shape[1:])
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local.contiguous(), param.device_mesh, param.placements, shape=shape,
+                              stride=stride).full_tensor()
 
 
 def use_gathered(team, what: str, items: list, gather, use) -> None:

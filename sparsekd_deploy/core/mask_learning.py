@@ -17,10 +17,13 @@ recovery continues from there. Weights pruned by an earlier stage stay pruned (o
 
 Under FSDP (``--fsdp``) each rank keeps the latents of its own rows (a parameter's dim-0 shard) and moves them in and
 out of its shard by copying (FSDP2 gathers from the storage it holds for the shard: a parameter whose ``.data`` were
-swapped would be gathered stale). The re-ranking needs whole layers (an unstructured top-k or a partial n:m stage
-ranks the groups across the layer): after every step each latent is gathered to the main process one layer at a
-time, which scores and chooses exactly as above, and its masks go to every rank (``fsdp.use_gathered``,
-``Team.share_masks``); each rank then writes latent ⊙ its rows of the mask.
+swapped would be gathered stale), and holds its own rows of the masks through the phase. An n:m stage's masks are
+chosen on each rank from its own rows (fsdp_nm.py: a partial stage gathers one scalar per group, not the latents), the
+same masks the single process chooses. What ranks across a whole layer from the weights themselves (an unstructured
+top-k, a load-path allocation, a Conv1D whose shards cut groups) is gathered to the main process after every step,
+one layer at a time, which scores and chooses exactly as above, and its masks go to every rank (``fsdp.use_gathered``,
+``Team.share_masks``). Each rank writes latent ⊙ its rows of the mask; the whole masks are gathered once, at
+``finish``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 
 from .allocation import allocated_masks
 from .fsdp import gathered_like, is_sharded, local_part, local_tensor, use_gathered
+from .fsdp_nm import RowScorer, row_local_layers
 from .pruner import Masks, Pruner
 
 # Decoupled decay of pruned latents per unit of lr (latent ← latent · (1 − lr · DECAY)). SR-STE's λ = 2e-4 is a
@@ -60,12 +64,18 @@ class MaskLearner:
     ``input_norms``: per layer name, ‖x‖ of each input feature over calibration activations (Wanda's factor); None
     ranks by |latent| alone (magnitude). ``frozen``: masks of earlier stages (param name → keep); those weights
     can never come back. ``allocation``: per-unit sparsities of a load-path allocation (allocation.py). ``team``:
-    the run's processes (``distributed.Team``), needed when the parameters are sharded (FSDP): the main process
-    chooses the masks from the gathered latents."""
+    the run's processes (``distributed.Team``), needed when the parameters are sharded (FSDP). ``gather_all``: under
+    FSDP, choose every layer's masks from gathered latents, as before n:m layers were chosen on each rank's rows
+    (the reference scripts/bench_sr_ste_fsdp.py measures against).
+
+    ``traffic`` counts the bytes of the whole tensors the phase's steps assembled under FSDP: latents gathered
+    (``latent_bytes``), masks broadcast (``mask_bytes``, one byte a weight) and per-group scores gathered
+    (``score_bytes``)."""
 
     def __init__(self, model: nn.Module, pruner: Pruner, masks: Masks, fraction: float,
                  input_norms: dict[str, torch.Tensor] | None, frozen: Masks | None = None,
-                 allocation: dict[str, float] | None = None, decay: float = DEFAULT_DECAY, team=None):
+                 allocation: dict[str, float] | None = None, decay: float = DEFAULT_DECAY, team=None,
+                 gather_all: bool = False):
         self.team = team
         self.pruner = pruner
         self.fraction = fraction
@@ -73,8 +83,17 @@ class MaskLearner:
         self.frozen = frozen or {}
         self.allocation = allocation
         self.decay = decay
-        self.masks: Masks = {k: v.clone() for k, v in masks.items()}
         self._params = _param_index(model)
+        self.sharded = any(is_sharded(self._params[name]) for name in masks)
+        # Under FSDP each rank holds its own rows of the masks until ``finish`` (the whole masks once per phase).
+        self.masks: Masks = {k: (local_part(self._params[k], v) if self.sharded else v).clone() for k, v in masks.items()}
+        self._rows: dict[str, RowScorer] = {}
+        if self.sharded and not gather_all and not allocation:
+            self._rows = {layer.param_name: RowScorer(layer, self._params[layer.param_name], pruner.pattern,
+                                                      self.frozen.get(layer.param_name),
+                                                      None if input_norms is None else input_norms[layer.name])
+                          for layer in pruner.layers if layer.param_name in row_local_layers(pruner, self._params)}
+        self.traffic = {"latent_bytes": 0, "mask_bytes": 0, "score_bytes": 0}
         # The latents start as the weights before this stage's prune: the teacher's (or the last stage's) values,
         # so a weight the one-shot criterion dropped keeps its size and can compete at once.
         self.latent: dict[str, torch.Tensor] = {}
@@ -107,7 +126,7 @@ class MaskLearner:
             lat = self.latent[name] = local_tensor(p).detach()  # the parameter's storage, not a copy
             if self.decay:
                 lat.mul_(torch.where(local_part(p, keep).to(lat.device), 1.0, 1.0 - lr * self.decay))
-        new = self._choose_sharded() if self._sharded() else self._choose()
+        new = self._choose_sharded() if self.sharded else self._choose()
         for name, keep in new.items():
             self.flips += int((keep != self.masks[name]).sum())
         self.masks = new
@@ -115,32 +134,47 @@ class MaskLearner:
             self.latent[name] = lat.clone()
             lat.mul_(local_part(self._params[name], self.masks[name]).to(device=lat.device, dtype=lat.dtype))
 
-    def _sharded(self) -> bool:
-        return any(is_sharded(self._params[name]) for name in self.latent)
-
     def _choose_sharded(self) -> Masks:
-        """``_choose`` on the main process from each latent gathered whole (one layer at a time); its masks on every
-        rank (a collective: every rank calls it after every step)."""
+        """This rank's rows of the new masks (a collective: every rank calls it after every step). The n:m layers
+        whose rows are whole groups are chosen here (fsdp_nm.py); the others by ``_choose`` on the main process from
+        each latent gathered whole (one layer at a time), its masks shared with every rank and cut to its rows."""
+        new: Masks = {}
+        if self._rows:
+            with self.team.collective("the ranks chose the masks of their rows"):
+                for name, rows in self._rows.items():
+                    new[name] = rows.keep(self.latent[name], self.fraction, self.team, self.traffic)
+        rest = [layer for layer in self.pruner.layers if layer.param_name not in self._rows]
+        if not rest:
+            return new
         whole: dict[str, torch.Tensor] = {}
 
         def keep(layer, t: torch.Tensor) -> None:
             whole[layer.param_name] = t.cpu()
 
-        use_gathered(self.team, "the ranks gathered the latents to choose the masks", self.pruner.layers,
-                     lambda layer: gathered_like(self._params[layer.param_name], self.latent[layer.param_name]), keep)
+        def gather(layer) -> torch.Tensor:
+            t = gathered_like(self._params[layer.param_name], self.latent[layer.param_name])
+            self.traffic["latent_bytes"] += t.numel() * t.element_size()
+            return t
+
+        use_gathered(self.team, "the ranks gathered the latents to choose the masks", rest, gather, keep)
         chosen: dict[str, Masks] = {}
 
         def choose() -> None:
-            chosen["masks"] = self._choose(whole)
+            chosen["masks"] = self._choose(whole, rest)
 
         self.team.on_main(choose)
-        return self.team.share_masks(chosen.get("masks", {}))
+        for name, keep_whole in self.team.share_masks(chosen.get("masks", {})).items():
+            self.traffic["mask_bytes"] += keep_whole.numel()
+            new[name] = local_part(self._params[name], keep_whole)
+        return new
 
-    def _choose(self, latents: dict[str, torch.Tensor] | None = None) -> Masks:
-        """The masks ranked from ``latents`` (param name → whole latent; default this process's own)."""
+    def _choose(self, latents: dict[str, torch.Tensor] | None = None, layers: list | None = None) -> Masks:
+        """The masks ranked from ``latents`` (param name → whole latent; default this process's own), of ``layers``
+        (default all the pruner's; a subset only where each layer's masks are its own: no allocation)."""
         latents = self.latent if latents is None else latents
+        layers = self.pruner.layers if layers is None else layers
         scores = {}
-        for layer in self.pruner.layers:
+        for layer in layers:
             lat = latents[layer.param_name]
             s = (lat.t() if layer.transposed else lat).detach().abs().float().cpu()
             if self.norms is not None:
@@ -151,9 +185,16 @@ class MaskLearner:
             scores[layer.name] = s
         if self.allocation:
             return allocated_masks(self.pruner, scores, self.fraction, self.allocation)
-        return self.pruner.stage_masks(scores, self.fraction)
+        return self.pruner.stage_masks(scores, self.fraction, layers=layers)
 
     def finish(self) -> Masks:
-        """Freeze: the student keeps latent ⊙ mask (already in place); latents are dropped. Returns the masks."""
+        """Freeze: the student keeps latent ⊙ mask (already in place); latents are dropped. Returns the whole masks
+        (on the CPU). Under FSDP a collective: every rank's rows of the masks are gathered, and ``flips`` summed
+        over the ranks (each counted its own rows)."""
         self.latent.clear()
+        if self.sharded:
+            with self.team.collective("the ranks gathered the learned masks"):
+                self.masks = {name: gathered_like(self._params[name], keep.to(torch.uint8)).bool().cpu()
+                              for name, keep in self.masks.items()}
+                self.flips = self.team.total(self.flips)
         return self.masks

@@ -62,20 +62,30 @@ class NM(Pattern):
     def keep_mask(self, scores, fraction):
         out_f, in_f = scores.shape
         groups = scores.reshape(-1, self.m)
-        G = groups.shape[0]
-        zeros_total = round(fraction * (self.m - self.n) * G)
-        # Spread zeros evenly: every group gets `full` zeros, the `rem` groups whose next-weakest weight
-        # is weakest get one more. At fraction 1 this is exactly n:m.
-        full, rem = divmod(zeros_total, G)
+        full, rem = self.zeros_per_group(groups.shape[0], fraction)
         order = groups.argsort(dim=-1, stable=True)  # ascending importance
-        prune_rank = torch.full((G,), full, dtype=torch.long, device=scores.device)
+        prune_rank = torch.full((groups.shape[0],), full, dtype=torch.long, device=scores.device)
         if rem:
-            next_scores = groups.gather(1, order[:, full : full + 1]).squeeze(1)
-            prune_rank[next_scores.argsort(stable=True)[:rem]] += 1
+            prune_rank[self.next_scores(groups, order, full).argsort(stable=True)[:rem]] += 1
+        return self.keep_groups(order, prune_rank).reshape(out_f, in_f)
+
+    # keep_mask's parts, also used on a shard's rows (mask_learning.py): only the (full+1)-th weakest score of each
+    # group and the layer-wide ``rem`` choice among them need the whole layer.
+    def zeros_per_group(self, groups: int, fraction: float) -> tuple[int, int]:
+        """Zeros spread evenly over a layer of ``groups`` groups: every group gets ``full`` zeros, the ``rem`` groups
+        whose next-weakest weight is weakest get one more. At fraction 1 this is exactly n:m (``rem`` 0)."""
+        return divmod(round(fraction * (self.m - self.n) * groups), groups) if groups else (0, 0)
+
+    @staticmethod
+    def next_scores(groups: torch.Tensor, order: torch.Tensor, full: int) -> torch.Tensor:
+        """Per group ([G, m], ``order`` its ascending stable argsort), the score of its (full+1)-th weakest weight."""
+        return groups.gather(1, order[:, full : full + 1]).squeeze(1)
+
+    def keep_groups(self, order: torch.Tensor, prune_rank: torch.Tensor) -> torch.Tensor:
+        """Bool [G, m]: each group keeps all but its ``prune_rank`` weakest weights (``order`` as above)."""
         ranks = torch.empty_like(order)
-        ranks.scatter_(1, order, torch.arange(self.m, device=scores.device).expand(G, -1).contiguous())
-        keep = ranks >= prune_rank[:, None]
-        return keep.reshape(out_f, in_f)
+        ranks.scatter_(1, order, torch.arange(self.m, device=order.device).expand(order.shape[0], -1).contiguous())
+        return ranks >= prune_rank[:, None]
 
     def holds(self, weight_oi):
         if weight_oi.shape[1] % self.m:

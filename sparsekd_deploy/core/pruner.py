@@ -43,14 +43,15 @@ class Pruner:
                 raise PatternError(f"pattern {pattern.spec} fits no layer of this model ({detail})")
 
     def stage_masks(self, scores: dict[str, torch.Tensor], fraction: float,
-                    patterns: dict[str, Pattern | None] | None = None) -> Masks:
+                    patterns: dict[str, Pattern | None] | None = None, layers: list | None = None) -> Masks:
         """Keep-masks (native layout) for ``fraction`` of the final pattern. ``patterns`` overrides the pruner's
-        pattern per layer (per MLP block for channels), e.g. a load-path allocation; a None value keeps it dense."""
+        pattern per layer (per MLP block for channels), e.g. a load-path allocation; a None value keeps it dense.
+        ``layers``: only these of the pruner's layers (default all; not for channels, whose blocks span layers)."""
         patterns = patterns or {}
         if self.blocks:
             return self._channel_masks(scores, fraction, patterns)
         masks: Masks = {}
-        for layer in self.layers:
+        for layer in self.layers if layers is None else layers:
             pat = patterns.get(layer.name, self.pattern)
             keep = (torch.ones(layer.shape_oi, dtype=torch.bool) if pat is None
                     else pat.keep_mask(scores[layer.name], fraction))
