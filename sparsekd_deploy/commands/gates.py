@@ -25,6 +25,10 @@ GATE_OPTIONS = [
 
 
 def gate_options(fn):
+    fn = click.option("--no-determinism-gate", "no_determinism_gate", is_flag=True,
+                      help="Do not fail when a prompt's tokens change with the prompts batched beside it (an "
+                           "int8-dynamic graph's activation ranges are per call): for runtimes that serve one prompt "
+                           "per call. Still measured and reported.")(fn)
     for flag, dest, typ, help_ in reversed(GATE_OPTIONS):
         fn = click.option(flag, dest, type=typ, default=None, help=help_)(fn)
     return fn
@@ -36,5 +40,6 @@ def gates_from(kwargs: dict):
     g = Gates(**{dest: kwargs.pop(dest) for _, dest, _, _ in GATE_OPTIONS if kwargs.get(dest) is not None})
     for _, dest, _, _ in GATE_OPTIONS:
         kwargs.pop(dest, None)
+    g.require_determinism = not kwargs.pop("no_determinism_gate", False)
     g.check_ranges()
     return g
