@@ -77,6 +77,10 @@ def test_rollback_target_rules():
 def test_gate_flags_from_manifest():
     m = {"gates": {"max_kl": 0.25, "min_top1": 0.7, "evil; rm": 1, "max_x": "1; rm -rf /", "min_ok": True}}
     assert gate_flags(m) == ["--max-kl", "0.25", "--min-top1", "0.7"]
+    assert gate_flags({"gates": {"max_kl": 0.25, "require_determinism": False}}) == ["--max-kl", "0.25",
+                                                                                    "--no-determinism-gate"]
+    assert gate_flags({"gates": {"require_determinism": True}}) == []
+    assert gate_flags({"gates": {"require_determinism": "no"}}) == []  # only the recorded False drops the gate
     assert needed_version({"tool": "sparsekd-deploy 0.3.1"}) == (0, 3, 1)
 
 
