@@ -373,3 +373,25 @@ def test_json_stdout_holds_only_the_document_whatever_a_library_prints():
     assert "failed in shape inference" in r.stderr  # moved to stderr, not lost
     r = CliRunner().invoke(chatty, [])  # without --json, stdout is the user's terminal as before
     assert r.stdout.startswith("failed in shape inference")
+
+
+def test_ctrl_c_while_a_build_validates_names_the_written_bundle_and_the_validate_line(built, tiny_dirs, tmp_path,
+                                                                                     monkeypatch):
+    # The bundle is committed before validation starts; the generic hint ("rerun with --resume") was refused there
+    # ("bundle dir exists").
+    import importlib
+    import shutil
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    shutil.copytree(built / "b.run", tmp_path / "b.run")
+    monkeypatch.setattr(importlib.import_module("sparsekd_deploy.pipeline.build"), "_validate_on_target", ctrl_c)
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"), *FAST, *LOOSE])
+    one_clear_line(r, code=130)
+    assert "rerun with --resume" not in r.output and "is written but not validated" in r.output
+    line = r.stderr.split("; run ", 1)[1].strip().split()
+    assert line[:3] == ["sparsekd-deploy", "validate", str(tmp_path / "b")] and "--min-top1" in line
+    monkeypatch.undo()
+    r = run(line[1:])  # the line it printed validates the bundle against the build's gates
+    assert r.exit_code == 0, r.output
