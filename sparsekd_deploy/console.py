@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -79,9 +80,29 @@ def print_error(message: str) -> None:
     err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
+# The real stdout while a --json command runs (``json_stdout``); None otherwise.
+_json_out = None
+
+
+@contextlib.contextmanager
+def json_stdout():
+    """Keep stdout for the one JSON document of a --json command: while the command runs, whatever else is printed
+    there goes to stderr — libraries print() their chatter (ORT's fusers print "failed in shape inference" for a
+    Cohere graph), and a single stray line would break the document. ``stdout_json`` writes to the real stdout."""
+    global _json_out
+    previous, _json_out = _json_out, _json_out or sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _json_out = previous
+
+
 def stdout_json(obj) -> None:
     import json
 
     if not is_main_process():
         return
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    out = _json_out or sys.stdout
+    out.write(json.dumps(obj, indent=2) + "\n")
+    out.flush()

@@ -61,6 +61,12 @@ class ModelLoadError(SparseKDError):
     """A model (or tokenizer) dir that exists but cannot be loaded as it is: corrupt, incomplete or not a causal LM."""
 
 
+class Interrupted(SparseKDError):
+    """Ctrl-C where the generic "interrupted" line would mislead: the message says what is on disk and what to run."""
+
+    exit_code = 130
+
+
 class TeacherCacheError(SparseKDError):
     """A teacher top-K cache made from another teacher, tokenizer or data (its stamp says which), or a damaged one."""
 

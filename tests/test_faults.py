@@ -351,3 +351,47 @@ def test_more_dense_layers_than_the_model_has_leaves_no_run_to_resume(tiny_dirs,
     one_clear_line(r)
     assert "--dense-layers 999: the model has 14 prunable layers; pass 0..14 or auto" in r.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_json_stdout_holds_only_the_document_whatever_a_library_prints():
+    # A library that print()s while a --json command runs (ORT's fusers did) would put a line before the JSON.
+    import click
+
+    from sparsekd_deploy.commands.error_handling import handle_errors
+    from sparsekd_deploy.console import stdout_json
+
+    @click.command()
+    @click.option("--json", "as_json", is_flag=True)
+    @handle_errors
+    def chatty(as_json):
+        print("failed in shape inference <class 'AssertionError'>")
+        stdout_json({"ok": True})
+
+    r = CliRunner().invoke(chatty, ["--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == {"ok": True}
+    assert "failed in shape inference" in r.stderr  # moved to stderr, not lost
+    r = CliRunner().invoke(chatty, [])  # without --json, stdout is the user's terminal as before
+    assert r.stdout.startswith("failed in shape inference")
+
+
+def test_ctrl_c_while_a_build_validates_names_the_written_bundle_and_the_validate_line(built, tiny_dirs, tmp_path,
+                                                                                     monkeypatch):
+    # The bundle is committed before validation starts; the generic hint ("rerun with --resume") was refused there
+    # ("bundle dir exists").
+    import importlib
+    import shutil
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    shutil.copytree(built / "b.run", tmp_path / "b.run")
+    monkeypatch.setattr(importlib.import_module("sparsekd_deploy.pipeline.build"), "_validate_on_target", ctrl_c)
+    r = run(["build", "--teacher", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"), *FAST, *LOOSE])
+    one_clear_line(r, code=130)
+    assert "rerun with --resume" not in r.output and "is written but not validated" in r.output
+    line = r.stderr.split("; run ", 1)[1].strip().split()
+    assert line[:3] == ["sparsekd-deploy", "validate", str(tmp_path / "b")] and "--min-top1" in line
+    monkeypatch.undo()
+    r = run(line[1:])  # the line it printed validates the bundle against the build's gates
+    assert r.exit_code == 0, r.output

@@ -6,11 +6,12 @@ library below never depends on the CLI.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import sys
 
-from ..console import print_error
+from ..console import json_stdout, print_error
 
 # File-system failures the user can act on (a full disk, a read-only mount, a missing permission, a path that is a
 # file where a directory belongs). Anything else that escapes as OSError is a bug and keeps its traceback.
@@ -34,7 +35,9 @@ def handle_errors(fn=None, *, resumable: bool = False, interrupt_hint: str = "")
             from ..errors import MissingDependencyError, SparseKDError
 
             try:
-                return f(*args, **kwargs)
+                # --json: stdout carries the one JSON document and nothing else (library prints go to stderr).
+                with json_stdout() if kwargs.get("as_json") else contextlib.nullcontext():
+                    return f(*args, **kwargs)
             except SparseKDError as e:
                 print_error(str(e))
                 sys.exit(e.exit_code)

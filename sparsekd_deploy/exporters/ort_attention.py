@@ -138,10 +138,10 @@ def ort_fusions(model, max_positions: int | None = None) -> dict[str, int]:
 
     The rotary fuser writes cos / sin caches of 131072 positions (its default for any model, 33 MB at head size
     64); ``max_positions`` (the model's ``max_position_embeddings``) cuts them to the positions the model has."""
-    import logging
-
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_by_fusion
+
+    from .quantize import quiet_ort
 
     options = FusionOptions("bert")
     for name in vars(options):
@@ -151,13 +151,8 @@ def ort_fusions(model, max_positions: int | None = None) -> dict[str, int]:
     # (ORT's session would at load anyway); shape inference: it tells the residual input from the skip input.
     for name in ("rotary_embeddings", "layer_norm", "skip_layer_norm", "shape_inference"):
         setattr(options, f"enable_{name}", True)
-    quiet = logging.getLogger("onnxruntime.transformers")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # "symbolic shape inference failed" on graphs it cannot type
-    try:
+    with quiet_ort():  # "symbolic shape inference failed" on graphs it cannot type (Cohere's), logged and printed
         optimized = optimize_by_fusion(model, "bert", optimization_options=options).model
-    finally:
-        quiet.setLevel(level)
     counts = {op: sum(n.op_type == op and n.domain == DOMAIN for n in optimized.graph.node) for op in ORT_FUSIONS}
     expanded = expand_rotary_positions(optimized)  # Gemma's [1, S] positions: RotaryEmbedding wants [batch, S]
     if expanded:

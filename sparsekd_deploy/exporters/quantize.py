@@ -104,9 +104,11 @@ class _Feeds:
 
 
 @contextlib.contextmanager
-def _quiet():
-    """ORT's quantizers log every node on the root logger and print calibration tables on stdout (which would break
-    a command's --json output); both are silenced for the call and restored afterwards."""
+def quiet_ort():
+    """ORT's quantizers log every node on the root logger and print calibration tables on stdout, and its
+    transformers fusers log from top-level module loggers ("fusion_skiplayernorm") and print "failed in shape
+    inference": noise to a user (it broke a command's --json output before commands kept stdout for the JSON), so
+    both are silenced for the call and restored afterwards."""
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
@@ -197,7 +199,7 @@ def quantize_onnx(src: str | Path, dst: str | Path, mode: str, *, target: str = 
     tmp = dst.with_name(dst.name + ".tmp")
     version = f"onnxruntime {ort.__version__}"
     try:
-        with _quiet():
+        with quiet_ort():
             if mode == "int8-dynamic":
                 info = _dynamic(model, tmp, version)
             elif mode == "int4-weight":

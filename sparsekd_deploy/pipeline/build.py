@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..bundle import Bundle, BundleError, BundleWriter
 from ..config import DistillConfig, as_started, settle_qat_target
 from ..core.patterns import NM, make_pattern
+from ..errors import Interrupted
 from ..locks import dir_lock
 from .export_step import ExportResult, QuantizeRequest, export_and_audit
 from .manifest import build_manifest
@@ -187,8 +188,25 @@ def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptio
         writer.abort()
         raise
     res = BuildResult(out, run_dir, result.summary, shortfall=_shortfall(cfg, pattern, result, exported))
-    _validate_on_target(res, opts, gates, reporter, teacher_dir)
+    try:
+        _validate_on_target(res, opts, gates, reporter, teacher_dir)
+    except KeyboardInterrupt:
+        # The bundle is complete (committed above); only its validation was cut. The generic hint (--resume) would
+        # be refused, as the bundle exists: say what is on disk and the command that finishes the job.
+        raise Interrupted(f"interrupted while validating: bundle {out} is written but not validated; run "
+                          f"{_validate_line(out, gates)}") from None
     return res
+
+
+def _validate_line(out: Path, gates) -> str:
+    """`sparsekd-deploy validate OUT` with the gates this build was given (validate's own defaults otherwise)."""
+    from ..exporters.trt_profiles import shell_line
+    from ..validate.gate import Gates
+
+    default, given = Gates().to_dict(), gates.to_dict() if gates is not None else {}
+    flags = [a for k, v in given.items() if k in default and v is not None and v != default[k]
+             and not isinstance(v, bool) for a in (f"--{k.replace('_', '-')}", f"{v:g}")]
+    return shell_line(["sparsekd-deploy", "validate", str(out), *flags])
 
 
 EXPORT_ONLY = ("quantize", "calibration", "calibration_samples", "qat_target")
