@@ -745,3 +745,18 @@ def test_fsdp_sr_ste_chooses_n_m_masks_on_each_ranks_rows(tmp_path):
             assert got["masks_equal"] and got["layers"] == layers, (name, got)
             assert got["flips"][0] == got["flips"][1] > 0, (name, got)
             assert (got["latents"], got["scores"]) == (latents * steps, scores * steps), (name, got)
+
+
+@needs_gloo
+def test_fsdp_sr_ste_partial_stage_with_a_rank_holding_no_rows(tmp_path):
+    """3 gloo ranks over a Llama whose k/v_proj have 4 rows (FSDP2 cuts them 2 + 2 + 0): the rank holding none of a
+    layer's rows still takes part in the partial stage's per-group gather (it had failed to shape its empty
+    [0, in / m] scores: "cannot reshape tensor of 0 elements", the run lost), and the masks are the single process's."""
+    r = subprocess.run(_torchrun(str(Path(__file__).with_name("dist_sr_ste_worker.py")), str(tmp_path), "kv4-partial",
+                                 nproc=3), capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for i in range(3):
+        got = json.loads((tmp_path / f"rank{i}.json").read_text())["kv4-partial"]
+        assert got["masks_equal"] and got["layers"] == 7, got
+        assert got["flips"][0] == got["flips"][1] > 0, got
+        assert (got["latents"], got["scores"]) == (0, 7 * 3), got  # 7 layers' group scores, 3 steps, no latent
