@@ -745,3 +745,61 @@ def test_fsdp_sr_ste_chooses_n_m_masks_on_each_ranks_rows(tmp_path):
             assert got["masks_equal"] and got["layers"] == layers, (name, got)
             assert got["flips"][0] == got["flips"][1] > 0, (name, got)
             assert (got["latents"], got["scores"]) == (latents * steps, scores * steps), (name, got)
+
+
+@needs_gloo
+def test_fsdp_sr_ste_partial_stage_with_a_rank_holding_no_rows(tmp_path):
+    """3 gloo ranks over a Llama whose k/v_proj have 4 rows (FSDP2 cuts them 2 + 2 + 0): the rank holding none of a
+    layer's rows still takes part in the partial stage's per-group gather (it had failed to shape its empty
+    [0, in / m] scores: "cannot reshape tensor of 0 elements", the run lost), and the masks are the single process's."""
+    r = subprocess.run(_torchrun(str(Path(__file__).with_name("dist_sr_ste_worker.py")), str(tmp_path), "kv4-partial",
+                                 nproc=3), capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for i in range(3):
+        got = json.loads((tmp_path / f"rank{i}.json").read_text())["kv4-partial"]
+        assert got["masks_equal"] and got["layers"] == 7, got
+        assert got["flips"][0] == got["flips"][1] > 0, got
+        assert (got["latents"], got["scores"]) == (0, 7 * 3), got  # 7 layers' group scores, 3 steps, no latent
+
+
+# Loaded by every process of a launch whose PYTHONPATH starts with its folder: rank 1 alone raises inside its second
+# SR-STE step (a failure its peer does not meet), as a bug or a device error on one machine would.
+_ONE_RANK_FAULT = '''
+import os
+if os.environ.get("RANK") == "1":
+    from sparsekd_deploy.core import mask_learning
+    after_step, calls = mask_learning.MaskLearner.after_step, []
+    def failing(self, lr):
+        calls.append(lr)
+        if len(calls) == 2:
+            raise RuntimeError("injected: rank 1 alone fails")
+        return after_step(self, lr)
+    mask_learning.MaskLearner.after_step = failing
+'''
+
+
+@needs_gloo
+def test_fsdp_sr_ste_one_rank_failing_mid_phase_stops_the_run_in_one_line(tiny_dirs, tmp_path):
+    """Rank 1 alone raises inside SR-STE's learning phase under --fsdp: the run ends at once, rank 0 saying in one
+    line that the other process stopped. Before, the failing rank gathered the learned masks on its way out (a
+    collective in a ``finally``) while rank 0 waited in the next step's collectives: both hung until the launch was
+    killed (240 s here, gloo's 30-minute timeout in a real run)."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_ONE_RANK_FAULT)
+    recipe = _recipe(tmp_path, tiny_dirs["llama"], mask_learning="sr-ste", importance="wanda")
+    env = _env() | {"PYTHONPATH": os.pathsep.join([str(inject), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    launch = subprocess.Popen(_torchrun("--no-python", CLI, "distill", "--recipe", str(recipe), "--fsdp", "--out",
+                                        str(tmp_path / "run")), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env)
+    try:
+        _, err = launch.communicate(timeout=120)  # ~10 s when it works
+    except subprocess.TimeoutExpired:
+        # SIGTERM to the launcher: it ends the ranks (each in its own session), with SIGKILL after 30 s
+        launch.terminate()
+        launch.communicate(timeout=90)
+        pytest.fail("the launch hung after one rank failed in the learning phase")
+    assert launch.returncode != 0
+    assert "injected: rank 1 alone fails" in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: another process of this 2-process run stopped")]
+    assert len(lines) == 1 and "--resume" in lines[0], err[-3000:]

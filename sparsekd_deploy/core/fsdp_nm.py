@@ -81,7 +81,8 @@ class RowScorer:
         order = groups.argsort(dim=-1, stable=True)
         prune_rank = torch.full((groups.shape[0],), full, dtype=torch.long, device=s.device)
         if rem:
-            whole = self._whole(pattern.next_scores(groups, order, full).view(s.shape[0], -1))
+            # (columns named: a rank whose shard has no rows holds [0, in / m], which a -1 cannot size)
+            whole = self._whole(pattern.next_scores(groups, order, full).view(s.shape[0], s.shape[1] // m))
             traffic["score_bytes"] += whole.numel() * whole.element_size()
             chosen = weakest(whole.flatten(), rem)  # the single process's choice, from the same values
             prune_rank += self._mine(chosen.view(whole.shape)).flatten()  # (bool: 1 byte a group while whole)

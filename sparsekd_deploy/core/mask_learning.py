@@ -187,6 +187,11 @@ class MaskLearner:
             return allocated_masks(self.pruner, scores, self.fraction, self.allocation)
         return self.pruner.stage_masks(scores, self.fraction, layers=layers)
 
+    def abandon(self) -> None:
+        """After a failure that perhaps only this rank met: the latents dropped, no collective (``finish`` would wait
+        for peers that are inside another one, or gone). The masks stay this rank's rows."""
+        self.latent.clear()
+
     def finish(self) -> Masks:
         """Freeze: the student keeps latent ⊙ mask (already in place); latents are dropped. Returns the whole masks
         (on the CPU). Under FSDP a collective: every rank's rows of the masks are gathered, and ``flips`` summed

@@ -290,15 +290,27 @@ class StageTraining:
         norms the masks are re-ranked with, |W| · ‖x‖ (Wanda's form, also under taylor); None ranks by |W|."""
         one_shot = {k: v.clone() for k, v in self.masks.items()}
         allocation = self.load_plan.allocation if self.load_plan else None
-        self.mask_learner = MaskLearner(self.raw, self.pruner, self.masks, stage.fraction, norms, frozen=before,
-                                        allocation=allocation, team=self.team)
-        self.mask_learner.start(dense)
+        learner = self.mask_learner = MaskLearner(self.raw, self.pruner, self.masks, stage.fraction, norms,
+                                                  frozen=before, allocation=allocation, team=self.team)
+        learner.start(dense)
+        # Under FSDP ``finish`` is a collective. Only a failure every rank meets may reach it: a non-finite loss (the
+        # global batch's, so every rank raises it). Any other may be this rank's alone, its peers inside another
+        # collective (the next forward's gather): a gather here would wait with them until gloo's / NCCL's timeout,
+        # where leaving lets them see a lost rank at once and say so in one line.
+        every_rank = False
         try:
             self.train_steps(self.batches(self.cfg.seed + 100 * stage.index + 50), 0, steps, steps, lr, stage.label)
+            every_rank = True
+        except NonFiniteLossError:
+            every_rank = True
+            raise
         finally:
-            self.masks = self.mask_learner.finish()
-            flips = self.mask_learner.flips
             self.mask_learner = None
+            if every_rank or not learner.sharded:
+                self.masks = learner.finish()
+            else:
+                learner.abandon()
+        flips = learner.flips
         self.optimizer.state.clear()  # the moments were the latents'
         new = sum(int((m & ~one_shot[k]).sum()) for k, m in self.masks.items())
         kept = sum(int(m.sum()) for m in self.masks.values())
