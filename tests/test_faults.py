@@ -395,3 +395,14 @@ def test_ctrl_c_while_a_build_validates_names_the_written_bundle_and_the_validat
     monkeypatch.undo()
     r = run(line[1:])  # the line it printed validates the bundle against the build's gates
     assert r.exit_code == 0, r.output
+
+
+def test_the_interrupted_builds_validate_line_carries_every_gate_it_was_given(tmp_path):
+    """The line printed after a Ctrl-C during validation repeats the build's gates, --no-determinism-gate too (it
+    was left out: the printed command then failed an int8-dynamic bundle the build would have passed)."""
+    from sparsekd_deploy.pipeline.build import _validate_line
+    from sparsekd_deploy.validate.gate import Gates
+
+    line = _validate_line(tmp_path / "b", Gates(min_top1=0.5, require_determinism=False)).split()
+    assert line == ["sparsekd-deploy", "validate", str(tmp_path / "b"), "--min-top1", "0.5", "--no-determinism-gate"]
+    assert _validate_line(tmp_path / "b", Gates()).split() == ["sparsekd-deploy", "validate", str(tmp_path / "b")]

@@ -201,11 +201,9 @@ def _build_locked(cfg: DistillConfig, out: Path, run_dir: Path, opts: BuildOptio
 def _validate_line(out: Path, gates) -> str:
     """`sparsekd-deploy validate OUT` with the gates this build was given (validate's own defaults otherwise)."""
     from ..exporters.trt_profiles import shell_line
-    from ..validate.gate import Gates
+    from ..validate.gate import Gates, validate_flags
 
-    default, given = Gates().to_dict(), gates.to_dict() if gates is not None else {}
-    flags = [a for k, v in given.items() if k in default and v is not None and v != default[k]
-             and not isinstance(v, bool) for a in (f"--{k.replace('_', '-')}", f"{v:g}")]
+    flags = validate_flags(gates.to_dict() if gates is not None else {}, leave_out=Gates().to_dict())
     return shell_line(["sparsekd-deploy", "validate", str(out), *flags])
 
 

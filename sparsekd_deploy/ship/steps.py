@@ -173,14 +173,9 @@ async def build_engine(remote: Remote, layout: Layout, version: str, remote_bin:
 
 def gate_flags(manifest: dict) -> list[str]:
     """The bundle's recorded gates as validate flags (``max_kl: 0.25`` → ``--max-kl 0.25``)."""
-    flags = []
-    gates = manifest.get("gates") or {}
-    for key, value in sorted(gates.items()):
-        if re.fullmatch(r"(max|min)_[a-z0-9_]+", key) and isinstance(value, (int, float)) and not isinstance(value, bool):
-            flags += ["--" + key.replace("_", "-"), repr(float(value))]
-    if gates.get("require_determinism") is False:  # built with --no-determinism-gate: the device judges alike
-        flags.append("--no-determinism-gate")
-    return flags
+    from ..validate.gate import validate_flags
+
+    return validate_flags(manifest.get("gates") or {})
 
 
 async def validate(remote: Remote, layout: Layout, version: str, remote_bin: str, runtime: str, manifest: dict,

@@ -10,6 +10,7 @@ A stability gate whose measurement the bundle's references cannot give is left o
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError
@@ -87,3 +88,19 @@ def skipped_gates(metrics: dict, gates: Gates) -> list[str]:
     return [f"--{name.replace('_', '-')} not applied: {metric} was not measured on this bundle (see the notes above)"
             for name, metric in STABILITY_GATES.items()
             if getattr(gates, name) is not None and metrics.get(metric) is None]
+
+
+def validate_flags(gates: dict, leave_out: dict | None = None) -> list[str]:
+    """``gates`` (``Gates.to_dict()``, or the copy a bundle's manifest records, which may hold anything: these become
+    a command line) as ``validate`` flags: each numeric ``max_*`` / ``min_*`` threshold (``max_kl: 0.25`` →
+    ``--max-kl 0.25``), and ``--no-determinism-gate`` where ``require_determinism`` is false. ``leave_out``:
+    thresholds equal to these are not repeated (validate's own defaults)."""
+    leave_out = leave_out or {}
+    flags = []
+    for key, value in sorted(gates.items()):
+        if (re.fullmatch(r"(max|min)_[a-z0-9_]+", key) and isinstance(value, (int, float))
+                and not isinstance(value, bool) and leave_out.get(key) != value):
+            flags += ["--" + key.replace("_", "-"), repr(float(value))]
+    if gates.get("require_determinism") is False:
+        flags.append("--no-determinism-gate")
+    return flags
