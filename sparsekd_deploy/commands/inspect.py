@@ -109,6 +109,7 @@ def _fusion_line(record: dict | None) -> str | None:
     """What the onnxruntime target's graphs hold (``model.attention_fusion``), one clause per graph file."""
     if not record:
         return None
+
     def section(key: str, name: str):  # a hand-edited record may hold anything: only dicts are read
         value = record.get(key)
         return value.get(name) if isinstance(value, dict) else None

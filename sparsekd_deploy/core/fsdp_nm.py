@@ -71,7 +71,7 @@ class RowScorer:
             s[~self.frozen] = float("-inf")
         return s
 
-    def keep(self, latent: torch.Tensor, fraction: float, team, traffic: dict) -> torch.Tensor:
+    def keep(self, latent: torch.Tensor, fraction: float, traffic: dict) -> torch.Tensor:
         """This rank's rows of the layer's keep mask (native layout). A partial stage gathers the per-group scalars
         (a collective: every rank calls it for the same layer, in order) and adds their bytes to ``traffic``."""
         pattern, m = self.pattern, self.pattern.m

@@ -142,7 +142,7 @@ class MaskLearner:
         if self._rows:
             with self.team.collective("the ranks chose the masks of their rows"):
                 for name, rows in self._rows.items():
-                    new[name] = rows.keep(self.latent[name], self.fraction, self.team, self.traffic)
+                    new[name] = rows.keep(self.latent[name], self.fraction, self.traffic)
         rest = [layer for layer in self.pruner.layers if layer.param_name not in self._rows]
         if not rest:
             return new

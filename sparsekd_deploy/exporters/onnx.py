@@ -17,6 +17,8 @@ from pathlib import Path
 
 from ..errors import SparseKDError, first_line
 
+# ONNX Runtime's contrib operators (MultiHeadAttention, RotaryEmbedding, ...): only ONNX Runtime loads them.
+ORT_DOMAIN = "com.microsoft"
 # Models over 2 GB must keep weights outside the protobuf (its hard limit).
 EXTERNAL_DATA_BYTES = 1_800_000_000
 

@@ -29,10 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SparseKDError, first_line
+from .onnx import ORT_DOMAIN as DOMAIN
 from .ort_positions import expand_rotary_positions
 from .ort_query_blocks import MIN_QUERIES, QUERY_BLOCK, block_queries
-
-DOMAIN = "com.microsoft"
 
 
 class FusionError(SparseKDError):

@@ -10,6 +10,8 @@ the exported one does (``ort_attention._kept_ort_fusions`` still checks that on 
 
 from __future__ import annotations
 
+from .onnx import ORT_DOMAIN
+
 PREFIX = "sparsekd_rotary_positions"
 
 
@@ -37,7 +39,7 @@ def expand_rotary_positions(model) -> int:
     inputs = {i.name for i in graph.input}
 
     def is_rotary(n) -> bool:
-        return n.op_type == "RotaryEmbedding" and n.domain == "com.microsoft" and len(n.input) > 1
+        return n.op_type == "RotaryEmbedding" and n.domain == ORT_DOMAIN and len(n.input) > 1
 
     computed = {n.input[1] for n in graph.node if is_rotary(n) and n.input[1] and n.input[1] not in inputs}
     targets = _rank2(model, computed)

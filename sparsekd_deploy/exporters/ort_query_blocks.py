@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
-DOMAIN = "com.microsoft"
+from .onnx import ORT_DOMAIN as DOMAIN
+
 QUERY_BLOCK = 128
 MIN_QUERIES = 256
 
@@ -103,7 +104,7 @@ def block_queries(model, block: int = QUERY_BLOCK, min_queries: int = MIN_QUERIE
     if block < 1 or min_queries < 1:
         raise ValueError(f"query blocks need a block and a minimum of at least 1 (got {block}, {min_queries})")
     graph = model.graph
-    targets = [i for i, n in enumerate(graph.node) if _is_ours(n)]
+    targets = {i for i, n in enumerate(graph.node) if _is_ours(n)}
     if not targets:
         return 0
     if not any(o.domain in ("", "ai.onnx") and o.version >= 11 for o in model.opset_import):

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import SparseKDError
-from .onnx import all_nodes
+from .onnx import ORT_DOMAIN, all_nodes
 
 # quantization mode -> (TensorRT 10 BuilderFlag name, trtexec switch)
 QUANTIZED = {"int8": ("INT8", "--int8"), "fp8": ("FP8", "--fp8"), "int4-weight": ("INT4", "--int4")}
@@ -139,7 +139,7 @@ def check_ort_contrib(onnx_path: Path) -> None:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception:  # a damaged graph: TensorRT's parser, next, reports it in its own words (one line)
         return
-    ops = sorted({n.op_type for n in all_nodes(model.graph) if n.domain == "com.microsoft"})  # If / Loop bodies too
+    ops = sorted({n.op_type for n in all_nodes(model.graph) if n.domain == ORT_DOMAIN})  # If / Loop bodies too
     if ops:
         raise EnginePrecisionError(
             f"{onnx_path.name} holds ONNX Runtime-only operators (com.microsoft {', '.join(ops)}: the onnxruntime "
